@@ -1,0 +1,78 @@
+"""Memory of W1–W4 side by side: our leanest plan, the lower bound, every saving off, today's trainers.
+
+    PYTHONPATH=. python bench/memory_table.py [--workloads W1 W3] [--json]
+
+Profiles run on the meta device (no GPU needed); each SD-size profile takes ~10-60 s on 2 cores.
+"today's trainers" = the small-card settings of sd-scripts/diffusers: fp16 frozen weights, gradient
+checkpointing, cached latents (and text), 8-bit AdamW, SDPA (the math kernel where the card has no
+fused one), full batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from lowvram.memory.bound import lower_bound
+from lowvram.memory.planner import baseline
+from lowvram.memory.profiler import GIB, profile_step
+from lowvram.memory.report import leanest
+from lowvram.memory.workloads import WORKLOADS, Knobs
+from lowvram.presets import load_preset
+
+# The card each workload is judged on (the targets: W1/W4 on an RX 570; W2/W3 tensor bytes on a
+# flash-capable card, W3 on one with bf16).
+CARDS = {"W1": "rx570", "W2": "rtx2060-6gb", "W3": "rtx3070-8gb", "W4": "rx570"}
+
+
+def todays_trainers(wl, card) -> Knobs:
+    base = baseline(wl, card)
+    return base.with_(frozen_dtype="fp16" if wl.mode == "lora" else "fp32", gradient_checkpointing=True,
+                      cache_latents=True, cache_text=True, offload_frozen=True,
+                      optimizer="adamw8bit" if card.bitsandbytes else "adamw8bit_portable", attention="sdpa")
+
+
+def row(wid: str) -> dict:
+    wl = WORKLOADS[wid]
+    card = load_preset(CARDS[wid]).card
+    t = time.perf_counter()
+    lean_knobs = leanest(wl, card)
+    lean = profile_step(wl, lean_knobs, card=card)
+    off = profile_step(wl, baseline(wl, card), card=card)
+    today = profile_step(wl, todays_trainers(wl, card), card=card)
+    bound = lower_bound(wl, lean, card)
+    return {"workload": wid, "card": CARDS[wid], "ours_bytes": lean.peak_bytes, "bound_bytes": bound.total_bytes,
+            "all_off_bytes": off.peak_bytes, "today_bytes": today.peak_bytes, "ours_knobs": lean.knobs,
+            "ours_by_category": lean.by_category, "bound_terms": bound.terms, "notes": lean.notes,
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = []
+    for wid in args.workloads:
+        rows.append(row(wid.upper()))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'':4}{'card':<13}{'ours':>8}{'bound':>8}{'all off':>9}{'today':>8}   (GiB of tensors at the peak)")
+    for r in rows:
+        print(f"{r['workload']:<4}{r['card']:<13}{r['ours_bytes'] / GIB:>8.2f}{r['bound_bytes'] / GIB:>8.2f}"
+              f"{r['all_off_bytes'] / GIB:>9.2f}{r['today_bytes'] / GIB:>8.2f}")
+    for r in rows:
+        k = r["ours_knobs"]
+        on = [f"{key}={k[key]}" for key in ("precision", "frozen_dtype", "trainable_dtype", "optimizer", "attention",
+                                            "attention_chunk", "batch_size", "grad_accum", "gradient_checkpointing",
+                                            "fused_backward", "ema_on_cpu")]
+        print(f"{r['workload']} ours: " + ", ".join(on))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""``lowvram`` subcommands: each parses its flags and calls one API function; no training logic here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import MODEL_SIZES, TASKS, ConfigBuilder, RunConfig, field_help, load_yaml
+from .errors import LowvramError, TrainingDiverged
+
+
+# ---- config resolution: preset → --config → flags → --set ---------------------------------------
+def _preset_layer(name: str | None, builder: ConfigBuilder) -> tuple[Any, str | None]:
+    """Apply the named preset (or the one recommended for this machine); return it and a warning."""
+    from .hardware import probe, recommend_preset, warn_if_preset_mismatch
+    from .presets import load_preset
+
+    info = probe()
+    preset = load_preset(name or recommend_preset(info))
+    builder.apply(preset.config, preset.source)
+    return preset, warn_if_preset_mismatch(preset, info)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Any, str | None]:
+    """Build the RunConfig from the layers, each remembered as the source of its values."""
+    b = ConfigBuilder()
+    preset, warning = _preset_layer(getattr(args, "preset", None), b)
+    if getattr(args, "config", None):
+        b.apply(load_yaml(args.config), f"config file {args.config}")
+    flags = {
+        "data.source": getattr(args, "data", None),
+        "run.task": getattr(args, "task", None),
+        "run.steps": getattr(args, "steps", None),
+        "run.out": getattr(args, "out", None),
+        "run.seed": getattr(args, "seed", None),
+        "run.device": getattr(args, "device", None),
+        "memory.vram_gib": getattr(args, "vram", None),
+    }
+    model = getattr(args, "model", None)
+    if model is not None:
+        flags["model.size" if model in MODEL_SIZES else "model.pretrained"] = model
+    if getattr(args, "force", False):
+        flags["memory.force"] = True
+    if getattr(args, "allow_pickle", False):
+        flags["model.allow_pickle"] = True
+    for key, value in flags.items():
+        if value is not None:
+            b.set(key, value, "--" + key.split(".")[1].replace("_", "-"))
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise LowvramError(f"--set '{item}' must be written section.key=value", "e.g. --set train.lr=1e-4")
+        key, value = item.split("=", 1)
+        b.set(key.strip(), value.strip(), f"--set {item}")
+    return b.build(), preset, warning
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="Card preset (see `lowvram presets`); default: picked from the detected hardware.")
+    p.add_argument("--config", help="YAML config file (e.g. a run's config.yaml) applied over the preset.")
+    p.add_argument("--data", help=field_help("data.source"))
+    p.add_argument("--model", help=f"Model size ({', '.join(MODEL_SIZES)}) or a local pretrained checkpoint path.")
+    p.add_argument("--task", choices=TASKS, help=field_help("run.task"))
+    p.add_argument("--steps", type=int, help=field_help("run.steps"))
+    p.add_argument("--out", help=field_help("run.out"))
+    p.add_argument("--seed", type=int, help=field_help("run.seed"))
+    p.add_argument("--device", help=field_help("run.device"))
+    p.add_argument("--vram", type=float, help=field_help("memory.vram_gib"))
+    p.add_argument("--allow-pickle", action="store_true", help=field_help("model.allow_pickle"))
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="Override any config field, e.g. --set train.lr=1e-4 (repeatable).")
+
+
+# ---- subcommands ---------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.run import resume, train
+
+    if args.resume:
+        overrides = {"run.steps": args.steps} if args.steps else {}
+        for item in args.set or []:
+            key, _, value = item.partition("=")
+            overrides[key.strip()] = value.strip()
+        result = resume(args.resume, overrides, progress=not args.no_progress)
+    else:
+        cfg, _preset, warning = resolve_config(args)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        result = train(cfg, progress=not args.no_progress)
+    print(f"{result.status}: {result.step} steps; run folder {result.run_dir}")
+    if result.status == "stopped":
+        print(f"resume with: lowvram train --resume {result.run_dir}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg, preset, warning = resolve_config(args)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    print("# resolved config")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    print(f"\n# preset: {preset.name} — {preset.description}")
+    card = preset.card
+    print(f"# card: {card.name}, {card.vram_gib} GiB, backend {card.backend}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .runs import load_run_model
+    from .sample import make_grid
+
+    model = load_run_model(args.run, device=args.device, which=args.which)
+    prompts = args.prompt or ["a red circle on a blue background"]
+    columns = [model.generate(prompts, cfg_scale=w, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                              negative_prompt=args.negative) for w in args.cfg]
+    import torch
+
+    grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(args.cfg))
+    out = Path(args.out or Path(args.run) / "samples" / f"sample-seed{args.seed}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f"wrote {out} ({len(prompts)} prompts x guidance {', '.join(map(str, args.cfg))})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate_run import evaluate_run
+
+    report = evaluate_run(args.run, samples_per_prompt=args.samples, cfg_scale=args.cfg, steps=args.steps,
+                          sampler=args.sampler, seed=args.seed, device=args.device)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"prompt adherence: {report['overall']:.1%} over {report['samples']} samples "
+              f"(guidance {args.cfg}, {args.sampler} {args.steps} steps, seed {args.seed})")
+        for name, acc in report.get("per_attribute", {}).items():
+            print(f"  {name:<12} {acc:.1%}")
+        print(f"written to {Path(args.run) / 'eval.json'}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .hardware import doctor
+
+    text, code = doctor(as_json=args.json, with_self_test=not args.no_self_test)
+    print(text)
+    return code
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import presets_table
+
+    print(presets_table())
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "train": (cmd_train, "Train a model (plans against the card's memory first)."),
+    "plan": (cmd_plan, "Dry run: print the resolved config and the memory plan, then exit."),
+    "sample": (cmd_sample, "Sample images from a run with classifier-free guidance."),
+    "eval": (cmd_eval, "Sample every evaluation prompt and report prompt adherence (builtin data)."),
+    "doctor": (cmd_doctor, "Report the device, what really works on it, and run a GEMM/conv self-test."),
+    "presets": (cmd_presets, "List the card presets and their memory tables."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowvram", description="Train diffusion models on 4-8 GB GPUs.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lowvram {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
+
+    p = parsers["train"]
+    _add_config_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest checkpoint.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar (metrics.jsonl is still written).")
+
+    _add_config_flags(parsers["plan"])
+
+    for name in ("sample", "eval"):
+        p = parsers[name]
+        p.add_argument("--run", required=True, help="Run folder (a train --out).")
+        p.add_argument("--steps", type=int, default=25, help="Sampling steps.")
+        p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default="ddim", help="Sampler.")
+        p.add_argument("--seed", type=int, default=0, help="Seed of the sample noise.")
+        p.add_argument("--device", default="cpu", help="Device to sample on (cpu, cuda).")
+    parsers["sample"].add_argument("--prompt", action="append", help="Prompt (repeatable: one grid row each).")
+    parsers["sample"].add_argument("--negative", default="", help="Negative prompt.")
+    parsers["sample"].add_argument("--cfg", type=float, nargs="+", default=[3.0], help="Guidance scale(s): one column each.")
+    parsers["sample"].add_argument("--out", help="Output PNG (default: RUN/samples/sample-seedN.png).")
+    parsers["sample"].add_argument("--which", choices=("auto", "final", "latest"), default="auto",
+                                   help="final model, or the latest checkpoint's EMA weights.")
+    parsers["eval"].add_argument("--cfg", type=float, default=3.0, help="Guidance scale.")
+    parsers["eval"].add_argument("--samples", type=int, default=8, help="Samples per prompt.")
+    parsers["eval"].add_argument("--json", action="store_true", help="Print the report as JSON.")
+    parsers["doctor"].add_argument("--json", action="store_true", help="Print the report as JSON.")
+    parsers["doctor"].add_argument("--no-self-test", action="store_true", help="Skip the GEMM/conv self-test.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS[args.command][0]
+    try:
+        return handler(args)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except LowvramError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: the latest state was checkpointed; resume with `lowvram train --resume RUN_DIR`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

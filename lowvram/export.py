@@ -1,0 +1,168 @@
+"""Export a trained LoRA (kohya or diffusers format) and merge a LoRA into its base model.
+
+The merged model is written both as a diffusers folder and as one A1111/ComfyUI ``.safetensors``
+file (LDM key names from ``models/ldm_convert.py``), so it loads in every common tool.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .lora import (
+    TEXT_NAMES,
+    _atomic_save,
+    _meta_strings,
+    count_saved_modules,
+    ensure_lora_loaded,
+    kohya_metadata,
+    read_lora_file,
+    to_kohya,
+)
+
+# Where a run keeps its LoRA (diffusers/peft format, written by lora.save_lora_diffusers).
+RUN_LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"
+FORMATS = ("kohya", "diffusers")
+LORA_META_KEY = "lora_adapter_metadata"  # diffusers' header key with the adapter configs (r, lora_alpha)
+
+
+def find_run_lora(source: str | Path) -> Path:
+    """The LoRA file of a run folder (or ``source`` itself when it is a file)."""
+    p = Path(source).expanduser()
+    if p.is_file():
+        return p
+    for cand in (p / RUN_LORA_FILE, p / RUN_LORA_FILE.name):
+        if cand.is_file():
+            return cand
+    raise ModelLoadError(
+        f"no LoRA found in '{p}' (looked for {RUN_LORA_FILE})",
+        "pass the run folder of a lora task (lowvram export --run DIR) or the LoRA .safetensors file",
+    )
+
+
+def _alphas_from_header(header: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> tuple[dict[str, float], int]:
+    """Per-component alpha and the UNet rank from diffusers' adapter metadata (rank == alpha if absent)."""
+    packed = json.loads(header.get(LORA_META_KEY, "{}"))
+    alphas: dict[str, float] = {}
+    for comp in ("unet", *TEXT_NAMES):
+        if f"{comp}.lora_alpha" in packed:
+            alphas[comp] = float(packed[f"{comp}.lora_alpha"])
+        else:  # diffusers' own rule when a file carries no config: scale 1
+            r = next((v.shape[0] for k, v in state.items() if k.startswith(comp + ".") and ".lora_A." in k), None)
+            if r is not None:
+                alphas[comp] = float(r)
+    rank = next((v.shape[0] for k, v in state.items() if k.startswith("unet.") and ".lora_A." in k), 0)
+    return alphas, rank
+
+
+def export_lora(
+    source: str | Path | Mapping[str, torch.Tensor],
+    out_path: str | Path,
+    format: str = "kohya",
+    *,
+    family: str | None = None,
+    alphas: Mapping[str, float] | None = None,
+    unet_config: Any | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    steps: int | None = None,
+) -> Path:
+    """Write a run's LoRA (run folder, diffusers LoRA file, or flat peft state dict) as kohya or diffusers.
+
+    ``family`` and ``alphas`` are read from the file's header when it has them (files written by lowvram
+    do); SDXL kohya names need the UNet layout (``unet_config``, default: the real SDXL UNet).
+    """
+    if format not in FORMATS:
+        raise ModelLoadError(f"unknown LoRA format '{format}'", f"use one of {', '.join(FORMATS)}")
+    header: dict[str, str] = {}
+    if isinstance(source, Mapping):
+        state = dict(source)
+    else:
+        state, header = read_lora_file(find_run_lora(source))
+    if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in state):
+        raise ModelLoadError("the LoRA is already in kohya format", "diffusers and A1111 load kohya files directly")
+    if not count_saved_modules(state):
+        raise ModelLoadError("no LoRA weights (unet.*.lora_A/B) found in the source", "export a lowvram LoRA")
+    family = family or header.get("lowvram_family")
+    if family is None:
+        raise ModelLoadError("the LoRA file does not say which model family it is for", "pass family= (sd1, sd2, sd2-v, sdxl)")
+    header_alphas, rank = _alphas_from_header(header, state)
+    alphas = {**header_alphas, **(alphas or {})}
+    out = Path(out_path)
+    if format == "diffusers":
+        keep = {k: v for k, v in header.items() if not k.startswith("ss_")}
+        keep.update(_meta_strings(metadata))
+        _atomic_save(state, out, keep)
+        return out
+    try:
+        tensors = to_kohya(state, family, alphas, unet_config)
+    except KeyError as e:
+        raise ModelLoadError(f"LoRA module names do not fit the {family} UNet layout: {e}",
+                             "pass the base model's UNet config (unet_config) or the right family") from None
+    extra = {k: v for k, v in header.items() if k.startswith("ss_")}
+    extra.update(_meta_strings(metadata))
+    _atomic_save(tensors, out, kohya_metadata(family, rank, alphas.get("unet", rank), steps, extra))
+    return out
+
+
+def merge_lora(
+    base_path: str | Path,
+    lora_path: str | Path,
+    out_dir: str | Path,
+    single_file: bool = True,
+    *,
+    family: str | None = None,
+    tokenizer: str | Path | None = None,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+    save_dtype: str = "fp16",
+    scale: float = 1.0,
+) -> dict[str, Path]:
+    """Fuse a LoRA into its base model; writes ``out_dir/diffusers/`` and (``single_file``) ``out_dir/<out_dir name>.safetensors``.
+
+    Fusing happens in fp32; the result is stored in ``save_dtype``. Raises if the LoRA loads only partly.
+    Returns the written paths (``{"diffusers": …, "single_file": …}``).
+    """
+    from .models.ldm_convert import pipeline_to_ldm
+    from .models.pretrained import DTYPES, load_pretrained
+
+    if save_dtype not in DTYPES:
+        raise ModelLoadError(f"unknown save dtype '{save_dtype}'", f"use one of {', '.join(DTYPES)}")
+    lora_file = find_run_lora(lora_path)
+    comps = load_pretrained(base_path, family=family, dtype=torch.float32, allow_pickle=allow_pickle,
+                            tokenizer=tokenizer, config=config)
+    pipe = comps.pipeline()
+    pipe.load_lora_weights(str(lora_file))
+    ensure_lora_loaded(pipe, lora_file)
+    parts = [n for n in ("unet", *TEXT_NAMES) if getattr(pipe, n, None) is not None]
+    pipe.fuse_lora(components=parts, lora_scale=scale)
+    pipe.unload_lora_weights()
+    dt = DTYPES[save_dtype]
+    for n in parts + ["vae"]:
+        getattr(pipe, n).to(dt)
+
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    folder = out / "diffusers"
+    tmp = out / "diffusers.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    written["diffusers"] = folder
+    if single_file:
+        tes = {n: getattr(pipe, n, None) for n in TEXT_NAMES}
+        sd = pipeline_to_ldm(pipe.unet, pipe.vae, tes, comps.family)
+        from . import __version__
+
+        meta = {"lowvram_version": __version__, "lowvram_family": comps.family,
+                "lowvram_merged_lora": lora_file.name, "format": "pt"}
+        path = out / f"{out.name or 'merged'}.safetensors"
+        _atomic_save(sd, path, meta)
+        written["single_file"] = path
+    return written

@@ -1,0 +1,41 @@
+"""Check the profiler against reality: the same step on real CPU tensors, measured by the allocator.
+
+The measurement is independent of the storage tracker: ``torch.profiler`` records every allocation and
+free of the CPU allocator (``profile_memory=True``); their running sum's maximum is the real peak. Only
+the model code and training step are shared — which is the point: the same step, two ways of counting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .profiler import MemoryProfile, profile_step
+from .workloads import Knobs, Workload
+
+
+def allocator_peak(fn: Any) -> tuple[int, Any]:
+    """Run ``fn()`` under the profiler; returns (peak bytes the CPU allocator held, fn's result)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, result
+
+
+def compare(workload: Workload, knobs: Knobs) -> tuple[MemoryProfile, int, MemoryProfile]:
+    """(prediction on meta, peak measured on real CPU tensors, tracker's own count on CPU).
+
+    The prediction uses the CPU autocast op lists so that fp16/bf16 plans compare like for like.
+    """
+    torch.manual_seed(0)
+    predicted = profile_step(workload, knobs, device="meta", autocast_device="cpu")
+    measured, on_cpu = allocator_peak(lambda: profile_step(workload, knobs, device="cpu"))
+    return predicted, measured, on_cpu

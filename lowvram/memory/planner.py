@@ -1,0 +1,144 @@
+"""The planner: switch memory knobs on, cheapest in speed first, until a profiled step fits the budget.
+
+Each candidate is the previous one plus one more knob, and each is profiled (not estimated), so the
+first that fits is the fastest plan that fits. Resolution and LoRA rank are never changed: they are
+the user's job, and the error says when only they (or a bigger card) would help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MemoryPlanError
+from .profiler import GIB, MemoryProfile, card_budget, profile_step
+from .workloads import Knobs, Workload
+
+
+@dataclass
+class Step:
+    """One knob the planner switched on and what it saved (bytes of peak)."""
+
+    knob: str
+    peak_before: int
+    peak_after: int
+
+    @property
+    def saved(self) -> int:
+        return self.peak_before - self.peak_after
+
+
+@dataclass
+class Plan:
+    """The chosen knob settings with their profile, and the steps that led there."""
+
+    knobs: Knobs
+    profile: MemoryProfile
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return self.profile.fits
+
+    def format(self) -> str:
+        lines = []
+        for s in self.steps:
+            lines.append(f"  + {s.knob:<44} {s.peak_after / GIB:6.2f} GiB  (saved {s.saved / GIB:+.2f})")
+        head = f"plan for {self.profile.workload}: {len(self.steps)} knob(s) switched on"
+        return "\n".join([head, *lines, self.profile.format()])
+
+
+def baseline(workload: Workload, card: Any = None) -> Knobs:
+    """Every saving off: the card's fast precision, fp32 frozen weights, AdamW, SDPA, no caching."""
+    precision = "bf16" if getattr(card, "bf16", False) else "fp16" if getattr(card, "fp16", False) else "fp32"
+    if card is None:
+        precision = "fp16"
+    return Knobs(precision=precision, frozen_dtype="fp32", optimizer="adamw", gradient_checkpointing=False,
+                 attention="sdpa", batch_size=workload.batch_size, grad_accum=1, cache_latents=False,
+                 cache_text=False, offload_frozen=False, ema_on_cpu=False, fused_backward=False)
+
+
+def candidates(workload: Workload, card: Any = None, start: Knobs | None = None) -> Iterator[tuple[str, Knobs]]:
+    """(what was switched on, knobs) in order of speed cost; each adds to the previous one."""
+    k = start or baseline(workload, card)
+    half = "bf16" if getattr(card, "bf16", False) else "fp16"
+    bnb = getattr(card, "bitsandbytes", True)
+    steps: list[tuple[str, Callable[[Knobs], Knobs | None]]] = [
+        ("cache latents + text, offload VAE/text encoder",
+         lambda k: k.with_(cache_latents=True, cache_text=True, offload_frozen=True)
+         if not (k.cache_latents and k.cache_text and k.offload_frozen) else None),
+        (f"frozen weights in {half}",
+         lambda k: k.with_(frozen_dtype=half) if workload.mode == "lora" and k.frozen_dtype == "fp32" else None),
+        ("frozen weights in fp8 (upcast per layer)",
+         lambda k: k.with_(frozen_dtype="fp8") if workload.mode == "lora" and k.frozen_dtype != "fp8" else None),
+        ("8-bit optimizer state" + ("" if bnb else " (portable)"),
+         lambda k: k.with_(optimizer="adamw8bit" if bnb else "adamw8bit_portable") if k.optimizer == "adamw" else None),
+        ("gradient checkpointing",
+         lambda k: k.with_(gradient_checkpointing=True) if not k.gradient_checkpointing else None),
+    ]
+    for name, f in steps:
+        nxt = f(k)
+        if nxt is not None:
+            k = nxt
+            yield name, k
+    while k.batch_size > 1:  # micro-batch down, accumulation up: same images per optimizer step
+        b = max(1, k.batch_size // 2)
+        k = k.with_(batch_size=b, grad_accum=k.grad_accum * k.batch_size // b)
+        yield f"micro-batch {b} x accumulation {k.grad_accum}", k
+    for chunk in (1024, 256):
+        if k.attention != "chunked" or k.attention_chunk > chunk:
+            k = k.with_(attention="chunked", attention_chunk=chunk)
+            yield f"chunked attention ({chunk} query rows)", k
+    if workload.ema and not k.ema_on_cpu:
+        k = k.with_(ema_on_cpu=True)
+        yield "EMA on CPU", k
+    if not k.fused_backward and k.grad_accum == 1:
+        k = k.with_(fused_backward=True)
+        yield "fused backward (optimizer steps inside backward)", k
+    if workload.mode != "lora" and k.optimizer != "adafactor":
+        k = k.with_(optimizer="adafactor")
+        yield "factored optimizer state (Adafactor)", k
+    if workload.mode != "lora" and getattr(card, "bf16", False) and k.trainable_dtype == "fp32":
+        k = k.with_(trainable_dtype="bf16")
+        yield "bf16 trainable weights", k
+
+
+def plan(
+    workload: Workload,
+    card: Any = None,
+    *,
+    vram_gib: float | None = None,
+    start: Knobs | None = None,
+    profile: Callable[..., MemoryProfile] = profile_step,
+    log: Callable[[str], None] | None = None,
+) -> Plan:
+    """The fastest plan for ``workload`` that fits the card's budget (or ``vram_gib``).
+
+    Raises MemoryPlanError saying how close the leanest plan came and what would make it fit.
+    """
+    _, _, _, budget = card_budget(card, vram_gib)
+    knobs = start or baseline(workload, card)
+    current = profile(workload, knobs, card=card, vram_gib=vram_gib)
+    steps: list[Step] = []
+    if log:
+        log(f"  start: {current.peak_bytes / GIB:.2f} GiB (budget {budget / GIB:.2f} GiB)" if budget else "")
+    if budget is None or current.peak_bytes <= budget:
+        return Plan(knobs, current, steps)
+    for name, knobs in candidates(workload, card, knobs):
+        nxt = profile(workload, knobs, card=card, vram_gib=vram_gib)
+        steps.append(Step(name, current.peak_bytes, nxt.peak_bytes))
+        if log:
+            log(f"  + {name}: {nxt.peak_bytes / GIB:.2f} GiB (saved {(current.peak_bytes - nxt.peak_bytes) / GIB:+.2f})")
+        current = nxt
+        if current.peak_bytes <= budget:
+            return Plan(knobs, current, steps)
+    short = current.peak_bytes - budget
+    raise MemoryPlanError(
+        f"{workload.id} does not fit: the leanest plan needs {current.peak_bytes / GIB:.2f} GiB of tensors, "
+        f"the budget is {budget / GIB:.2f} GiB (short by {short / GIB:.2f} GiB) after switching on: "
+        + ", ".join(s.knob for s in steps),
+        f"use a card with at least {(current.peak_bytes + current.context_bytes + current.margin_bytes) / GIB:.1f} GiB, "
+        "or lower the resolution / LoRA rank / batch yourself (the planner never changes them); "
+        "--set memory.force=true trains anyway at your own risk",
+    )

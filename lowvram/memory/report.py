@@ -1,0 +1,184 @@
+"""``lowvram profile``: profile or plan the standard workloads against a card; keep presets' tables fresh.
+
+``profile_command`` is what the CLI calls; ``update_preset_profile`` writes a preset's ``memory_profile``
+table and ``check_preset_profile`` says where a stored table no longer matches a fresh profile.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError, MemoryPlanError
+from .bound import lower_bound
+from .planner import Plan, baseline, candidates, plan
+from .profiler import GIB, MemoryProfile, effective_attention, profile_step
+from .workloads import WORKLOADS, Knobs, Workload, get_workload
+
+PROFILE_TOLERANCE = 0.01  # a stored peak may differ from a fresh one by 1 % (library updates move bytes)
+
+
+def knobs_from_config(cfg: Any, workload: Workload | None = None, card: Any = None) -> Knobs:
+    """The plan knobs a RunConfig asks for (``auto`` attention resolved for ``card``)."""
+    t, m = cfg.train, cfg.memory
+    batch = t.batch_size
+    accum = t.grad_accum
+    if workload is not None:  # the workload fixes the images per step; the config only the micro-batch
+        batch = min(t.batch_size, workload.batch_size)
+        accum = max(1, workload.batch_size // batch)
+    kind, _ = effective_attention(m.attention, card)
+    return Knobs(
+        precision=t.precision, frozen_dtype=m.frozen_dtype, trainable_dtype=getattr(m, "trainable_dtype", "fp32"),
+        optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing, attention=kind,
+        attention_chunk=m.attention_chunk, batch_size=batch, grad_accum=accum, cache_latents=m.cache_latents,
+        cache_text=m.cache_text, offload_frozen=m.offload_frozen, ema_on_cpu=t.ema_on_cpu,
+        fused_backward=m.fused_backward and accum == 1,
+    )
+
+
+def leanest(workload: Workload, card: Any = None) -> Knobs:
+    """The last planner candidate: every knob the card allows switched on."""
+    k = baseline(workload, card)
+    for _, k in candidates(workload, card):
+        pass
+    return k
+
+
+def _summary(p: MemoryProfile, bound: int | None = None) -> dict[str, Any]:
+    return {
+        "workload": p.workload,
+        "peak_bytes": p.peak_bytes,
+        "budget_bytes": p.budget_bytes,
+        "fits": p.fits,
+        "headroom_bytes": p.headroom_bytes,
+        "lower_bound_bytes": bound,
+        "by_category": p.by_category,
+        "context_bytes": p.context_bytes,
+        "margin_bytes": p.margin_bytes,
+        "peak_phase": p.peak_phase,
+        "knobs": p.knobs,
+        "notes": p.notes,
+        "seconds": round(p.seconds, 2),
+    }
+
+
+def profile_workload(workload: Workload, card: Any = None, vram_gib: float | None = None,
+                     knobs: Knobs | None = None, with_plan: bool = True) -> dict[str, Any]:
+    """Plan (or profile ``knobs``) for one workload, with its lower bound; a JSON-ready dict."""
+    lean_knobs = leanest(workload, card)
+    lean = profile_step(workload, lean_knobs, card=card, vram_gib=vram_gib)
+    bound = lower_bound(workload, lean, card).total_bytes
+    steps: list[dict[str, Any]] = []
+    if knobs is not None:
+        prof = profile_step(workload, knobs, card=card, vram_gib=vram_gib)
+    elif with_plan:
+        try:
+            chosen: Plan = plan(workload, card, vram_gib=vram_gib)
+            prof = chosen.profile
+            steps = [{"knob": s.knob, "peak_bytes": s.peak_after, "saved_bytes": s.saved} for s in chosen.steps]
+        except MemoryPlanError as e:
+            prof = lean
+            steps = [{"error": str(e)}]
+    else:
+        prof = lean
+    out = _summary(prof, bound)
+    out["plan_steps"] = steps
+    out["leanest_peak_bytes"] = lean.peak_bytes
+    return out
+
+
+def profile_command(preset: str | None = None, workloads: list[str] | None = None, vram_gib: float | None = None,
+                    as_json: bool = False, update_presets: bool = False) -> str:
+    """What ``lowvram profile`` prints: a table (or one JSON object per workload) for a card."""
+    from ..presets import list_presets, load_preset
+
+    if update_presets:
+        names = [preset] if preset else list_presets()
+        lines = [f"{n}: {update_preset_profile(n)}" for n in names]
+        return "\n".join(lines)
+    card = load_preset(preset).card if preset else None
+    if card is None and vram_gib is None:
+        raise ConfigError("lowvram profile needs a card to plan against", "give --preset NAME or --vram GiB")
+    ids = workloads or list(WORKLOADS)
+    rows = [profile_workload(get_workload(w), card, vram_gib) for w in ids]
+    if as_json:
+        return json.dumps(rows[0] if len(rows) == 1 else rows, indent=2)
+    return format_rows(rows)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A people table: peak, lower bound, budget, verdict per workload, then the knobs switched on."""
+    out = [f"{'workload':<9}{'peak GiB':>10}{'bound GiB':>11}{'budget GiB':>12}  verdict"]
+    for r in rows:
+        budget = f"{r['budget_bytes'] / GIB:.2f}" if r["budget_bytes"] else "-"
+        verdict = "fits" if r["fits"] else "does not fit" if r["fits"] is False else "-"
+        out.append(f"{r['workload']:<9}{r['peak_bytes'] / GIB:>10.2f}{r['lower_bound_bytes'] / GIB:>11.2f}"
+                   f"{budget:>12}  {verdict}")
+    for r in rows:
+        if r["plan_steps"]:
+            out.append(f"{r['workload']} plan:")
+            for s in r["plan_steps"]:
+                out.append(f"  {s['error']}" if "error" in s else
+                           f"  + {s['knob']:<48} {s['peak_bytes'] / GIB:6.2f} GiB (saved {s['saved_bytes'] / GIB:+.2f})")
+    return "\n".join(out)
+
+
+# ---- presets' memory tables ----------------------------------------------------------------------
+
+def preset_table(preset: Any) -> dict[str, Any]:
+    """The ``memory_profile`` of a loaded preset: W1–W4 profiled with the preset's own knobs."""
+    from ..config import ConfigBuilder
+
+    cfg = ConfigBuilder().apply(preset.config, preset.source).build() if preset.config else None
+    table: dict[str, Any] = {"generated_by": "lowvram profile --update-presets",
+                             "budget_gib": None, "workloads": {}}
+    for wid, wl in WORKLOADS.items():
+        knobs = knobs_from_config(cfg, wl, preset.card) if cfg is not None else baseline(wl, preset.card)
+        p = profile_step(wl, knobs, card=preset.card)
+        table["budget_gib"] = round(p.budget_bytes / GIB, 3)
+        table["workloads"][wid] = {"peak_gib": round(p.peak_bytes / GIB, 3), "fits": bool(p.fits)}
+    return table
+
+
+def _write_profile(path: Path, table: dict[str, Any]) -> None:
+    """Replace the ``memory_profile:`` block (the file's last key) and keep the comments above it."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    cut = next((i for i, line in enumerate(lines) if line.startswith("memory_profile:")), len(lines))
+    body = yaml.safe_dump({"memory_profile": table}, sort_keys=False, default_flow_style=False)
+    path.write_text("\n".join(lines[:cut]) + "\n" + body, encoding="utf-8")
+
+
+def update_preset_profile(name: str) -> str:
+    """Profile W1–W4 with preset ``name``'s knobs and write its ``memory_profile``; returns the verdicts."""
+    from ..presets import load_preset
+
+    preset = load_preset(name)
+    table = preset_table(preset)
+    _write_profile(preset.path, table)
+    return ", ".join(f"{w} {r['peak_gib']:.2f} GiB {'fits' if r['fits'] else 'no'}" for w, r in table["workloads"].items())
+
+
+def check_preset_profile(name: str) -> list[str]:
+    """Differences between preset ``name``'s stored table and a fresh profile (empty: it matches)."""
+    from ..presets import load_preset
+
+    preset = load_preset(name)
+    stored = (preset.memory_profile or {}).get("workloads") or {}
+    if not stored:
+        return [f"{name}: no memory_profile stored (run `lowvram profile --update-presets`)"]
+    fresh = preset_table(preset)["workloads"]
+    problems = []
+    for wid, row in fresh.items():
+        old = stored.get(wid)
+        if not isinstance(old, dict):
+            problems.append(f"{name} {wid}: missing from the stored table")
+            continue
+        if abs(float(old.get("peak_gib", -1)) - row["peak_gib"]) > PROFILE_TOLERANCE * row["peak_gib"] + 0.001:
+            problems.append(f"{name} {wid}: stored peak {old.get('peak_gib')} GiB, fresh {row['peak_gib']} GiB")
+        if old.get("fits") != row["fits"]:
+            problems.append(f"{name} {wid}: stored fits={old.get('fits')}, fresh fits={row['fits']}")
+    return problems

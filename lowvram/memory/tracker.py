@@ -1,0 +1,156 @@
+"""Live tensor bytes per storage, tracked under a ``TorchDispatchMode``: the profiler's measuring tape.
+
+Every op's output storages are recorded once, with a weakref finalizer that logs their release, so
+the log replays the exact live set at any instant. Works on ``meta`` (no bytes exist) and on real
+tensors alike; categories are decided at the end, when it is known which storages became gradients.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+CATEGORIES = (
+    "frozen_weights",
+    "trainable_weights",
+    "gradients",
+    "optimizer_state",
+    "ema",
+    "inputs",
+    "activations",
+    "temporaries",
+)
+
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_NONZERO = torch.ops.aten.nonzero.default
+
+
+@dataclass
+class _Record:
+    nbytes: int
+    label: str  # a category, or the phase ("forward", "backward", "optimizer") it was born in
+
+
+@dataclass
+class TrackerResult:
+    """Peak live bytes, the live bytes per category at that instant, and the phase it happened in."""
+
+    peak_bytes: int
+    by_category: dict[str, int]
+    peak_phase: str
+    end_bytes: int
+    storages: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class StorageTracker(TorchDispatchMode):
+    """Counts every storage an op creates until it is freed; ``register`` adds pre-existing tensors.
+
+    On ``meta`` a ``.item()`` has no value; the tracker answers it with a neutral one (1 / True), and
+    ``nonzero`` with one hit, so code that checks finiteness or looks up a code value runs through —
+    values never decide memory in a training step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._records: dict[int, _Record] = {}
+        self._events: list[tuple[int, int]] = []  # (+key | -key, running total after the event)
+        self._next = 1
+        self.live = 0
+        self.peak = 0
+        self._peak_event = -1
+        self._peak_phase = "setup"
+        self.phase = "setup"
+
+    # --- recording -------------------------------------------------------------------------------
+    def _add(self, storage: torch.UntypedStorage, label: str) -> int | None:
+        key = self._seen.get(storage)
+        if key is not None:
+            return key
+        nbytes = storage.nbytes()
+        key = self._next
+        self._next += 1
+        self._seen[storage] = key
+        self._records[key] = _Record(nbytes, label)
+        self.live += nbytes
+        self._events.append((key, self.live))
+        if self.live > self.peak:
+            self.peak, self._peak_event, self._peak_phase = self.live, len(self._events) - 1, self.phase
+        weakref.finalize(storage, self._free, key)
+        return key
+
+    def _free(self, key: int) -> None:
+        rec = self._records.get(key)
+        if rec is None:
+            return
+        self.live -= rec.nbytes
+        self._events.append((-key, self.live))
+
+    def register(self, tensor: torch.Tensor, label: str) -> None:
+        """Count a tensor that exists already (weights, inputs, optimizer state) under ``label``."""
+        if isinstance(tensor, torch.Tensor):
+            key = self._add(tensor.untyped_storage(), label)
+            self._records[key].label = label
+
+    def mark(self, tensor: torch.Tensor, label: str) -> None:
+        """Re-label a tracked tensor's storage (e.g. an op output that became a ``.grad``)."""
+        key = self._seen.get(tensor.untyped_storage())
+        if key is None:
+            self.register(tensor, label)
+        else:
+            self._records[key].label = label
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _LOCAL_SCALAR and args[0].device.type == "meta":
+            return True if args[0].dtype == torch.bool else 1
+        if func is _NONZERO and args[0].device.type == "meta":  # data-dependent size: say "one hit"
+            return torch.zeros((1, args[0].dim()), dtype=torch.long, device="meta")
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = self._seen.get(st)
+                if key is None:
+                    self._add(st, self.phase)
+                elif st.nbytes() != self._records[key].nbytes:  # resized in place (out= ops)
+                    self.live += st.nbytes() - self._records[key].nbytes
+                    self._records[key].nbytes = st.nbytes()
+                    self._events.append((key, self.live))
+                    if self.live > self.peak:
+                        self.peak, self._peak_event, self._peak_phase = self.live, len(self._events) - 1, self.phase
+        return out
+
+    # --- reading ---------------------------------------------------------------------------------
+    def reset_peak(self) -> None:
+        """Start a new peak from the bytes live now (e.g. after a warm-up step)."""
+        self.peak = self.live
+        self._peak_event = len(self._events) - 1
+        self._peak_phase = self.phase
+
+    def result(self, relabel: dict[str, str] | None = None) -> TrackerResult:
+        """Replay the log to the peak and sum the live storages there by category.
+
+        ``relabel`` maps a birth phase to its category: what was born in forward and is alive at the
+        peak is an activation (saved for backward); anything else unclaimed is a temporary.
+        """
+        relabel = {"setup": "temporaries", "forward": "activations", "backward": "temporaries",
+                   "optimizer": "temporaries", **(relabel or {})}
+        live: set[int] = set()
+        for key, _total in self._events[: self._peak_event + 1]:
+            if key > 0:
+                live.add(key)
+            else:
+                live.discard(-key)
+        by_cat = dict.fromkeys(CATEGORIES, 0)
+        for key in live:
+            rec = self._records[key]
+            cat = rec.label if rec.label in by_cat else relabel.get(rec.label, "temporaries")
+            by_cat[cat] += rec.nbytes
+        return TrackerResult(self.peak, by_cat, self._peak_phase, self.live, storages=len(self._records))

@@ -1,0 +1,518 @@
+"""Load pretrained Stable Diffusion 1.x / 2.x / SDXL checkpoints from local files only.
+
+Two layouts: a diffusers folder (``model_index.json``) and a single ``.safetensors`` file in the
+A1111/ComfyUI (LDM) layout. Nothing here contacts a hub: folders load with ``local_files_only=True``
+and single files take their model configs from ``single_file_configs/`` shipped with lowvram.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError
+
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
+CONFIGS_DIR = Path(__file__).with_name("single_file_configs")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# Single-file (LDM) key prefixes and what they mean.
+LDM_UNET = "model.diffusion_model."
+LDM_VAE = "first_stage_model."
+LDM_CLIP = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 (transformers layout)
+LDM_OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
+LDM_XL_CLIP = "conditioner.embedders.0.transformer."  # SDXL text encoder 1
+LDM_XL_OPEN_CLIP = "conditioner.embedders.1.model."  # SDXL text encoder 2 (OpenCLIP bigG)
+KNOWN_PREFIXES = (LDM_UNET, LDM_VAE, LDM_CLIP, LDM_OPEN_CLIP, LDM_XL_CLIP, LDM_XL_OPEN_CLIP)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Components:
+    """Everything a fine-tune needs from a pretrained checkpoint, with its family."""
+
+    family: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    text_encoder_2: Any | None = None
+    tokenizer_2: Any | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def training_scheduler(self) -> Any:
+        """A DDPMScheduler with the checkpoint's betas and prediction type (for adding noise in training)."""
+        from diffusers import DDPMScheduler
+
+        keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "prediction_type", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr")
+        return DDPMScheduler.from_config({k: v for k, v in self.scheduler_config.items() if k in keep})
+
+    def pipeline(self, scheduler: Any | None = None) -> Any:
+        """A diffusers pipeline over these components (for samples and for ``save_pretrained``)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        sched = scheduler or DDIMScheduler.from_config(self.scheduler_config)
+        if self.family == "sdxl":
+            return StableDiffusionXLPipeline(
+                unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, scheduler=sched,
+            )
+        return StableDiffusionPipeline(
+            unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# family detection
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read '{path}': {e}", "check that the model folder is complete") from None
+
+
+def _family_of_folder(path: Path) -> str:
+    unet_cfg = path / "unet" / "config.json"
+    if not unet_cfg.is_file():
+        found = sorted(p.name for p in path.iterdir())[:12]
+        raise ModelLoadError(
+            f"'{path}' is a folder without unet/config.json (found: {', '.join(found) or 'nothing'}): "
+            "this does not look like a diffusers Stable Diffusion folder",
+            "pass a diffusers folder (with model_index.json, unet/, vae/, text_encoder/) or a single .safetensors file",
+        )
+    unet = _read_json(unet_cfg)
+    if unet.get("_class_name") not in (None, "UNet2DConditionModel"):
+        raise ModelLoadError(
+            f"'{path}' holds a {unet.get('_class_name')}, not a Stable Diffusion UNet2DConditionModel",
+            "lowvram fine-tunes SD 1.x, 2.x and SDXL checkpoints",
+        )
+    sched_cfg = path / "scheduler" / "scheduler_config.json"
+    prediction = _read_json(sched_cfg).get("prediction_type", "epsilon") if sched_cfg.is_file() else "epsilon"
+    if unet.get("addition_embed_type") == "text_time" or (path / "text_encoder_2").is_dir():
+        return "sdxl"
+    cross = unet.get("cross_attention_dim")
+    if cross == 768:
+        base = "sd1"
+    elif cross == 1024:
+        base = "sd2"
+    else:  # non-standard widths: the text encoder's activation tells OpenAI CLIP from OpenCLIP
+        te_cfg = path / "text_encoder" / "config.json"
+        act = _read_json(te_cfg).get("hidden_act") if te_cfg.is_file() else None
+        if act not in ("quick_gelu", "gelu"):
+            raise ModelLoadError(
+                f"'{path}': UNet cross_attention_dim {cross} and no text encoder config: cannot tell SD 1.x from 2.x",
+                "set model.family (sd1, sd2, sd2-v or sdxl)",
+            )
+        base = "sd1" if act == "quick_gelu" else "sd2"
+    return "sd2-v" if base == "sd2" and prediction == "v_prediction" else base
+
+
+def _safetensors_keys(path: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from the header only (no weights read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ModelLoadError(f"'{path}' is not a readable .safetensors file: {e}", "check the download") from None
+
+
+def _sidecar_prediction(path: Path) -> str | None:
+    """A1111 convention: ``model.yaml`` beside ``model.safetensors``; ``parameterization: v`` means v-prediction."""
+    yaml_path = path.with_suffix(".yaml")
+    if not yaml_path.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
+        param = data.get("model", {}).get("params", {}).get("parameterization", "eps")
+    except (yaml.YAMLError, AttributeError, OSError):
+        return None
+    return "v_prediction" if param == "v" else "epsilon"
+
+
+def _family_of_keys(keys: dict[str, list[int]], where: str) -> str:
+    has = {p: any(k.startswith(p) for k in keys) for p in KNOWN_PREFIXES}
+    if has[LDM_XL_OPEN_CLIP] or has[LDM_XL_CLIP]:
+        if not has[LDM_XL_CLIP]:
+            raise ModelLoadError(
+                f"'{where}' looks like an SDXL refiner (only one OpenCLIP text encoder)",
+                "lowvram fine-tunes SDXL base checkpoints, not the refiner",
+            )
+        return "sdxl"
+    if has[LDM_OPEN_CLIP]:
+        return "sd2"
+    if has[LDM_CLIP]:
+        return "sd1"
+    if has[LDM_UNET]:
+        raise ModelLoadError(
+            f"'{where}' has a UNet ({LDM_UNET}…) but no text encoder (cond_stage_model./conditioner.)",
+            "pass the full checkpoint, or the diffusers folder of the model",
+        )
+    raise ModelLoadError(
+        f"'{where}': found {len(keys)} tensors, none of the known prefixes ({', '.join(KNOWN_PREFIXES)}): "
+        "this does not look like an SD 1.x/2.x/SDXL checkpoint",
+        "pass a Stable Diffusion checkpoint (a diffusers folder or an A1111/ComfyUI .safetensors)",
+    )
+
+
+def detect_family(path: str | Path, prediction: str | None = None) -> str:
+    """Which model family a local folder or single file holds: sd1, sd2, sd2-v or sdxl.
+
+    ``prediction`` ("v_prediction"/"epsilon") overrides what the files say: SD 2.x single files do
+    not record it (A1111 reads it from a ``.yaml`` beside the file, which is honoured here too).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model path '{p}' does not exist", "pass a local diffusers folder or .safetensors file")
+    if p.is_dir():
+        family = _family_of_folder(p)
+    elif p.suffix.lower() == ".safetensors":
+        keys = _safetensors_keys(p)
+        family = _family_of_keys(keys, str(p))
+        if family == "sd2" and (prediction or _sidecar_prediction(p)) == "v_prediction":
+            family = "sd2-v"
+    elif p.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"'{p}' is a pickled checkpoint: its family can only be read by unpickling it",
+            "convert it to .safetensors, or allow pickle (config model.allow_pickle: true, CLI --allow-pickle) "
+            "and load it with load_pretrained",
+        )
+    else:
+        raise ModelLoadError(f"'{p}': unknown model file type '{p.suffix}'", "pass a diffusers folder or a .safetensors file")
+    if prediction == "v_prediction" and family == "sd2":
+        family = "sd2-v"
+    if prediction == "epsilon" and family == "sd2-v":
+        family = "sd2"
+    return family
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte → printable character table, which its BPE vocabulary is built on."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def clip_vocab_from_bpe(bpe_gz: str | Path, out_dir: str | Path) -> Path:
+    """Write CLIP's vocab.json + merges.txt from OpenAI/OpenCLIP's ``bpe_simple_vocab_16e6.txt.gz``.
+
+    The vocabulary is derived exactly as CLIP does (bytes, bytes + ``</w>``, 48,894 merges, 2 specials),
+    so token ids equal those of the hub's CLIP tokenizers.
+    """
+    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    merges = [m for m in lines[1 : 49152 - 256 - 2 + 1] if m.strip()]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return out
+
+
+def _installed_clip_bpe() -> Path | None:
+    """The CLIP BPE file shipped by an installed ``open_clip_torch`` (found without importing it)."""
+    spec = importlib.util.find_spec("open_clip")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
+        if f.is_file():
+            return f
+    return None
+
+
+def _tokenizer_from_files(folder: Path, pad_token: str, max_length: int = 77) -> Any:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=max_length
+    )
+
+
+def _find_vocab(folder: Path, sub: str) -> Path | None:
+    for cand in (folder / sub, folder / "tokenizer", folder):
+        if (cand / "vocab.json").is_file() and (cand / "merges.txt").is_file():
+            return cand
+    return None
+
+
+TOKENIZER_FIX = (
+    "single-file checkpoints do not contain the CLIP tokenizer vocabulary and lowvram cannot download it: "
+    "pass a tokenizer folder (config model.tokenizer / CLI --tokenizer) — either any diffusers SD folder "
+    "(its tokenizer/ subfolder is used) or a folder with CLIP's vocab.json and merges.txt — or "
+    "`pip install open_clip_torch`, whose bundled CLIP vocabulary lowvram then uses"
+)
+
+
+def load_tokenizers(family: str, tokenizer: str | Path | None, config_dir: Path) -> tuple[Any, Any | None]:
+    """CLIP tokenizers for a single-file checkpoint: from ``tokenizer`` (a folder), else open_clip's vocabulary.
+
+    Pad tokens follow the family (SD 1.x pads with ``<|endoftext|>``, OpenCLIP encoders with ``!``): it
+    changes the text embeddings, so it must match what the checkpoint was trained with.
+    """
+    names = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+    pads = {n: _read_json(config_dir / n / "tokenizer_config.json").get("pad_token", "<|endoftext|>")
+            if (config_dir / n / "tokenizer_config.json").is_file() else "<|endoftext|>" for n in names}
+    out: list[Any] = []
+    if tokenizer is not None:
+        tdir = Path(tokenizer).expanduser()
+        if not tdir.is_dir():
+            raise ModelLoadError(f"tokenizer folder '{tdir}' does not exist", TOKENIZER_FIX)
+        from transformers import CLIPTokenizer
+
+        for n in names:
+            if (tdir / n / "tokenizer_config.json").is_file():  # a diffusers folder: use its own settings
+                out.append(CLIPTokenizer.from_pretrained(str(tdir), subfolder=n, local_files_only=True))
+                continue
+            vocab = _find_vocab(tdir, n)
+            if vocab is None:
+                raise ModelLoadError(f"tokenizer folder '{tdir}' has no vocab.json + merges.txt", TOKENIZER_FIX)
+            out.append(_tokenizer_from_files(vocab, pads[n]))
+    else:
+        for n in names:
+            vocab = _find_vocab(config_dir, n) if (config_dir / n).is_dir() else None
+            if vocab is not None:
+                out.append(_tokenizer_from_files(vocab, pads[n]))
+                continue
+            bpe = _installed_clip_bpe()
+            if bpe is None:
+                raise ModelLoadError("no CLIP tokenizer vocabulary available for a single-file checkpoint", TOKENIZER_FIX)
+            with tempfile.TemporaryDirectory() as tmp:
+                out.append(_tokenizer_from_files(clip_vocab_from_bpe(bpe, tmp), pads[n]))
+    return out[0], (out[1] if len(out) > 1 else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown frozen dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _vae_dtype(vae_config: Any, dtype: torch.dtype, family: str) -> torch.dtype:
+    """SDXL's VAE overflows in fp16 (config ``force_upcast``): keep it fp32 unless an fp16-fixed VAE is used."""
+    if family == "sdxl" and dtype == torch.float16 and getattr(vae_config, "force_upcast", False):
+        return torch.float32
+    return dtype
+
+
+def read_single_file(path: Path, allow_pickle: bool = False, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a single-file checkpoint; pickled files only with the opt-in, and never executing code."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if prefixes is None or k.startswith(prefixes)}
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"'{path}' is a pickled checkpoint ({suffix}); unpickling can run code hidden in the file",
+                "convert it to .safetensors, or, for a file you trust, allow it with config model.allow_pickle: true "
+                "(CLI --allow-pickle); it is then read with torch.load(weights_only=True)",
+            )
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise ModelLoadError(
+                f"'{path}' could not be read with torch.load(weights_only=True): {str(e).splitlines()[0]}",
+                "the file holds more than tensors; convert it to .safetensors with a tool you trust",
+            ) from None
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict):
+            raise ModelLoadError(f"'{path}' does not hold a state dict", "pass a Stable Diffusion checkpoint")
+        return {k: v for k, v in sd.items() if torch.is_tensor(v) and (prefixes is None or k.startswith(prefixes))}
+    raise ModelLoadError(f"'{path}': unknown model file type '{suffix}'", "pass a diffusers folder or a .safetensors file")
+
+
+def _load_folder(p: Path, family: str, dtype: torch.dtype, vae_path: Path | None, tokenizer: str | Path | None) -> Components:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    local = {"local_files_only": True}
+    try:
+        extra = {"upcast_attention": True} if family.startswith("sd2") else {}
+        unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=dtype, **local, **extra)
+        vae = _load_vae(vae_path or p, "vae" if vae_path is None else None, dtype, family)
+        te = CLIPTextModel.from_pretrained(p, subfolder="text_encoder", torch_dtype=dtype, **local)
+        tok_root = Path(tokenizer) if tokenizer else p
+        tok = CLIPTokenizer.from_pretrained(tok_root, subfolder="tokenizer", **local)
+        te2 = tok2 = None
+        if family == "sdxl":
+            te2 = CLIPTextModelWithProjection.from_pretrained(p, subfolder="text_encoder_2", torch_dtype=dtype, **local)
+            tok2 = CLIPTokenizer.from_pretrained(tok_root, subfolder="tokenizer_2", **local)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load the diffusers folder '{p}': {str(e).splitlines()[0]}",
+            "check that the folder is complete (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+        ) from None
+    sched_file = p / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_file) if sched_file.is_file() else _read_json(CONFIGS_DIR / family / "scheduler" / "scheduler_config.json")
+    return Components(family, unet, vae, te, tok, sched, te2, tok2, source=str(p))
+
+
+def _load_vae(root: Path, subfolder: str | None, dtype: torch.dtype, family: str) -> Any:
+    from diffusers import AutoencoderKL
+
+    kw: dict[str, Any] = {"local_files_only": True}
+    if subfolder:
+        kw["subfolder"] = subfolder
+    cfg = AutoencoderKL.load_config(root, **kw)
+    return AutoencoderKL.from_pretrained(root, torch_dtype=_vae_dtype(_Cfg(cfg), dtype, family), **kw)
+
+
+class _Cfg:
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.force_upcast = d.get("force_upcast", False)
+
+
+def _build(cls: Any, config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> Any:
+    """Build ``cls`` from ``config`` without allocating random weights, then load the converted ``state``."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"the {what} in the file does not match the {what} config: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})",
+            "check model.family, or pass a matching diffusers config folder (model.config)",
+        )
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)
+    return model.eval()
+
+
+def _load_single_file(p: Path, family: str, dtype: torch.dtype, allow_pickle: bool, config: Path | None,
+                      vae_path: Path | None, tokenizer: str | Path | None) -> Components:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        create_diffusers_clip_model_from_ldm,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg_dir = config or CONFIGS_DIR / family
+    state = read_single_file(p, allow_pickle)
+    if not any(k.startswith(LDM_UNET) for k in state):
+        _family_of_keys({k: list(v.shape) for k, v in state.items()}, str(p))  # raises the clear error
+    try:
+        unet_cfg = dict(UNet2DConditionModel.load_config(cfg_dir / "unet"))
+        if family.startswith("sd2"):
+            unet_cfg["upcast_attention"] = True
+        unet_sd = convert_ldm_unet_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_UNET)}, unet_cfg)
+        unet = _build(UNet2DConditionModel, unet_cfg, unet_sd, dtype, "UNet")
+        if vae_path is not None:
+            vae = _load_vae(vae_path, None, dtype, family)
+        else:
+            vae_cfg = dict(AutoencoderKL.load_config(cfg_dir / "vae"))
+            vae_sd = convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_VAE)}, vae_cfg)
+            vae = _build(AutoencoderKL, vae_cfg, vae_sd, _vae_dtype(_Cfg(vae_cfg), dtype, family), "VAE")
+        te = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state, subfolder="text_encoder", config=str(cfg_dir), torch_dtype=dtype, local_files_only=True
+        )
+        te2 = None
+        if family == "sdxl":
+            te2 = create_diffusers_clip_model_from_ldm(
+                CLIPTextModelWithProjection, state, subfolder="text_encoder_2", config=str(cfg_dir),
+                torch_dtype=dtype, local_files_only=True,
+            )
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise ModelLoadError(
+            f"'{p}' does not match the {family} layout: {str(e).splitlines()[0]}",
+            "check model.family (sd1, sd2, sd2-v, sdxl), or pass the model's diffusers config folder as model.config",
+        ) from None
+    del state
+    tok, tok2 = load_tokenizers(family, tokenizer, cfg_dir)
+    sched = _read_json(cfg_dir / "scheduler" / "scheduler_config.json")
+    if family == "sd2-v":
+        sched = dict(sched, prediction_type="v_prediction")
+    return Components(family, unet, vae, te, tok, sched, te2, tok2, source=str(p))
+
+
+def load_pretrained(
+    path: str | Path,
+    family: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    allow_pickle: bool = False,
+    tokenizer: str | Path | None = None,
+    vae: str | Path | None = None,
+    config: str | Path | None = None,
+    prediction: str | None = None,
+) -> Components:
+    """Load a local SD checkpoint (diffusers folder or single file) with its frozen weights in ``dtype``.
+
+    ``tokenizer``: folder with the CLIP vocabulary (single files lack it); ``vae``: a replacement VAE folder
+    (e.g. an fp16-fixed SDXL VAE); ``config``: a diffusers folder whose configs describe a single file
+    (default: the shipped config of its family); ``prediction`` overrides epsilon/v.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model path '{p}' does not exist", "pass a local diffusers folder or .safetensors file")
+    if family is not None and family not in FAMILIES:
+        raise ModelLoadError(f"unknown model family '{family}'", f"use one of {', '.join(FAMILIES)}")
+    dt = _dtype(dtype)
+    if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES:
+        # the family of a pickled file is only known after reading it, which needs the opt-in
+        state = read_single_file(p, allow_pickle)
+        fam = family or _family_of_keys({k: list(v.shape) for k, v in state.items()}, str(p))
+        del state
+    else:
+        fam = family or detect_family(p, prediction)
+    if prediction == "v_prediction" and fam == "sd2":
+        fam = "sd2-v"
+    vae_p = Path(vae).expanduser() if vae else None
+    if vae_p is not None and not vae_p.is_dir():
+        raise ModelLoadError(f"VAE folder '{vae_p}' does not exist", "pass a local diffusers AutoencoderKL folder")
+    if p.is_dir():
+        comps = _load_folder(p, fam, dt, vae_p, tokenizer)
+    else:
+        comps = _load_single_file(p, fam, dt, allow_pickle, Path(config) if config else None, vae_p, tokenizer)
+    if prediction is not None:
+        comps.scheduler_config = dict(comps.scheduler_config, prediction_type=prediction)
+    for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+        if m is not None:
+            m.requires_grad_(False)
+    if comps.vae.dtype != dt:
+        comps.notes.append(f"VAE kept in {str(comps.vae.dtype).removeprefix('torch.')} (fp16 overflows in this VAE)")
+    return comps

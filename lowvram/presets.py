@@ -1,0 +1,289 @@
+"""Find, list, load and validate the card presets (one YAML per card in ``lowvram/presets/``).
+
+A preset names a card (backend, architecture, VRAM, what the card can do) and the RunConfig knobs that
+suit it; ``lowvram profile --update-presets`` later writes its measured ``memory_profile`` into it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigBuilder, RunConfig, load_yaml
+from .errors import ConfigError, PresetError
+
+GIB = 2**30
+BACKENDS = ("cpu", "cuda", "rocm")
+TOP_LEVEL_KEYS = ("name", "description", "card", "config", "memory_profile")
+# Capabilities a card declares; a preset's knobs may only use what its card has (checked on load).
+CAPABILITIES = ("bf16", "fp16", "flash_attention", "bitsandbytes", "xformers")
+# Knob values that only run on a card with the capability: {capability: (section.key, value)}.
+CARD_ONLY_KNOBS = {
+    "bf16": ("train.precision", "bf16"),
+    "fp16": ("train.precision", "fp16"),
+    "bitsandbytes": ("train.optimizer", "adamw8bit"),
+    "xformers": ("memory.attention", "xformers"),
+}
+# Presets describe a card, not a job: these belong in the config file or flags.
+JOB_KEYS = ("run.steps", "run.task")
+
+
+@dataclass(frozen=True)
+class CardSpec:
+    """The card a preset is for: what it is, its memory, and what it can run."""
+
+    name: str
+    backend: str
+    arch: str
+    vram_gib: float
+    context_gib: float
+    margin_gib: float
+    bf16: bool
+    fp16: bool
+    flash_attention: bool
+    bitsandbytes: bool
+    xformers: bool
+
+    def describe(self) -> str:
+        """``AMD RX 570 (gfx803, 4 GB)``; ``the CPU`` for the CPU preset."""
+        if self.backend == "cpu":
+            return "the CPU"
+        return f"{self.name} ({self.arch}, {self.vram_gib:g} GB)"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A loaded, validated preset; ``config`` is a RunConfig override mapping (sections → keys)."""
+
+    name: str
+    description: str
+    card: CardSpec
+    config: dict[str, Any]
+    memory_profile: dict[str, Any] | None
+    path: Path
+
+    @property
+    def source(self) -> str:
+        """The layer name ConfigBuilder reports for values this preset sets."""
+        return f"preset {self.name} ({self.path})"
+
+    def knob(self, dotted: str) -> Any:
+        """The value the preset gives ``section.key``, or the RunConfig default."""
+        section, key = dotted.split(".", 1)
+        body = self.config.get(section) or {}
+        if key in body:
+            return body[key]
+        return getattr(getattr(RunConfig(), section), key)
+
+    def needs(self) -> tuple[str, ...]:
+        """Card capabilities the preset's knobs rely on (a card without one of them cannot use it)."""
+        used = {cap: self.knob(dotted) == value for cap, (dotted, value) in CARD_ONLY_KNOBS.items()}
+        # On a GPU the preset's memory profile assumes SDPA without the N x N attention matrix.
+        used["flash_attention"] = (
+            self.card.backend != "cpu"
+            and self.knob("memory.attention") in ("sdpa", "auto")
+            and self.card.flash_attention
+        )
+        return tuple(cap for cap in CAPABILITIES if used[cap])
+
+
+def budget_bytes(card: CardSpec) -> int:
+    """Bytes a run may plan for: the card's VRAM minus the runtime context and a safety margin."""
+    return int((card.vram_gib - card.context_gib - card.margin_gib) * GIB)
+
+
+def preset_dir() -> Path:
+    """The folder of shipped presets (inside the installed package, so it works without the repo)."""
+    return Path(str(resources.files("lowvram").joinpath("presets")))
+
+
+def list_presets() -> list[str]:
+    """Names of the shipped presets, sorted."""
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    """A shipped preset name or a path to a YAML file → the file; unknown names list the choices."""
+    text = str(name_or_path)
+    candidate = Path(text).expanduser()
+    looks_like_path = text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text
+    if looks_like_path or candidate.is_file():
+        if not candidate.is_file():
+            raise PresetError(f"preset file '{candidate}' does not exist", "check the path")
+        return candidate
+    path = preset_dir() / f"{text}.yaml"
+    if path.is_file():
+        return path
+    names = list_presets()
+    close = difflib.get_close_matches(text, names, n=1, cutoff=0.4)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise PresetError(
+        f"unknown preset '{text}'", f"{hint}available: {', '.join(names)} (or give a path to a preset YAML)"
+    )
+
+
+def _unknown(key: str, valid: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(valid)}"
+
+
+def _check_type(value: Any, typ: type, where: str, problems: list[str]) -> None:
+    if typ is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        expected = "a number"
+    elif typ is bool:
+        ok = isinstance(value, bool)
+        expected = "true or false"
+    else:
+        ok = isinstance(value, str) and bool(value.strip())
+        expected = "non-empty text"
+    if not ok:
+        problems.append(f"{where} = {value!r}: expected {expected}")
+
+
+def _card(data: Any, found: list[str]) -> CardSpec | None:
+    """Validate the ``card`` mapping, adding to ``found`` a problem naming each bad ``card.<field>``."""
+    problems: list[str] = []
+    card = _card_or_none(data, problems)
+    found.extend(problems)
+    return card
+
+
+def _card_or_none(data: Any, problems: list[str]) -> CardSpec | None:
+    if not isinstance(data, dict):
+        problems.append(f"card: expected a mapping of card fields, got {data!r}")
+        return None
+    spec = {f.name: f.type for f in fields(CardSpec)}
+    types = {"str": str, "float": float, "bool": bool}
+    for key in data:
+        if key not in spec:
+            problems.append(f"unknown key 'card.{key}': {_unknown(str(key), list(spec))}")
+    for key, typ in spec.items():
+        if key not in data:
+            problems.append(f"missing field 'card.{key}'")
+        else:
+            _check_type(data[key], types[typ], f"card.{key}", problems)
+    if problems:
+        return None
+    if data["backend"] not in BACKENDS:
+        problems.append(f"card.backend = {data['backend']!r}: expected one of {', '.join(BACKENDS)}")
+    sizes = {k: float(data[k]) for k in ("vram_gib", "context_gib", "margin_gib")}
+    if sizes["vram_gib"] <= 0 or sizes["context_gib"] < 0 or sizes["margin_gib"] < 0:
+        problems.append("card.vram_gib must be above 0 and card.context_gib / card.margin_gib 0 or more")
+    elif sizes["context_gib"] + sizes["margin_gib"] >= sizes["vram_gib"]:
+        problems.append("card.context_gib + card.margin_gib leave no memory to train in (card.vram_gib)")
+    return None if problems else CardSpec(**{**data, **sizes})
+
+
+def _check_knobs(preset: Preset, problems: list[str]) -> None:
+    """Knobs must respect the card: no bf16 on a card without bf16, no bitsandbytes where it is missing."""
+    for cap, (dotted, value) in CARD_ONLY_KNOBS.items():
+        if preset.knob(dotted) == value and not getattr(preset.card, cap):
+            problems.append(f"config {dotted} = {value} but card.{cap} is false: the card cannot run it")
+    for dotted in JOB_KEYS:
+        section, key = dotted.split(".")
+        if key in (preset.config.get(section) or {}):
+            problems.append(
+                f"config {dotted}: presets describe a card, not a job; set it in --config or a flag"
+            )
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """Load a shipped preset by name, or any preset YAML by path, and validate all of it at once.
+
+    Raises PresetError naming the file and every bad field (with the closest valid key).
+    """
+    path = _resolve(name_or_path)
+    try:
+        data = load_yaml(path, what="preset")
+    except ConfigError as e:
+        raise PresetError(e.problem, e.fix) from None
+    problems: list[str] = []
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            problems.append(f"unknown key '{key}': {_unknown(str(key), TOP_LEVEL_KEYS)}")
+    for key in ("name", "description"):
+        if key not in data:
+            problems.append(f"missing field '{key}'")
+        else:
+            _check_type(data[key], str, key, problems)
+    if "card" not in data:
+        problems.append("missing field 'card'")
+        card = None
+    else:
+        card = _card(data["card"], problems)
+    config = data.get("config") or {}
+    if not isinstance(config, dict):
+        problems.append(f"config: expected a mapping of RunConfig sections, got {config!r}")
+        config = {}
+    profile = data.get("memory_profile")
+    if profile is not None and not isinstance(profile, dict):
+        problems.append(f"memory_profile: expected a mapping or null, got {profile!r}")
+    if problems or card is None:
+        raise _preset_error(path, problems)
+    preset = Preset(str(data["name"]), str(data["description"]), card, config, profile, path)
+    try:
+        ConfigBuilder().apply(config, preset.source).build()
+    except ConfigError as e:
+        # One line per problem, each already naming the field and this preset as its source.
+        problems.extend(line.strip().removeprefix("- ") for line in e.problem.splitlines()[1:])
+    _check_knobs(preset, problems)
+    if problems:
+        raise _preset_error(path, problems)
+    return preset
+
+
+def _preset_error(path: Path, problems: list[str]) -> PresetError:
+    return PresetError(
+        f"preset file '{path}' is invalid:\n  - " + "\n  - ".join(problems),
+        "fix the fields above (the schema is documented at the top of every shipped preset)",
+    )
+
+
+def profile_verdict(profile: dict[str, Any] | None) -> str:
+    """One short cell for the presets table from a memory profile.
+
+    Reads ``verdict`` (text) if the profile has one, else ``workloads: {W1: {fits: bool}, ...}``.
+    """
+    if not profile:
+        return ""
+    if isinstance(profile.get("verdict"), str):
+        return profile["verdict"]
+    workloads = profile.get("workloads")
+    if isinstance(workloads, dict):
+        marks = []
+        for wid, row in workloads.items():
+            fits = row.get("fits") if isinstance(row, dict) else None
+            marks.append(f"{wid} {'fits' if fits else 'no' if fits is False else '?'}")
+        return ", ".join(marks)
+    return "profiled"
+
+
+def presets_table(presets: list[Preset] | None = None) -> str:
+    """The ``lowvram presets`` listing: one row per preset with its card and main knobs."""
+    presets = presets if presets is not None else [load_preset(n) for n in list_presets()]
+    header = ["name", "card", "VRAM", "backend", "precision", "optimizer", "attention"]
+    with_profile = any(p.memory_profile for p in presets)
+    if with_profile:
+        header.append("memory profile")
+    rows = [header]
+    for p in presets:
+        row = [
+            p.name,
+            "CPU" if p.card.backend == "cpu" else f"{p.card.name} ({p.card.arch})",
+            f"{p.card.vram_gib:g} GB",
+            p.card.backend,
+            str(p.knob("train.precision")),
+            str(p.knob("train.optimizer")),
+            str(p.knob("memory.attention")),
+        ]
+        if with_profile:
+            row.append(profile_verdict(p.memory_profile))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Frozen weights stored in fewer bits (fp16, bf16, fp8) and upcast one layer at a time in forward.
+
+A frozen Linear/Conv2d keeps its weight in the storage dtype (fp8 with a per-tensor scale) and builds
+the compute-dtype copy only inside its own forward and backward: the copy is never saved for backward,
+so the model costs its storage bytes plus one layer's copy. Used by training and by the profiler alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+STORAGE_DTYPES = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp8": torch.float8_e4m3fn,
+}
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's (real, or the profiler's emulation on meta) or x's."""
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    from torch.overrides import _get_current_function_mode_stack
+
+    for mode in reversed(_get_current_function_mode_stack()):
+        dtype = getattr(mode, "matmul_dtype", None)
+        if dtype is not None:
+            return dtype
+    return x.dtype
+
+
+def _upcast(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    w = w.to(dtype)
+    return w * scale.to(dtype) if scale is not None else w
+
+
+class _StoredLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W stored low-precision; only the stored W is saved (no grad to W or b)."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale, bias):  # noqa: D102
+        ctx.save_for_backward(w, scale)
+        weight = _upcast(w, scale, x.dtype)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        w, scale = ctx.saved_tensors
+        grad_x = grad_out @ _upcast(w, scale, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+class _StoredConv2d(torch.autograd.Function):
+    """conv2d with W stored low-precision; backward computes only the input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale, bias, stride, padding, dilation, groups):  # noqa: D102
+        ctx.save_for_backward(w, scale)
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        weight = _upcast(w, scale, x.dtype)
+        return F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        w, scale = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = _upcast(w, scale, grad_out.dtype)
+            grad_x = torch.nn.grad.conv2d_input(shape, weight, grad_out, stride, padding, dilation, groups)
+        return grad_x, None, None, None, None, None, None, None
+
+
+class StoredLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is kept in a storage dtype (see ``store_frozen_weights``)."""
+
+    weight_scale: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        dtype = compute_dtype(x)
+        return _StoredLinear.apply(x.to(dtype), self.weight, self.weight_scale, self.bias)
+
+
+class StoredConv2d(nn.Conv2d):
+    """A frozen ``nn.Conv2d`` whose weight is kept in a storage dtype (see ``store_frozen_weights``)."""
+
+    weight_scale: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.padding_mode != "zeros":
+            raise ConfigError("fp8/half weight storage supports zero-padded convolutions only",
+                              "use memory.frozen_dtype=fp32 for this model")
+        dtype = compute_dtype(x)
+        return _StoredConv2d.apply(x.to(dtype), self.weight, self.weight_scale, self.bias,
+                                   self.stride, self.padding, self.dilation, self.groups)
+
+
+def _store(module: nn.Module, dtype: torch.dtype) -> None:
+    w = module.weight.detach()
+    scale = None
+    if dtype == torch.float8_e4m3fn:
+        # Per-tensor absmax scale, kept in fp32: e4m3 has 3 mantissa bits but only a ±448 range.
+        amax = w.abs().amax().float() if w.device.type != "meta" else torch.ones((), device=w.device)
+        scale = (amax.clamp(min=1e-12) / _FP8_MAX).reshape(())
+        w = (w.float() / scale)
+    module.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    if module.bias is not None:
+        module.bias.requires_grad_(False)
+    module.register_buffer("weight_scale", scale, persistent=False)
+    module.__class__ = StoredLinear if isinstance(module, nn.Linear) else StoredConv2d
+
+
+def cast_frozen_layers(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast frozen Linear/Conv2d weights and biases to ``dtype`` (for autocast runs); returns how many.
+
+    Norms and embeddings stay fp32: they are ~0.1 % of the bytes, and CPU autocast (unlike CUDA's)
+    does not cast a LayerNorm's weight to its input's dtype.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+            count += 1
+    return count
+
+
+def store_frozen_weights(model: nn.Module, storage: str, other_dtype: torch.dtype | None = None) -> int:
+    """Keep every frozen Linear/Conv2d weight of ``model`` in ``storage`` (fp16/bf16/fp8); returns how many.
+
+    Layers with a trainable weight are left alone; ``other_dtype`` (e.g. the autocast dtype) is applied
+    to the remaining frozen parameters (norms, embeddings), which are small. Call after attaching LoRA,
+    so the adapters are created next to a normal layer.
+    """
+    if storage not in STORAGE_DTYPES:
+        raise ConfigError(f"memory.frozen_dtype = {storage!r} is unknown", f"use one of {', '.join(STORAGE_DTYPES)}")
+    dtype = STORAGE_DTYPES[storage]
+    count = 0
+    if dtype != torch.float32:
+        for module in list(model.modules()):
+            if type(module) in (nn.Linear, nn.Conv2d) and not module.weight.requires_grad:
+                _store(module, dtype)
+                count += 1
+    if other_dtype is not None:
+        for module in model.modules():
+            if isinstance(module, StoredLinear | StoredConv2d):
+                continue
+            for name, p in list(module.named_parameters(recurse=False)):
+                if not p.requires_grad and p.is_floating_point() and p.dtype != other_dtype:
+                    setattr(module, name, nn.Parameter(p.detach().to(other_dtype), requires_grad=False))
+    return count

@@ -1,0 +1,97 @@
+"""Training events and the listeners that show or store them (progress bar, JSONL, TensorBoard).
+
+The loop only emits events; how they are shown is up to the listeners, so the CLI and the web panel
+watch the same run the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class Event:
+    """Something that happened in a run: ``kind`` is start, step, val, sample, checkpoint, warning, end."""
+
+    kind: str
+    step: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Listener(Protocol):
+    def __call__(self, event: Event) -> None: ...
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf; a non-finite loss is logged as a string so the line stays valid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class JsonlLogger:
+    """Appends step, loss, lr, peak memory, it/s and validation numbers to ``metrics.jsonl``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __call__(self, event: Event) -> None:
+        if event.kind not in ("step", "val", "eval", "nonfinite", "end"):
+            return
+        row = {"kind": event.kind, "step": event.step, **{k: _clean(v) for k, v in event.data.items()}}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class TensorBoardLogger:
+    """Scalars to TensorBoard event files in the run folder (optional dependency at run time)."""
+
+    def __init__(self, logdir: str | Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir))
+
+    def __call__(self, event: Event) -> None:
+        if event.kind in ("step", "val"):
+            for key, value in event.data.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self.writer.add_scalar(f"{event.kind}/{key}", value, event.step)
+        if event.kind == "end":
+            self.writer.close()
+        else:
+            self.writer.flush() if event.kind == "val" else None
+
+
+class ProgressBar:
+    """A tqdm bar with step, loss, it/s, ETA and peak memory."""
+
+    def __init__(self, total: int, initial: int = 0, disable: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True)
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "step":
+            self.bar.n = event.step
+            d = event.data
+            post = {"loss": f"{d.get('loss', float('nan')):.4f}"}
+            if "peak_mem_mib" in d:
+                post["mem"] = f"{d['peak_mem_mib']:.0f}MiB"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.refresh()
+        elif event.kind in ("warning", "nonfinite"):
+            self.bar.write(f"warning: {event.data.get('message', event.data)}")
+        elif event.kind == "checkpoint":
+            self.bar.write(f"checkpoint: {event.data.get('path')}")
+        elif event.kind == "val":
+            self.bar.write(f"step {event.step}: validation loss {event.data.get('val_loss', float('nan')):.4f}")
+        elif event.kind == "end":
+            self.bar.close()
+
+
+def event_dict(event: Event) -> dict[str, Any]:
+    return asdict(event)

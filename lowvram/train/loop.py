@@ -1,0 +1,339 @@
+"""The training loop for diffusion models: one flat loop, and a Trainer that owns the resumable state.
+
+Everything a resumed run needs — weights, EMA, optimizer, grad scaler, LR schedule, data position,
+RNG — lives on the Trainer and goes into every checkpoint, so ``--resume`` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..diffusion import validation_loss
+from ..ema import EMA
+from ..errors import TrainingDiverged
+from ..optim import build_optimizer, optimizer_from_tensors, optimizer_to_tensors
+from ..pipeline import TextToImage
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .events import Event
+from .setup import Components
+from .step import compute_loss, optimizer_step
+
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+NONFINITE_CAUSES = (
+    "learning rate too high (try --set train.lr=1e-4); fp16 overflow (try --set train.precision=fp32 or bf16; "
+    "GTX 16xx cards produce NaNs in fp16); a broken GPU math library (run `lowvram doctor`, e.g. unpatched "
+    "rocBLAS on gfx803)"
+)
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """A CPU generator per (seed, step, micro-batch): noise and dropout need no saved RNG to resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled data order of one epoch, a pure function of (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+
+
+def peak_memory_mib(device: torch.device) -> tuple[float, str]:
+    """Peak allocated tensor memory on a GPU (reset each call), else the process's peak RSS."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak, "gpu_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
+
+
+class Trainer:
+    """Owns the state that must be saved and resumed; ``fit`` is the loop."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        comps: Components,
+        data: Callable[[list[int]], dict[str, Any]],
+        num_items: int,
+        device: torch.device,
+        emit: Callable[[Event], None],
+        stop: Callable[[], bool] = lambda: False,
+        val_batch: dict[str, Any] | None = None,
+        sample_prompts: list[str] | None = None,
+    ) -> None:
+        self.cfg, self.run_dir, self.c, self.device = cfg, run_dir, comps, device
+        self.data, self.num_items, self.emit, self.stop = data, num_items, emit, stop
+        self.val_batch, self.sample_prompts = val_batch, sample_prompts or []
+        t = cfg.train
+        self.model = torch.nn.ModuleDict(comps.trainable_modules())
+        if t.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay)
+        warm = max(t.warmup_steps, 0)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+        ema_device = "cpu" if t.ema_on_cpu else device
+        self.ema = EMA(self.model, decay=t.ema_decay, device=ema_device) if t.ema_decay > 0 else None
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.nonfinite_streak = 0
+        self.ckpt_dir = run_dir / "checkpoints"
+
+    # ---- state -----------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+        tensors: dict[str, dict[str, torch.Tensor]] = {
+            "model": self.model.state_dict(),
+            "optimizer": opt_tensors,
+            "rng": {"torch_cpu": torch.get_rng_state()},
+        }
+        if self.device.type == "cuda":
+            tensors["rng"]["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        meta = {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "nonfinite_streak": self.nonfinite_streak,
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "optimizer": opt_meta,
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+        self.model.load_state_dict(tensors["model"])
+        optimizer_from_tensors(self.optimizer, tensors["optimizer"], meta["optimizer"])
+        if self.ema is not None and "ema" in tensors:
+            self.ema.load_state_dict(tensors["ema"])
+        self.lr_schedule.load_state_dict(meta["lr_schedule"])
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng"]["torch_cpu"])
+        if self.device.type == "cuda" and "torch_cuda" in tensors["rng"]:
+            torch.cuda.set_rng_state(tensors["rng"]["torch_cuda"], self.device)
+        self.step = int(meta["step"])
+        self.epoch = int(meta["epoch"])
+        self.batch_in_epoch = int(meta["batch_in_epoch"])
+        self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
+
+    def save(self) -> Path:
+        tensors, meta = self.state()
+        path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
+        self.emit(Event("checkpoint", self.step, {"path": str(path)}))
+        return path
+
+    def resume_latest(self) -> bool:
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is None:
+            return False
+        tensors, meta = load_checkpoint(ckpt)
+        self.load_state(tensors, meta)
+        self.emit(Event("resume", self.step, {"path": str(ckpt)}))
+        return True
+
+    # ---- data ------------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches from the saved data position onwards, epoch after epoch."""
+        bs = self.cfg.train.batch_size
+        per_epoch = max(self.num_items // bs, 1)
+        while True:
+            order = epoch_order(self.num_items, self.cfg.run.seed, self.epoch)
+            while self.batch_in_epoch < per_epoch:
+                i = self.batch_in_epoch
+                idx = order[i * bs : (i + 1) * bs].tolist()
+                if len(idx) < bs:  # dataset smaller than a batch: wrap around
+                    idx = (idx * (bs // max(len(idx), 1) + 1))[:bs]
+                self.batch_in_epoch += 1
+                yield self.data(idx)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # ---- one optimizer step ----------------------------------------------------------------
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.c.tokenizer(
+            [c.lower() for c in captions],
+            padding="max_length",
+            truncation=True,
+            max_length=self.c.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        grad = torch.enable_grad() if self.c.train_text_encoder else torch.no_grad()
+        with grad:
+            return self.c.text_encoder(ids)[0]
+
+    def drop_captions(self, captions: list[str], gen: torch.Generator) -> list[str]:
+        """Replace ~caption_dropout of captions by the empty prompt: what guidance contrasts against."""
+        keep = torch.rand(len(captions), generator=gen) >= self.cfg.data.caption_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> float:
+        """Accumulate ``grad_accum`` micro-batches and step; returns the mean loss (may be non-finite)."""
+        t = self.cfg.train
+        autocast = (
+            torch.autocast(self.device.type, dtype=AUTOCAST[t.precision]) if t.precision in AUTOCAST else nullcontext()
+        )
+        total = 0.0
+        finite = True
+        for micro in range(t.grad_accum):
+            batch = next(batches)
+            gen = step_generator(self.cfg.run.seed, self.step, micro)
+            x0 = batch["x0"].to(self.device)
+            with autocast:
+                cond = self.encode_text(self.drop_captions(batch["captions"], gen))
+                loss = compute_loss(
+                    self.c.unet,
+                    x0,
+                    cond,
+                    alphas_cumprod=self.c.alphas_cumprod,
+                    prediction=self.cfg.model.prediction,
+                    generator=gen,
+                )
+            value = loss.item()
+            if not math.isfinite(value):
+                finite = False
+                total = value
+                break
+            total += value / t.grad_accum
+            self.scaler.scale(loss / t.grad_accum).backward()
+        if finite:
+            optimizer_step(self.optimizer, self.params, grad_clip=t.grad_clip, scaler=self.scaler)
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            # the rest of this step's micro-batches are consumed so the data position stays on schedule
+            for _ in range(micro + 1, t.grad_accum):
+                next(batches)
+        self.lr_schedule.step()
+        self.step += 1
+        return total
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def pipeline(self) -> TextToImage:
+        return TextToImage(
+            unet=self.c.unet,
+            text_encoder=self.c.text_encoder,
+            tokenizer=self.c.tokenizer,
+            scheduler_config=self.c.scheduler_config,
+            sample_shape=self.c.sample_shape,
+            vae=self.c.vae,
+            latent_scale=self.c.latent_scale,
+            device=self.device,
+        )
+
+    def ema_weights(self) -> Any:
+        return self.ema.swapped(self.model) if self.ema is not None else nullcontext()
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Loss on held-out data at fixed timesteps and noise (EMA weights): comparable across runs."""
+        assert self.val_batch is not None  # internal invariant: only called when a holdout exists
+        x0 = self.val_batch["x0"].to(self.device)
+        with self.ema_weights():
+            self.c.unet.eval()
+            cond = self.encode_text(self.val_batch["captions"])
+
+            def predict(noisy: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                return self.c.unet(noisy, t, encoder_hidden_states=c).sample
+
+            value = validation_loss(
+                predict, x0, cond, self.c.alphas_cumprod.to(self.device), self.cfg.model.prediction, seed=0
+            )
+            self.c.unet.train()
+        return value
+
+    def write_samples(self, name: str) -> Path:
+        s = self.cfg.sample
+        out = self.run_dir / "samples" / f"{name}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with self.ema_weights():
+            grid = self.pipeline().grid(
+                self.sample_prompts,
+                list(s.cfg_scales),
+                steps=s.steps,
+                sampler=s.sampler,
+                seed=s.seed,
+                negative_prompt=s.negative_prompt,
+            )
+        tmp = out.with_suffix(".tmp.png")
+        grid.save(tmp)
+        tmp.replace(out)
+        self.emit(Event("sample", self.step, {"path": str(out), "prompts": self.sample_prompts,
+                                              "cfg_scales": list(s.cfg_scales)}))
+        return out
+
+    def save_final(self) -> Path:
+        with self.ema_weights():
+            return self.pipeline().save(self.run_dir / "final", {"task": self.cfg.run.task, "step": self.step})
+
+    # ---- the loop --------------------------------------------------------------------------
+    def fit(self) -> str:
+        """Train to ``run.steps``; returns 'done' or 'stopped' (graceful stop, checkpoint saved)."""
+        r = self.cfg.run
+        batches = self.batches()
+        self.emit(Event("start", self.step, {"total": r.steps}))
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < r.steps:
+                if self.stop():
+                    self.save()
+                    return "stopped"
+                loss = self.train_step(batches)
+                window_steps += 1
+                if not math.isfinite(loss):
+                    self.nonfinite_streak += 1
+                    self.emit(Event("nonfinite", self.step, {"loss": loss, "streak": self.nonfinite_streak,
+                                                             "message": f"non-finite loss at step {self.step}; step skipped"}))
+                    if self.nonfinite_streak >= r.max_nonfinite:
+                        last = latest_checkpoint(self.ckpt_dir)
+                        raise TrainingDiverged(
+                            f"{self.nonfinite_streak} non-finite losses in a row at step {self.step}; "
+                            f"last good checkpoint: {last or 'none'}",
+                            f"likely causes: {NONFINITE_CAUSES}; fix and resume with --resume {self.run_dir}",
+                        )
+                    continue
+                self.nonfinite_streak = 0
+                if self.step % r.log_every == 0 or self.step == r.steps:
+                    elapsed = time.perf_counter() - window_start
+                    peak, kind = peak_memory_mib(self.device)
+                    self.emit(Event("step", self.step, {
+                        "loss": loss,
+                        "lr": self.lr_schedule.get_last_lr()[0],
+                        "it_s": window_steps / elapsed if elapsed > 0 else 0.0,
+                        "peak_mem_mib": peak,
+                        "mem_kind": kind,
+                        "effective_batch": self.cfg.train.batch_size * self.cfg.train.grad_accum,
+                    }))
+                    window_start, window_steps = time.perf_counter(), 0
+                if r.val_every and self.val_batch is not None and self.step % r.val_every == 0:
+                    self.emit(Event("val", self.step, {"val_loss": self.validate()}))
+                if r.checkpoint_every and self.step % r.checkpoint_every == 0 and self.step < r.steps:
+                    self.save()
+                if r.sample_every and self.step % r.sample_every == 0 and self.step < r.steps:
+                    self.write_samples(f"step-{self.step:08d}")
+                if window_steps == 0:  # it/s measures training only, not the val/sample/checkpoint pauses
+                    window_start = time.perf_counter()
+        except KeyboardInterrupt:
+            self.save()
+            raise
+        self.save()
+        if self.val_batch is not None and r.val_every and self.step % r.val_every:
+            self.emit(Event("val", self.step, {"val_loss": self.validate()}))
+        self.write_samples("final")
+        final = self.save_final()
+        self.emit(Event("end", self.step, {"final": str(final)}))
+        return "done"

@@ -1,0 +1,182 @@
+"""The one Python API behind ``lowvram train`` and the web panel: resolve, prepare, train, save.
+
+``train(cfg)`` runs a job in the current process and returns where its results are; nothing here is
+process-global, so two runs in a row in one process do not interfere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigBuilder, RunConfig, load_yaml
+from ..errors import CheckpointError, ConfigError
+from .autoencoder import encode_all, latent_scale, load_autoencoder, save_autoencoder, train_autoencoder
+from .checkpoint import latest_checkpoint
+from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger
+from .loop import Trainer
+from .setup import build_components, load_vae, resolve_defaults, resolve_device
+
+CONFIG_NAME = "config.yaml"
+VAL_ITEMS = 64
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # done | stopped
+    step: int
+
+
+@dataclass
+class ImageData:
+    """Images and captions addressed by index; what the loop and the autoencoder stage read."""
+
+    pixels: Callable[[list[int]], torch.Tensor]
+    captions: list[str]
+    sample_prompts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def open_images(cfg: RunConfig, split: str) -> ImageData:
+    """The configured data source as indexable images; ``split`` is 'train' or 'val' (held out)."""
+    if cfg.data.source == "builtin":
+        from ..data.builtin import ShapesDataset, eval_prompts, holdout
+
+        res = cfg.data.resolution
+        ds = ShapesDataset(cfg.data.num_images, res) if split == "train" else holdout(VAL_ITEMS, res)
+        items = [ds[i] for i in range(len(ds))]
+        # generated images are small: materialise once instead of redrawing every step
+        pixels = torch.stack([it["pixel_values"] for it in items])
+        return ImageData(lambda idx: pixels[idx], [it["caption"] for it in items], eval_prompts())
+    from ..data.dataset import build_dataset
+
+    ds = build_dataset(cfg, split=split)
+    captions = [ds.caption(i) for i in range(len(ds))] if hasattr(ds, "caption") else [
+        ds[i]["caption"] for i in range(len(ds))]
+    return ImageData(lambda idx: torch.stack([ds[i]["pixel_values"] for i in idx]), captions, captions[:4])
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    run_dir = Path(cfg.run.out)
+    if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
+        raise ConfigError(
+            f"run folder '{run_dir}' already holds a run",
+            f"continue it with `lowvram train --resume {run_dir}`, or choose another --out",
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG_NAME)
+    return run_dir
+
+
+def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The saved config of a run folder, with ``overrides`` (e.g. more steps) applied on top."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a lowvram run folder (no {CONFIG_NAME})", "point --resume at a run's --out folder")
+    b = ConfigBuilder().apply(load_yaml(path, "run config"), f"run config {path}")
+    for key, value in (overrides or {}).items():
+        b.set(key, value, "flag")
+    cfg = b.build()
+    cfg.run.out = str(run_dir)
+    return cfg
+
+
+def make_emitter(run_dir: Path, cfg: RunConfig, listeners: Iterable[Listener], progress: bool,
+                 initial: int) -> tuple[Callable[[Event], None], list[Listener]]:
+    outs: list[Listener] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.run.tensorboard:
+        outs.append(TensorBoardLogger(run_dir / "tensorboard"))
+    if progress:
+        outs.append(ProgressBar(cfg.run.steps, initial=initial))
+    outs.extend(listeners)
+
+    def emit(event: Event) -> None:
+        for listener in outs:
+            listener(event)
+
+    return emit, outs
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    listeners: Iterable[Listener] = (),
+    stop: Callable[[], bool] | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> RunResult:
+    """Run the job ``cfg`` describes; with ``resume`` continue its run folder's latest checkpoint."""
+    resolve_defaults(cfg)
+    run_dir = prepare_run_dir(cfg, resume)
+    device = resolve_device(cfg.run.device)
+    train_data = open_images(cfg, "train")
+    val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None
+    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0)
+    if cfg.run.task == "autoencoder":
+        vae = train_autoencoder(cfg, train_data.pixels, len(train_data), cfg.run.steps, device, emit)
+        scale = latent_scale(vae, train_data.pixels(list(range(min(256, len(train_data))))).to(device))
+        save_autoencoder(vae, scale, run_dir)
+        emit(Event("end", cfg.run.steps, {"final": str(run_dir / "autoencoder")}))
+        return RunResult(run_dir, "done", cfg.run.steps)
+
+    vae, scale = None, 1.0
+    x0_of: Callable[[list[int]], torch.Tensor] = train_data.pixels
+    val_x0 = val_data.pixels(list(range(len(val_data)))) if val_data else None
+    if cfg.run.task == "latent":
+        vae, scale = latent_stage(cfg, run_dir, train_data, device, emit)
+        latents = encode_all(vae, train_data.pixels, len(train_data), scale, device)
+        x0_of = lambda idx: latents[idx]  # noqa: E731 — the cache is a tensor lookup
+        if val_x0 is not None:
+            val_x0 = encode_all(vae, val_data.pixels, len(val_data), scale, device)
+        vae = vae.to(device)
+
+    tokenizer = None
+    tok_dir = run_dir / "tokenizer"
+    if resume and tok_dir.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    comps = build_components(cfg, train_data.captions, device, vae=vae, latent_scale=scale, tokenizer=tokenizer)
+    if not tok_dir.is_dir():
+        comps.tokenizer.save_pretrained(tok_dir)
+
+    def data(idx: list[int]) -> dict[str, Any]:
+        return {"x0": x0_of(idx), "captions": [train_data.captions[i] for i in idx]}
+
+    val_batch = {"x0": val_x0, "captions": val_data.captions} if val_data is not None else None
+    prompts = cfg.sample.prompts or train_data.sample_prompts[:4]
+    trainer = Trainer(cfg, run_dir, comps, data, len(train_data), device, emit,
+                      stop=stop or (lambda: False), val_batch=val_batch, sample_prompts=prompts)
+    if resume:
+        trainer.resume_latest()
+    status = trainer.fit()
+    return RunResult(run_dir, status, trainer.step)
+
+
+def latent_stage(cfg: RunConfig, run_dir: Path, data: ImageData, device: torch.device,
+                 emit: Callable[[Event], None]) -> tuple[torch.nn.Module, float]:
+    """The frozen autoencoder for latent training: given, already trained in this run, or trained now."""
+    if cfg.model.vae:
+        vae = load_vae(cfg.model.vae).to(device).eval().requires_grad_(False)
+        scale = float(getattr(vae.config, "scaling_factor", 1.0))
+        return vae, scale
+    done = load_autoencoder(run_dir)
+    if done is not None:
+        return done[0].to(device), done[1]
+    vae = train_autoencoder(cfg, data.pixels, len(data), cfg.train.autoencoder_steps, device, emit)
+    scale = latent_scale(vae, data.pixels(list(range(min(256, len(data))))).to(device))
+    save_autoencoder(vae, scale, run_dir)
+    return vae, scale
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, **kw: Any) -> RunResult:
+    """Continue a run folder from its latest checkpoint (``overrides`` may extend ``run.steps``)."""
+    cfg = load_run_config(run_dir, overrides)
+    return train(cfg, resume=True, **kw)

@@ -1,0 +1,68 @@
+"""One training step's math: noise the batch, predict, MSE against the target, step the optimizer.
+
+The memory profiler runs exactly these functions on the meta device, so what it measures is what
+training does. Keep them free of logging and bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..diffusion import add_noise, diffusion_loss, target
+
+
+def compute_loss(
+    unet: torch.nn.Module,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+    generator: torch.Generator | None = None,
+    unet_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Diffusion loss of ``unet`` on clean inputs ``x0`` (pixels or latents) with conditioning ``cond``.
+
+    Noise and timesteps come from ``generator`` (a CPU generator, so a seed gives the same run on
+    every device); without one (the profiler on ``meta``) they are drawn on ``x0``'s device.
+    """
+    batch = x0.shape[0]
+    timesteps = alphas_cumprod.shape[0]
+    if generator is not None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        t = torch.randint(0, timesteps, (batch,), generator=generator).to(x0.device)
+    else:
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, timesteps, (batch,), device=x0.device)
+    acp = alphas_cumprod.to(x0.device)
+    noisy = add_noise(x0, noise, t, acp)
+    out = unet(noisy, t, encoder_hidden_states=cond, **(unet_kwargs or {})).sample
+    return diffusion_loss(out, target(x0, noise, t, acp, prediction))
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[torch.nn.Parameter],
+    *,
+    grad_clip: float,
+    scaler: torch.amp.GradScaler | None = None,
+) -> bool:
+    """Unscale, clip and step; returns False when the step was skipped (fp16 overflow)."""
+    params = [p for p in params if p.grad is not None]
+    if scaler is not None and scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    if grad_clip > 0 and params:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    stepped = True
+    if scaler is not None and scaler.is_enabled():
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        stepped = scaler.get_scale() >= scale_before
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stepped

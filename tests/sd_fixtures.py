@@ -1,0 +1,211 @@
+"""Tiny Stable Diffusion 1.x / 2.x / SDXL pipelines built from the real diffusers/transformers classes.
+
+They keep the real block layout (4 UNet blocks with 2 layers for SD 1.x/2.x, 3 for SDXL) so that
+module names, LDM key names and kohya LoRA names are the real ones, only the widths are tiny.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lowvram.models.pretrained import bytes_to_unicode
+
+WORDS = ["a", "photo", "of", "cat", "dog", "red", "sks", "person", "on", "the", "beach"]
+
+
+def write_tiny_clip_vocab(folder: Path) -> Path:
+    """A CLIP BPE vocabulary of every byte plus a few whole words, written as vocab.json + merges.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in WORDS:
+        # merge the word left to right: ((p h) o) ... so that the whole word becomes one token
+        current = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            nxt = ch + ("</w>" if i == len(word) - 1 else "")
+            merge = f"{current} {nxt}"
+            current = current + nxt
+            if merge not in merges:
+                merges.append(merge)
+                vocab_list.append(current)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def tiny_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    write_tiny_clip_vocab(folder)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token)
+    tok.model_max_length = 16  # short prompts keep the tiny pipelines fast
+    return tok
+
+
+def _text_config(tok: CLIPTokenizer, hidden: int, layers: int = 2, act: str = "quick_gelu") -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=len(tok),
+        max_position_embeddings=tok.model_max_length,
+        projection_dim=hidden,  # diffusers' OpenCLIP converter splits in_proj by the projection width
+        hidden_act=act,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def _vae(seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
+
+
+def _sd_scheduler(prediction: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, prediction_type=prediction, steps_offset=1,
+    )
+
+
+def tiny_sd1(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
+    """SD 1.x layout: CLIP-L-like text encoder, conv proj_in, cross-attention width = text width (32)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    tok = tiny_tokenizer(tmp / "tok_sd1")
+    torch.manual_seed(seed + 1)
+    te = CLIPTextModel(_text_config(tok, 32))
+    return StableDiffusionPipeline(
+        unet=unet, vae=_vae(seed + 2), text_encoder=te, tokenizer=tok, scheduler=_sd_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sd2(tmp: Path, seed: int = 0, prediction: str = "epsilon") -> StableDiffusionPipeline:
+    """SD 2.x layout: OpenCLIP-like text encoder (gelu), linear proj_in, upcast attention."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
+        attention_head_dim=(2, 2, 4, 4),
+        cross_attention_dim=48,
+        use_linear_projection=True,
+        upcast_attention=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    tok = tiny_tokenizer(tmp / "tok_sd2", pad_token="!")
+    torch.manual_seed(seed + 1)
+    te = CLIPTextModel(_text_config(tok, 48, act="gelu"))
+    return StableDiffusionPipeline(
+        unet=unet, vae=_vae(seed + 2), text_encoder=te, tokenizer=tok, scheduler=_sd_scheduler(prediction),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl(tmp: Path, seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL layout: 3 UNet blocks, text_time added embedding, CLIP-L-like (32) + OpenCLIP-bigG-like (64)."""
+    tok = tiny_tokenizer(tmp / "tok_sdxl")
+    tok2 = tiny_tokenizer(tmp / "tok_sdxl_2", pad_token="!")
+    torch.manual_seed(seed + 1)
+    te = CLIPTextModel(_text_config(tok, 32))
+    te2 = CLIPTextModelWithProjection(_text_config(tok2, 64, act="gelu"))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
+        attention_head_dim=(2, 2, 4),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=32 + 64,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=64 + 6 * 8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=_vae(seed + 2), text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+        scheduler=sched, force_zeros_for_empty_prompt=True,
+    )
+
+
+def run(pipe, prompt: str = "a photo of sks cat", seed: int = 0) -> torch.Tensor:
+    """The pipeline's image for a fixed seed (2 steps, 32x32), as a float tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"original_size": (32, 32), "target_size": (32, 32)} if isinstance(pipe, StableDiffusionXLPipeline) else {}
+    out = pipe(
+        prompt, num_inference_steps=2, height=32, width=32, guidance_scale=3.0, generator=gen,
+        output_type="pt", **kw,
+    )
+    return out.images.float()
+
+
+BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
+
+
+def text_encoders(pipe) -> dict:
+    return {n: m for n in ("text_encoder", "text_encoder_2") if (m := getattr(pipe, n, None)) is not None}
+
+
+def save_tiny(tmp: Path, family: str) -> dict[str, Path]:
+    """Save a tiny pipeline as a diffusers folder and as an A1111-layout single file."""
+    from safetensors.torch import save_file
+
+    from lowvram.models.ldm_convert import pipeline_to_ldm
+
+    pipe = BUILDERS[family](tmp)
+    folder = tmp / family
+    pipe.save_pretrained(folder)
+    single = tmp / f"{family}.safetensors"
+    sd = pipeline_to_ldm(pipe.unet, pipe.vae, text_encoders(pipe), family)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(single))
+    return {"folder": folder, "file": single}
+
+
+def perturb_lora(*models, seed: int = 0, scale: float = 0.3) -> None:
+    """Make lora_B non-zero, as a few training steps would (peft starts it at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in models:
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.data = torch.randn(p.shape, generator=g) * scale

@@ -1,0 +1,163 @@
+"""End-to-end runs of the `tiny` model on CPU: files written, metrics logged, resume, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowvram.errors import ConfigError, TrainingDiverged
+from lowvram.train import loop as loop_module
+from lowvram.train.checkpoint import latest_checkpoint
+from lowvram.train.run import resume, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pixel_run_writes_everything(tiny_cfg):
+    cfg = tiny_cfg(run__sample_every=2)
+    result = train(cfg, progress=False)
+    run = result.run_dir
+    assert result.status == "done" and result.step == 4
+    assert (run / "config.yaml").is_file()
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert {p.name for p in (run / "samples").iterdir()} == {"step-00000002.png", "final.png"}
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        assert (run / "final" / part).is_dir(), part
+    rows = metrics(run)
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r["loss"] > 0 and r["lr"] > 0 and r["it_s"] > 0 and r["peak_mem_mib"] > 0
+    vals = [r for r in rows if r["kind"] == "val"]
+    assert [r["step"] for r in vals] == [2, 4]
+    # the grid has one row per prompt and one column per guidance scale
+    from PIL import Image
+
+    grid = Image.open(run / "samples" / "final.png")
+    assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2 scales x 2 prompts of 16 px, 2 px padding
+
+
+def test_final_model_samples_like_training(tiny_cfg):
+    from lowvram.runs import load_run_model
+
+    run = train(tiny_cfg(), progress=False).run_dir
+    model = load_run_model(run)
+    a = model.generate(["a red circle on a blue background"], cfg_scale=3.0, steps=3, seed=5)
+    b = model.generate(["a red circle on a blue background"], cfg_scale=3.0, steps=3, seed=5)
+    c = model.generate(["a red circle on a blue background"], cfg_scale=3.0, steps=3, seed=6)
+    assert a.shape == (1, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_latent_run_trains_autoencoder_first(tiny_cfg):
+    cfg = tiny_cfg(run__task="latent")
+    run = train(cfg, progress=False).run_dir
+    assert (run / "autoencoder" / "latent_scale.json").is_file()
+    scale = json.loads((run / "autoencoder" / "latent_scale.json").read_text())["latent_scale"]
+    assert scale > 0
+    assert (run / "final" / "vae").is_dir()
+    rows = metrics(run)
+    assert any(r.get("stage") == "autoencoder" for r in rows)
+    # the latent UNet denoises 4x8x8 latents of 16x16 images
+    desc = json.loads((run / "final" / "lowvram_model.json").read_text())
+    assert desc["sample_shape"] == [4, 8, 8] and desc["has_vae"]
+
+
+def test_existing_run_is_not_overwritten(tiny_cfg):
+    train(tiny_cfg(), progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_cfg(), progress=False)
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tiny_cfg, monkeypatch):
+    real = loop_module.compute_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(loop_module, "compute_loss", flaky)
+    cfg = tiny_cfg(run__steps=10, run__max_nonfinite=3)
+    with pytest.raises(TrainingDiverged, match="non-finite") as err:
+        train(cfg, progress=False)
+    assert "learning rate" in err.value.fix
+    run = Path(cfg.run.out)
+    assert latest_checkpoint(run / "checkpoints").name == "step-00000002"
+    rows = metrics(run)
+    assert [r["streak"] for r in rows if r["kind"] == "nonfinite"] == [1, 2, 3]
+
+
+def test_one_nonfinite_loss_skips_only_that_step(tiny_cfg, monkeypatch):
+    real = loop_module.compute_loss
+    calls = {"n": 0}
+
+    def once(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(loop_module, "compute_loss", once)
+    result = train(tiny_cfg(), progress=False)
+    assert result.status == "done" and result.step == 4
+    assert [r["step"] for r in metrics(result.run_dir) if r["kind"] == "nonfinite"] == [2]
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_config
+    from lowvram.train.run import train
+    from pathlib import Path
+
+    def kill_after_first_checkpoint(event):
+        if event.kind == "checkpoint":
+            os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup, no final save
+
+    train(tiny_config(Path({out!r}), **{overrides!r}), listeners=[kill_after_first_checkpoint], progress=False)
+    """
+)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"train__grad_accum": 2, "train__optimizer": "adamw8bit_portable"}])
+def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, overrides):
+    from conftest import tiny_config
+
+    overrides = {"run__steps": 6, "run__checkpoint_every": 3, **overrides}
+    straight = train(tiny_config(tmp_path / "straight", **overrides), progress=False).run_dir
+
+    killed = tmp_path / "killed"
+    script = KILLER.format(tests=str(REPO / "tests"), out=str(killed), overrides=overrides)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert latest_checkpoint(killed / "checkpoints").name == "step-00000003"
+    assert not (killed / "final").exists()
+
+    result = resume(killed, progress=False)
+    assert result.step == 6
+    for name in ("model", "ema", "optimizer"):
+        a = load_file(str(straight / "checkpoints" / "step-00000006" / f"{name}.safetensors"))
+        b = load_file(str(killed / "checkpoints" / "step-00000006" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
