@@ -52,9 +52,9 @@ def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: f
     """Softmax(q kᵀ · scale + mask) for one chunk of queries, in fp32 when ``upcast`` (as diffusers does)."""
     if upcast:
         q, k = q.float(), k.float()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # in place: one chunk-sized buffer, not three
     if mask is not None:
-        scores = scores + mask.to(scores.dtype)
+        scores.add_(mask.to(scores.dtype))
     return scores.softmax(dim=-1)
 
 
@@ -72,16 +72,18 @@ class _ChunkedAttention(torch.autograd.Function):
         for s in range(0, q.shape[1], chunk):
             p = _probs(q[:, s : s + chunk], k, _rows(mask, s, s + chunk), scale, upcast).to(v.dtype)
             out[:, s : s + chunk] = torch.bmm(p, v)
-        ctx.save_for_backward(q, k, v, mask)
+        ctx.save_for_backward(q, k, v, mask, out)
         ctx.scale, ctx.chunk, ctx.upcast = scale, chunk, upcast
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, mask = ctx.saved_tensors
+        q, k, v, mask, out = ctx.saved_tensors
         scale, chunk, upcast = ctx.scale, ctx.chunk, ctx.upcast
         work = torch.float32 if upcast else q.dtype
         grad_out = grad_out.to(v.dtype)
+        # rowsum(dP ∘ P) = rowsum(dO ∘ O): one number per query row instead of a chunk-sized product
+        delta = (grad_out.to(work) * out.to(work)).sum(dim=-1, keepdim=True)
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=work, device=k.device)
         dv = torch.zeros(v.shape, dtype=work, device=v.device)
@@ -89,9 +91,9 @@ class _ChunkedAttention(torch.autograd.Function):
             qc, gc = q[:, s : s + chunk], grad_out[:, s : s + chunk]
             p = _probs(qc, k, _rows(mask, s, s + chunk), scale, upcast)  # (bh, c, n) in `work`
             dv += torch.bmm(p.transpose(1, 2).to(v.dtype), gc).to(work)
-            dp = torch.bmm(gc, v.transpose(1, 2)).to(work)
-            ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
-            del p, dp
+            ds = torch.bmm(gc, v.transpose(1, 2)).to(work)  # dP, turned into dS in place below
+            ds.sub_(delta[:, s : s + chunk]).mul_(p)
+            del p
             dq[:, s : s + chunk] = (torch.bmm(ds, k.to(work)) * scale).to(q.dtype)
             dk += torch.bmm(ds.transpose(1, 2), qc.to(work)) * scale
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

@@ -100,7 +100,8 @@ def test_set_attention_covers_a_whole_unet():
 
 
 def _attention_peak(kind: str, tokens: int = 2048, chunk: int = 256) -> int:
-    attn = Attention(64, heads=4, dim_head=16, device="meta")
+    with torch.device("meta"):
+        attn = Attention(64, heads=4, dim_head=16)
     attn.set_processor(make_processor(kind, chunk))
     tracker = StorageTracker()
     with tracker:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowvram.errors import ConfigError, TrainingDiverged
-from lowvram.train import loop as loop_module
+from lowvram.train import jobs as jobs_module
 from lowvram.train.checkpoint import latest_checkpoint
 from lowvram.train.run import resume, train
 
@@ -85,7 +85,7 @@ def test_existing_run_is_not_overwritten(tiny_cfg):
 
 
 def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tiny_cfg, monkeypatch):
-    real = loop_module.compute_loss
+    real = jobs_module.compute_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -93,7 +93,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tiny_cfg, mo
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 2 else loss
 
-    monkeypatch.setattr(loop_module, "compute_loss", flaky)
+    monkeypatch.setattr(jobs_module, "compute_loss", flaky)
     cfg = tiny_cfg(run__steps=10, run__max_nonfinite=3)
     with pytest.raises(TrainingDiverged, match="non-finite") as err:
         train(cfg, progress=False)
@@ -105,7 +105,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tiny_cfg, mo
 
 
 def test_one_nonfinite_loss_skips_only_that_step(tiny_cfg, monkeypatch):
-    real = loop_module.compute_loss
+    real = jobs_module.compute_loss
     calls = {"n": 0}
 
     def once(*args, **kwargs):
@@ -113,7 +113,7 @@ def test_one_nonfinite_loss_skips_only_that_step(tiny_cfg, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("inf") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(loop_module, "compute_loss", once)
+    monkeypatch.setattr(jobs_module, "compute_loss", once)
     result = train(tiny_cfg(), progress=False)
     assert result.status == "done" and result.step == 4
     assert [r["step"] for r in metrics(result.run_dir) if r["kind"] == "nonfinite"] == [2]

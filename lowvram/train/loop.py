@@ -17,15 +17,13 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..diffusion import validation_loss
 from ..ema import EMA
-from ..errors import TrainingDiverged
+from ..errors import CheckpointError, TrainingDiverged
 from ..optim import build_optimizer, optimizer_from_tensors, optimizer_to_tensors
-from ..pipeline import TextToImage
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .events import Event
-from .setup import Components
-from .step import compute_loss, optimizer_step
+from .jobs import Job
+from .step import optimizer_step
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NONFINITE_CAUSES = (
@@ -40,9 +38,16 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63))
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled data order of one epoch, a pure function of (seed, epoch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Callable[[int], list[list[int]]]:
+    """Batches of one epoch as a pure function of (seed, epoch): what makes the data position resumable."""
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch)).tolist()
+        if n < batch_size:  # fewer items than a batch: repeat them
+            order = (order * (batch_size // n + 1))[:batch_size]
+        return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+    return epoch_batches
 
 
 def peak_memory_mib(device: torch.device) -> tuple[float, str]:
@@ -61,22 +66,19 @@ class Trainer:
         self,
         cfg: RunConfig,
         run_dir: Path,
-        comps: Components,
+        job: Job,
         data: Callable[[list[int]], dict[str, Any]],
-        num_items: int,
+        epoch_batches: Callable[[int], list[list[int]]],
         device: torch.device,
         emit: Callable[[Event], None],
         stop: Callable[[], bool] = lambda: False,
-        val_batch: dict[str, Any] | None = None,
-        sample_prompts: list[str] | None = None,
     ) -> None:
-        self.cfg, self.run_dir, self.c, self.device = cfg, run_dir, comps, device
-        self.data, self.num_items, self.emit, self.stop = data, num_items, emit, stop
-        self.val_batch, self.sample_prompts = val_batch, sample_prompts or []
+        self.cfg, self.run_dir, self.job, self.device = cfg, run_dir, job, device
+        self.data, self.epoch_batches, self.emit, self.stop = data, epoch_batches, emit, stop
         t = cfg.train
-        self.model = torch.nn.ModuleDict(comps.trainable_modules())
+        self.model = torch.nn.ModuleDict(job.trainable_modules())
         if t.gradient_checkpointing:
-            comps.unet.enable_gradient_checkpointing()
+            job.unet.enable_gradient_checkpointing()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay)
         warm = max(t.warmup_steps, 0)
@@ -92,11 +94,15 @@ class Trainer:
         self.nonfinite_streak = 0
         self.ckpt_dir = run_dir / "checkpoints"
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: a LoRA checkpoint must not carry the frozen base model."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
     # ---- state -----------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
         tensors: dict[str, dict[str, torch.Tensor]] = {
-            "model": self.model.state_dict(),
+            "model": self.trainable_state(),
             "optimizer": opt_tensors,
             "rng": {"torch_cpu": torch.get_rng_state()},
         }
@@ -115,7 +121,12 @@ class Trainer:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
-        self.model.load_state_dict(tensors["model"])
+        saved = tensors["model"]
+        missing = sorted(set(self.trainable_state()) - set(saved))
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
+                                  "resume with the same task, model and LoRA settings as the run")
+        self.model.load_state_dict(saved, strict=False)
         optimizer_from_tensors(self.optimizer, tensors["optimizer"], meta["optimizer"])
         if self.ema is not None and "ema" in tensors:
             self.ema.load_state_dict(tensors["ema"])
@@ -148,38 +159,16 @@ class Trainer:
     # ---- data ------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict[str, Any]]:
         """Micro-batches from the saved data position onwards, epoch after epoch."""
-        bs = self.cfg.train.batch_size
-        per_epoch = max(self.num_items // bs, 1)
         while True:
-            order = epoch_order(self.num_items, self.cfg.run.seed, self.epoch)
-            while self.batch_in_epoch < per_epoch:
-                i = self.batch_in_epoch
-                idx = order[i * bs : (i + 1) * bs].tolist()
-                if len(idx) < bs:  # dataset smaller than a batch: wrap around
-                    idx = (idx * (bs // max(len(idx), 1) + 1))[:bs]
+            order = self.epoch_batches(self.epoch)
+            while self.batch_in_epoch < len(order):
+                idx = order[self.batch_in_epoch]
                 self.batch_in_epoch += 1
                 yield self.data(idx)
             self.epoch += 1
             self.batch_in_epoch = 0
 
     # ---- one optimizer step ----------------------------------------------------------------
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.c.tokenizer(
-            [c.lower() for c in captions],
-            padding="max_length",
-            truncation=True,
-            max_length=self.c.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        grad = torch.enable_grad() if self.c.train_text_encoder else torch.no_grad()
-        with grad:
-            return self.c.text_encoder(ids)[0]
-
-    def drop_captions(self, captions: list[str], gen: torch.Generator) -> list[str]:
-        """Replace ~caption_dropout of captions by the empty prompt: what guidance contrasts against."""
-        keep = torch.rand(len(captions), generator=gen) >= self.cfg.data.caption_dropout
-        return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
-
     def train_step(self, batches: Iterator[dict[str, Any]]) -> float:
         """Accumulate ``grad_accum`` micro-batches and step; returns the mean loss (may be non-finite)."""
         t = self.cfg.train
@@ -191,17 +180,8 @@ class Trainer:
         for micro in range(t.grad_accum):
             batch = next(batches)
             gen = step_generator(self.cfg.run.seed, self.step, micro)
-            x0 = batch["x0"].to(self.device)
             with autocast:
-                cond = self.encode_text(self.drop_captions(batch["captions"], gen))
-                loss = compute_loss(
-                    self.c.unet,
-                    x0,
-                    cond,
-                    alphas_cumprod=self.c.alphas_cumprod,
-                    prediction=self.cfg.model.prediction,
-                    generator=gen,
-                )
+                loss = self.job.loss(batch, gen)
             value = loss.item()
             if not math.isfinite(value):
                 finite = False
@@ -222,63 +202,30 @@ class Trainer:
         self.step += 1
         return total
 
-    # ---- evaluation ------------------------------------------------------------------------
-    def pipeline(self) -> TextToImage:
-        return TextToImage(
-            unet=self.c.unet,
-            text_encoder=self.c.text_encoder,
-            tokenizer=self.c.tokenizer,
-            scheduler_config=self.c.scheduler_config,
-            sample_shape=self.c.sample_shape,
-            vae=self.c.vae,
-            latent_scale=self.c.latent_scale,
-            device=self.device,
-        )
-
+    # ---- evaluation (always on the EMA weights) ---------------------------------------------
     def ema_weights(self) -> Any:
         return self.ema.swapped(self.model) if self.ema is not None else nullcontext()
 
-    @torch.no_grad()
-    def validate(self) -> float:
-        """Loss on held-out data at fixed timesteps and noise (EMA weights): comparable across runs."""
-        assert self.val_batch is not None  # internal invariant: only called when a holdout exists
-        x0 = self.val_batch["x0"].to(self.device)
+    def validate(self) -> float | None:
         with self.ema_weights():
-            self.c.unet.eval()
-            cond = self.encode_text(self.val_batch["captions"])
-
-            def predict(noisy: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-                return self.c.unet(noisy, t, encoder_hidden_states=c).sample
-
-            value = validation_loss(
-                predict, x0, cond, self.c.alphas_cumprod.to(self.device), self.cfg.model.prediction, seed=0
-            )
-            self.c.unet.train()
-        return value
+            return self.job.validate()
 
     def write_samples(self, name: str) -> Path:
-        s = self.cfg.sample
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         with self.ema_weights():
-            grid = self.pipeline().grid(
-                self.sample_prompts,
-                list(s.cfg_scales),
-                steps=s.steps,
-                sampler=s.sampler,
-                seed=s.seed,
-                negative_prompt=s.negative_prompt,
-            )
+            grid = self.job.preview()
         tmp = out.with_suffix(".tmp.png")
         grid.save(tmp)
         tmp.replace(out)
-        self.emit(Event("sample", self.step, {"path": str(out), "prompts": self.sample_prompts,
+        s = self.cfg.sample
+        self.emit(Event("sample", self.step, {"path": str(out), "prompts": self.job.sample_prompts,
                                               "cfg_scales": list(s.cfg_scales)}))
         return out
 
     def save_final(self) -> Path:
         with self.ema_weights():
-            return self.pipeline().save(self.run_dir / "final", {"task": self.cfg.run.task, "step": self.step})
+            return self.job.save_final(self.step)
 
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> str:
@@ -319,7 +266,7 @@ class Trainer:
                         "effective_batch": self.cfg.train.batch_size * self.cfg.train.grad_accum,
                     }))
                     window_start, window_steps = time.perf_counter(), 0
-                if r.val_every and self.val_batch is not None and self.step % r.val_every == 0:
+                if r.val_every and self.job.has_validation and self.step % r.val_every == 0:
                     self.emit(Event("val", self.step, {"val_loss": self.validate()}))
                 if r.checkpoint_every and self.step % r.checkpoint_every == 0 and self.step < r.steps:
                     self.save()
@@ -331,7 +278,7 @@ class Trainer:
             self.save()
             raise
         self.save()
-        if self.val_batch is not None and r.val_every and self.step % r.val_every:
+        if self.job.has_validation and r.val_every and self.step % r.val_every:
             self.emit(Event("val", self.step, {"val_loss": self.validate()}))
         self.write_samples("final")
         final = self.save_final()

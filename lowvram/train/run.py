@@ -7,6 +7,7 @@ process-global, so two runs in a row in one process do not interfere.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from ..errors import CheckpointError, ConfigError
 from .autoencoder import encode_all, latent_scale, load_autoencoder, save_autoencoder, train_autoencoder
 from .checkpoint import latest_checkpoint
 from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger
-from .loop import Trainer
+from .jobs import ScratchJob
+from .loop import Trainer, shuffled_batches
 from .setup import build_components, load_vae, resolve_defaults, resolve_device
 
 CONFIG_NAME = "config.yaml"
@@ -34,17 +36,24 @@ class RunResult:
 
 @dataclass
 class ImageData:
-    """Images and captions addressed by index; what the loop and the autoencoder stage read."""
+    """Images and captions addressed by index; what the loop and the autoencoder stage read.
+
+    ``epoch_batches`` (bucketed folders) gives each epoch's batches; indices may be stream indices
+    ``epoch * len + i`` that let the dataset vary flips and crops per epoch.
+    """
 
     pixels: Callable[[list[int]], torch.Tensor]
-    captions: list[str]
+    captions: Callable[[list[int]], list[str]]
+    size: int
     sample_prompts: list[str]
+    epoch_batches: Callable[[int], list[list[int]]] | None = None
+    all_captions: list[str] | None = None
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return self.size
 
 
-def open_images(cfg: RunConfig, split: str) -> ImageData:
+def open_images(cfg: RunConfig, split: str, run_dir: Path | None = None) -> ImageData:
     """The configured data source as indexable images; ``split`` is 'train' or 'val' (held out)."""
     if cfg.data.source == "builtin":
         from ..data.builtin import ShapesDataset, eval_prompts, holdout
@@ -54,13 +63,29 @@ def open_images(cfg: RunConfig, split: str) -> ImageData:
         items = [ds[i] for i in range(len(ds))]
         # generated images are small: materialise once instead of redrawing every step
         pixels = torch.stack([it["pixel_values"] for it in items])
-        return ImageData(lambda idx: pixels[idx], [it["caption"] for it in items], eval_prompts())
+        caps = [it["caption"] for it in items]
+        return ImageData(lambda idx: pixels[idx], lambda idx: [caps[i] for i in idx], len(caps), eval_prompts(),
+                         all_captions=caps)
     from ..data.dataset import build_dataset
 
-    ds = build_dataset(cfg, split=split)
-    captions = [ds.caption(i) for i in range(len(ds))] if hasattr(ds, "caption") else [
-        ds[i]["caption"] for i in range(len(ds))]
-    return ImageData(lambda idx: torch.stack([ds[i]["pixel_values"] for i in idx]), captions, captions[:4])
+    # guidance dropout is the job's (it must also reach cached text): the dataset keeps every caption
+    no_drop = copy.deepcopy(cfg)
+    no_drop.data.caption_dropout = 0.0
+    ds = build_dataset(no_drop, resolution=cfg.data.resolution, run_dir=run_dir)
+    n = len(ds)
+    sampler = ds.make_sampler(cfg.train.batch_size, seed=cfg.run.seed, drop_last=True)
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        return [[epoch * n + i for i in b] for b in sampler.batches(epoch)]
+
+    def pixels(idx: list[int]) -> torch.Tensor:
+        return torch.stack([ds[i]["pixel_values"] for i in idx])
+
+    def captions(idx: list[int]) -> list[str]:
+        return [ds.plan(i).caption for i in idx]
+
+    caps = captions(list(range(n)))
+    return ImageData(pixels, captions, n, cfg.sample.prompts or caps[:4], epoch_batches, caps)
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
@@ -116,7 +141,12 @@ def train(
     resolve_defaults(cfg)
     run_dir = prepare_run_dir(cfg, resume)
     device = resolve_device(cfg.run.device)
-    train_data = open_images(cfg, "train")
+    if cfg.run.task in ("lora", "full"):
+        from .finetune import train_finetune
+
+        emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0)
+        return train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume)
+    train_data = open_images(cfg, "train", run_dir)
     val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None
     emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0)
     if cfg.run.task == "autoencoder":
@@ -132,7 +162,8 @@ def train(
     if cfg.run.task == "latent":
         vae, scale = latent_stage(cfg, run_dir, train_data, device, emit)
         latents = encode_all(vae, train_data.pixels, len(train_data), scale, device)
-        x0_of = lambda idx: latents[idx]  # noqa: E731 — the cache is a tensor lookup
+        n = len(train_data)
+        x0_of = lambda idx: latents[[i % n for i in idx]]  # noqa: E731 — the cache is a tensor lookup
         if val_x0 is not None:
             val_x0 = encode_all(vae, val_data.pixels, len(val_data), scale, device)
         vae = vae.to(device)
@@ -143,17 +174,19 @@ def train(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    comps = build_components(cfg, train_data.captions, device, vae=vae, latent_scale=scale, tokenizer=tokenizer)
+    comps = build_components(cfg, train_data.all_captions or [], device, vae=vae, latent_scale=scale,
+                             tokenizer=tokenizer)
     if not tok_dir.is_dir():
         comps.tokenizer.save_pretrained(tok_dir)
 
     def data(idx: list[int]) -> dict[str, Any]:
-        return {"x0": x0_of(idx), "captions": [train_data.captions[i] for i in idx]}
+        return {"x0": x0_of(idx), "captions": train_data.captions(idx)}
 
-    val_batch = {"x0": val_x0, "captions": val_data.captions} if val_data is not None else None
+    val_batch = {"x0": val_x0, "captions": val_data.all_captions} if val_data is not None else None
     prompts = cfg.sample.prompts or train_data.sample_prompts[:4]
-    trainer = Trainer(cfg, run_dir, comps, data, len(train_data), device, emit,
-                      stop=stop or (lambda: False), val_batch=val_batch, sample_prompts=prompts)
+    job = ScratchJob(cfg, run_dir, comps, device, val_batch, prompts)
+    batches = train_data.epoch_batches or shuffled_batches(len(train_data), cfg.train.batch_size, cfg.run.seed)
+    trainer = Trainer(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False))
     if resume:
         trainer.resume_latest()
     status = trainer.fit()

@@ -1,0 +1,104 @@
+"""What differs between kinds of training — the loss of a batch, previews, validation, the final save.
+
+The Trainer owns the loop and the resumable state; a Job owns the models and knows its task. A
+from-scratch run is a :class:`ScratchJob`; a LoRA or full fine-tune brings its own job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..config import RunConfig
+from ..diffusion import validation_loss
+from ..pipeline import TextToImage
+from .setup import Components
+from .step import compute_loss
+
+
+class Job(Protocol):
+    unet: torch.nn.Module
+    sample_prompts: list[str]
+    has_validation: bool
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]: ...
+
+    def loss(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor: ...
+
+    def validate(self) -> float: ...
+
+    def preview(self) -> Any: ...
+
+    def save_final(self, step: int) -> Path: ...
+
+
+def drop_captions(captions: list[str], p: float, gen: torch.Generator) -> list[str]:
+    """Replace a share ``p`` of captions by the empty prompt: what guidance contrasts against."""
+    keep = torch.rand(len(captions), generator=gen) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+
+
+class ScratchJob:
+    """Text-to-image from scratch (pixels or latents), the text encoder trained jointly or frozen."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, comps: Components, device: torch.device,
+                 val_batch: dict[str, Any] | None, sample_prompts: list[str]) -> None:
+        self.cfg, self.run_dir, self.c, self.device = cfg, run_dir, comps, device
+        self.unet = comps.unet
+        self.val_batch = val_batch
+        self.has_validation = val_batch is not None
+        self.sample_prompts = sample_prompts
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return self.c.trainable_modules()
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.c.tokenizer(
+            [c.lower() for c in captions],
+            padding="max_length",
+            truncation=True,
+            max_length=self.c.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        grad = torch.enable_grad() if self.c.train_text_encoder and torch.is_grad_enabled() else torch.no_grad()
+        with grad:
+            return self.c.text_encoder(ids)[0]
+
+    def loss(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        cond = self.encode_text(drop_captions(batch["captions"], self.cfg.data.caption_dropout, gen))
+        return compute_loss(self.c.unet, batch["x0"].to(self.device), cond, alphas_cumprod=self.c.alphas_cumprod,
+                            prediction=self.cfg.model.prediction, generator=gen)
+
+    def pipeline(self) -> TextToImage:
+        return TextToImage(
+            unet=self.c.unet, text_encoder=self.c.text_encoder, tokenizer=self.c.tokenizer,
+            scheduler_config=self.c.scheduler_config, sample_shape=self.c.sample_shape, vae=self.c.vae,
+            latent_scale=self.c.latent_scale, device=self.device,
+        )
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Loss on held-out data at fixed timesteps and noise: comparable across runs."""
+        if self.val_batch is None:
+            raise RuntimeError("validate() called on a job without held-out data")
+        self.c.unet.eval()
+        try:
+            cond = self.encode_text(self.val_batch["captions"])
+
+            def predict(noisy: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                return self.c.unet(noisy, t, encoder_hidden_states=c).sample
+
+            return validation_loss(predict, self.val_batch["x0"].to(self.device), cond,
+                                   self.c.alphas_cumprod.to(self.device), self.cfg.model.prediction, seed=0)
+        finally:
+            self.c.unet.train()
+
+    def preview(self) -> Any:
+        s = self.cfg.sample
+        return self.pipeline().grid(self.sample_prompts, list(s.cfg_scales), steps=s.steps, sampler=s.sampler,
+                                    seed=s.seed, negative_prompt=s.negative_prompt)
+
+    def save_final(self, step: int) -> Path:
+        return self.pipeline().save(self.run_dir / "final", {"task": self.cfg.run.task, "step": step})
