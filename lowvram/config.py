@@ -164,9 +164,9 @@ class MemorySection:
 
 @dataclass
 class LoraSection:
-    rank: int = _f(16, "LoRA rank.")
+    rank: int = _f(16, "LoRA rank: width of the low-rank update (file size and capacity grow with it).")
     alpha: float = _f(16.0, "LoRA alpha (scale = alpha / rank).")
-    dropout: float = _f(0.0, "LoRA dropout.")
+    dropout: float = _f(0.0, "Dropout on the LoRA branch during training.")
     conv: bool = _f(False, "Also adapt 3x3 convolutions (LoCon).")
     text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).")
 
@@ -325,6 +325,8 @@ class ConfigBuilder:
             section, key = dotted.split(".", 1)
             setattr(getattr(cfg, section), key, value)
         problems = list(self.problems) + validate(cfg, self.source_of)
+        if len(problems) == 1:
+            raise ConfigError(f"invalid configuration: {problems[0]}", "lowvram train --help documents each field")
         if problems:
             raise ConfigError(
                 "invalid configuration:\n  - " + "\n  - ".join(problems),

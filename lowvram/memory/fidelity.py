@@ -1,8 +1,8 @@
 """Check the profiler against reality: the same step on real CPU tensors, measured by the allocator.
 
 The measurement is independent of the storage tracker: ``torch.profiler`` records every allocation and
-free of the CPU allocator (``profile_memory=True``); their running sum's maximum is the real peak. Only
-the model code and training step are shared — which is the point: the same step, two ways of counting.
+free of the CPU allocator (``profile_memory=True``); their running sum's maximum inside the step is the
+real peak. Only the model code and training step are shared — the same step, two ways of counting.
 """
 
 from __future__ import annotations
@@ -12,21 +12,29 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .profiler import MemoryProfile, profile_step
+from .profiler import STEP_RANGE, MemoryProfile, profile_step
 from .workloads import Knobs, Workload
 
 
-def allocator_peak(fn: Any) -> tuple[int, Any]:
-    """Run ``fn()`` under the profiler; returns (peak bytes the CPU allocator held, fn's result)."""
+def allocator_peak(fn: Any, window: str | None = STEP_RANGE) -> tuple[int, Any]:
+    """Run ``fn()`` under the profiler; returns (peak bytes the CPU allocator held, fn's result).
+
+    With ``window`` (a ``record_function`` name), the peak is taken inside that range only (all bytes
+    allocated before it still count): the step, not the model building that precedes it.
+    """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    kineto = prof.profiler.kineto_results.events()
+    events = sorted((e.start_ns(), e.nbytes()) for e in kineto if e.name() == "[memory]")
+    start, end = 0, None
+    ranges = [e for e in kineto if e.name() == window] if window else []
+    if ranges:
+        start, end = ranges[0].start_ns(), ranges[0].start_ns() + ranges[0].duration_ns()
     live = peak = 0
-    for _, nbytes in events:
+    for t, nbytes in events:
         live += nbytes
-        peak = max(peak, live)
+        if t >= start and (end is None or t <= end):
+            peak = max(peak, live)
     return peak, result
 
 

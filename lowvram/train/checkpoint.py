@@ -90,6 +90,6 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, dict[str, torch.Tenso
     try:
         meta = json.loads(state_path.read_text())
         tensors = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # safetensors raises its own SafetensorError on a damaged header
         raise CheckpointError(f"checkpoint '{folder}' is damaged: {e}", "resume from an older checkpoint folder") from None
     return tensors, meta

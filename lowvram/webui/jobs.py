@@ -1,0 +1,285 @@
+"""The panel's one training job: a child process, its event stream, its stop file, its fate.
+
+Training runs in its own process so that a crash, an out-of-memory kill or a hung GPU driver never
+takes the panel down. The manager lives in the server process (not in a page), so a reloaded page
+re-attaches to the job that is running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..errors import LowvramError
+from .tail import JsonlTail
+
+STDERR_TAIL_LINES = 25
+ACTIVE = ("starting", "running", "stopping")
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def describe_exit(code: int) -> str:
+    """What an exit code means to a person (a negative code is the signal that ended the process)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " — often the system's out-of-memory killer: the job needed more RAM than there was" if -code == signal.SIGKILL else ""
+    return f"killed by {name}{hint}"
+
+
+@dataclass
+class JobStatus:
+    """What the panel shows about the job; ``state`` is idle, starting, running, stopping, stopped, done or failed."""
+
+    state: str = "idle"
+    run_dir: str | None = None
+    task: str | None = None
+    stage: str = "training"  # or "autoencoder" during a latent run's first stage
+    step: int = 0
+    total: int | None = None
+    loss: float | None = None
+    val_loss: float | None = None
+    it_s: float | None = None
+    eta_s: float | None = None
+    peak_mem_mib: float | None = None
+    mem_kind: str | None = None
+    last_sample: str | None = None
+    last_checkpoint: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    version: int = 0  # bumps whenever an event arrives: the page redraws only on change
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+
+class Job:
+    """One child process: how it was started, where its files are, and what it has reported."""
+
+    def __init__(self, job_dir: Path, argv: list[str], run_dir: str, task: str, env: dict[str, str]) -> None:
+        self.dir = job_dir
+        self.events_path = job_dir / "events.jsonl"
+        self.stop_file = job_dir / "stop"
+        self.stderr_path = job_dir / "stderr.log"
+        self.argv = argv
+        self.status = JobStatus(state="starting", run_dir=run_dir, task=task, started_at=time.time())
+        self._events = JsonlTail(self.events_path)
+        self._stop_requested_at: float | None = None
+        with self.stderr_path.open("wb") as err, open(os.devnull, "rb") as null:
+            # A new session: Ctrl-C in the panel's terminal is the panel's, the job stops through the stop file.
+            self.proc = subprocess.Popen(argv, stdin=null, stdout=err, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        self.status.pid = self.proc.pid
+
+    # ---- reading what the child reported ---------------------------------------------------
+    def poll(self) -> JobStatus:
+        """Fold new events into the status, then notice if the process has ended."""
+        s = self.status
+        for row in self._events.read():
+            self._apply(row)
+            s.version += 1
+        if s.active:
+            code = self.proc.poll()
+            if code is not None:
+                for row in self._events.read():  # the last lines written before exiting
+                    self._apply(row)
+                self._finish(code)
+                s.version += 1
+        return s
+
+    def _apply(self, row: dict[str, Any]) -> None:
+        s, kind, step, d = self.status, row.get("kind"), int(row.get("step") or 0), row.get("data") or {}
+        if kind == "start":
+            s.stage = d.get("stage", "training")
+            s.total = d.get("total", s.total)
+            s.step = step
+            if s.state == "starting":
+                s.state = "running"
+        elif kind == "step":
+            s.stage = d.get("stage", "training")
+            s.step = step
+            s.loss = _num(d.get("loss"))
+            s.it_s = _num(d.get("it_s")) or s.it_s
+            if d.get("peak_mem_mib") is not None:
+                s.peak_mem_mib = _num(d.get("peak_mem_mib"))
+                s.mem_kind = d.get("mem_kind")
+            if s.it_s and s.total:
+                s.eta_s = max(s.total - step, 0) / s.it_s
+            if s.state == "starting":
+                s.state = "running"
+        elif kind == "val":
+            s.val_loss = _num(d.get("val_loss"))
+        elif kind == "sample":
+            s.last_sample = d.get("path")
+        elif kind == "checkpoint":
+            s.last_checkpoint = d.get("path")
+        elif kind in ("nonfinite", "warning"):
+            s.warnings = (s.warnings + [str(d.get("message", d))])[-5:]
+        elif kind == "resume":
+            s.step = step
+        elif kind == "error":
+            s.error = str(d.get("message"))
+        elif kind == "exit":
+            s.step = step
+            s.eta_s = 0.0 if d.get("status") == "done" else None
+            s.state = "done" if d.get("status") == "done" else "stopped"
+
+    def _finish(self, code: int) -> None:
+        s = self.status
+        s.exit_code = code
+        if code == 0 and s.state in ("done", "stopped"):
+            return
+        if code == 0:  # ended without saying how (should not happen): trust the stop request
+            s.state = "stopped" if self._stop_requested_at else "done"
+            return
+        if s.state == "stopping" and code < 0 and self._stop_requested_at is not None and self.forced:
+            s.state = "stopped"
+            s.error = f"ended at once on request ({describe_exit(code)}); the last checkpoint is kept"
+            return
+        s.state = "failed"
+        tail = self.stderr_tail()
+        head = s.error or "the training process ended unexpectedly"
+        s.error = f"{head}\n({describe_exit(code)})" + (f"\n\nlast lines of its output:\n{tail}" if tail else "")
+
+    def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> str:
+        try:
+            text = self.stderr_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    # ---- control -------------------------------------------------------------------------------
+    forced = False
+
+    def request_stop(self) -> str:
+        """First call: graceful (checkpoint, then exit). A second call ends the process at once."""
+        if not self.status.active:
+            return "the job is not running"
+        if self._stop_requested_at is None:
+            self.stop_file.touch()
+            self._stop_requested_at = time.time()
+            self.status.state = "stopping"
+            self.status.version += 1
+            return ("stopping: the job saves a checkpoint after the current step "
+                    "(press Stop again to end it at once)")
+        self.forced = True
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return "ended the training process; the last checkpoint written is kept"
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.poll()
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class JobManager:
+    """Starts at most one training job at a time and reports its status; shared by every page."""
+
+    def __init__(self, state_dir: str | Path | None = None, python: str = sys.executable,
+                 env: dict[str, str] | None = None) -> None:
+        self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="lowvram-ui-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.python = python
+        self.env = env
+        self.job: Job | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(self.env if self.env is not None else os.environ)
+        root = _package_root()
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in parts:  # run from a checkout (not pip-installed): the child must import it too
+            env["PYTHONPATH"] = os.pathsep.join([root, *parts])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _launch(self, extra: Sequence[str], run_dir: str, task: str, cfg: RunConfig | None) -> Job:
+        with self._lock:
+            if self.job is not None and self.job.poll().active:
+                raise LowvramError(
+                    f"a training job is already running (run folder {self.job.status.run_dir})",
+                    "stop it first: the panel runs one job at a time",
+                )
+            self._count += 1
+            job_dir = self.state_dir / f"job-{self._count:03d}"
+            job_dir.mkdir(parents=True, exist_ok=True)
+            argv = [self.python, "-m", "lowvram.webui.child", "--events", str(job_dir / "events.jsonl"),
+                    "--stop-file", str(job_dir / "stop")]
+            if cfg is not None:
+                cfg.save(job_dir / "config.yaml")
+                argv += ["--config", str(job_dir / "config.yaml")]
+            argv += list(extra)
+            self.job = Job(job_dir, argv, run_dir, task, self._child_env())
+            return self.job
+
+    def start(self, cfg: RunConfig) -> Job:
+        """Train ``cfg`` (validated already) in a new process."""
+        return self._launch([], cfg.run.out, cfg.run.task, cfg)
+
+    def resume(self, run_dir: str | Path, steps: int | None = None) -> Job:
+        """Continue ``run_dir`` from its latest checkpoint, to ``steps`` in total if given."""
+        extra = ["--resume", str(run_dir)] + (["--steps", str(int(steps))] if steps else [])
+        task = "?"
+        try:
+            from ..train.run import load_run_config
+
+            task = load_run_config(run_dir).run.task
+        except LowvramError:
+            pass  # the child reports the problem with the folder in its own words
+        return self._launch(extra, str(run_dir), task, None)
+
+    def stop(self) -> str:
+        if self.job is None:
+            return "no job has been started"
+        with self._lock:
+            return self.job.request_stop()
+
+    def status(self) -> JobStatus:
+        if self.job is None:
+            return JobStatus()
+        with self._lock:
+            return self.job.poll()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """On panel exit: stop the job gracefully, then at once if it does not end within ``timeout``."""
+        job = self.job
+        if job is None or not job.poll().active:
+            return
+        job.request_stop()
+        job.wait(timeout)
+        if job.proc.poll() is None:
+            job.request_stop()
