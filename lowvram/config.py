@@ -402,3 +402,23 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} '{p}' must hold a mapping of sections", "see docs/configuration.md")
     return data
+
+
+def markdown_reference() -> str:
+    """Every field as a Markdown table per section (docs/configuration.md is this text)."""
+    lines = ["# Configuration reference", "",
+             "Generated from `lowvram/config.py` (`python -c 'import lowvram.config as c; print(c.markdown_reference())'`).",
+             "Set any field with `--set section.key=value`, in a `--config` YAML file, or in a preset's `config:`.",
+             ""]
+    for section, cls in SECTIONS.items():
+        lines += [f"## {section}", "", "| field | default | meaning |", "|---|---|---|"]
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            choices = f.metadata.get("choices")
+            text = f.metadata.get("help", "").replace("|", "\\|")
+            if choices:
+                text += " Choices: " + ", ".join(f"`{c}`" for c in choices) + "."
+            lines.append(f"| `{section}.{f.name}` | `{default!r}` | {text} |")
+        lines.append("")
+    return "\n".join(lines)

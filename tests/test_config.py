@@ -73,3 +73,15 @@ def test_every_field_is_documented():
     for dotted, _ in all_fields():
         assert len(field_help(dotted)) > 10, dotted
     assert RunConfig().run.task == "text2img"
+
+
+def test_docs_configuration_reference_is_current():
+    from pathlib import Path
+
+    from lowvram.config import markdown_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text().rstrip("\n") == markdown_reference().rstrip("\n"), (
+        "docs/configuration.md is stale: regenerate it with "
+        "python -c 'import lowvram.config as c; print(c.markdown_reference())' > docs/configuration.md"
+    )

@@ -124,7 +124,8 @@ def _inputs(built: Built, wl: Workload, knobs: Knobs, device: str | torch.device
         inp["pixels"] = torch.empty(b, 3, wl.resolution, wl.resolution, device=device)
     else:
         inp["x0"] = torch.empty(b, *built.latent_shape, device=device)
-    if built.train_text_encoder is not None or not knobs.cache_text:
+    encoders = any(k.startswith("text_encoder") for k in built.frozen_modules)
+    if built.train_text_encoder is not None or (encoders and not knobs.cache_text):
         inp["ids"] = torch.zeros(b, tokens, dtype=torch.long, device=device)
     else:
         inp["cond"] = torch.empty(b, tokens, width, device=device)

@@ -178,6 +178,9 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
         text = (spec.text_max_length, int(spec.text_encoder["hidden_size"]))
         if workload.mode == "scratch":  # the small text encoder trains jointly with the UNet
             te_trained = scratch.build_text_encoder(spec, vocab_size=workload.text_vocab, device=device)
+        elif not (knobs.cache_text and knobs.offload_frozen):
+            frozen["text_encoder"] = scratch.build_text_encoder(
+                spec, vocab_size=workload.text_vocab, device=device, dtype=_frozen_dtype(knobs, half)).requires_grad_(False)
         unet_kwargs, prediction = {}, "epsilon"
         if not (knobs.cache_latents and knobs.offload_frozen) and spec.vae is not None:
             frozen["vae"] = scratch.build_vae(spec, device=device, dtype=_frozen_dtype(knobs, half)).requires_grad_(False)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..attention import set_attention
 from ..config import RunConfig
 from ..diffusion import make_scheduler_config
 from ..errors import ConfigError, ModelLoadError
@@ -95,6 +96,7 @@ def build_components(
     # a pretrained text encoder may be wider than the size's own: cross-attention follows the encoder
     unet_spec = dataclasses.replace(spec, unet={**spec.unet, "cross_attention_dim": text_encoder.config.hidden_size})
     unet = scratch.build_unet(unet_spec, task="latent" if latent else "text2img")
+    set_attention(unet, cfg.memory.attention, cfg.memory.attention_chunk, card=attention_card(device))
     # pixel-space samplers may clip x0 to the image range; latents have no fixed range
     sched = make_scheduler_config(cfg.model.schedule, cfg.model.timesteps, cfg.model.prediction,
                                   clip_sample=not latent)
@@ -112,6 +114,15 @@ def build_components(
         latent_scale=latent_scale,
         train_text_encoder=train_te,
     )
+
+
+def attention_card(device: torch.device) -> Any:
+    """What decides ``memory.attention: auto``: the CPU's SDPA kernel is O(N) memory; a GPU is probed."""
+    if device.type == "cpu":
+        return {"flash_attention": True}
+    from ..hardware import probe
+
+    return probe()
 
 
 def load_text_encoder(path: str) -> tuple[torch.nn.Module, Any]:

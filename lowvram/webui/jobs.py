@@ -61,6 +61,8 @@ class JobStatus:
     mem_kind: str | None = None
     last_sample: str | None = None
     last_checkpoint: str | None = None
+    grid_prompts: list[str] = field(default_factory=list)  # rows of the preview grids
+    grid_scales: list[float] = field(default_factory=list)  # their columns (guidance scales)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     exit_code: int | None = None
@@ -85,6 +87,7 @@ class Job:
         self.status = JobStatus(state="starting", run_dir=run_dir, task=task, started_at=time.time())
         self._events = JsonlTail(self.events_path)
         self._stop_requested_at: float | None = None
+        self.forced = False  # the second Stop: ended at once
         with self.stderr_path.open("wb") as err, open(os.devnull, "rb") as null:
             # A new session: Ctrl-C in the panel's terminal is the panel's, the job stops through the stop file.
             self.proc = subprocess.Popen(argv, stdin=null, stdout=err, stderr=subprocess.STDOUT, env=env,
@@ -98,7 +101,7 @@ class Job:
         for row in self._events.read():
             self._apply(row)
             s.version += 1
-        if s.active:
+        if s.exit_code is None:
             code = self.proc.poll()
             if code is not None:
                 for row in self._events.read():  # the last lines written before exiting
@@ -131,6 +134,8 @@ class Job:
             s.val_loss = _num(d.get("val_loss"))
         elif kind == "sample":
             s.last_sample = d.get("path")
+            s.grid_prompts = [str(p) for p in d.get("prompts") or []]
+            s.grid_scales = [float(x) for x in d.get("cfg_scales") or [] if _num(x) is not None]
         elif kind == "checkpoint":
             s.last_checkpoint = d.get("path")
         elif kind in ("nonfinite", "warning"):
@@ -152,7 +157,7 @@ class Job:
         if code == 0:  # ended without saying how (should not happen): trust the stop request
             s.state = "stopped" if self._stop_requested_at else "done"
             return
-        if s.state == "stopping" and code < 0 and self._stop_requested_at is not None and self.forced:
+        if self.forced:
             s.state = "stopped"
             s.error = f"ended at once on request ({describe_exit(code)}); the last checkpoint is kept"
             return
@@ -169,8 +174,6 @@ class Job:
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
     # ---- control -------------------------------------------------------------------------------
-    forced = False
-
     def request_stop(self) -> str:
         """First call: graceful (checkpoint, then exit). A second call ends the process at once."""
         if not self.status.active:

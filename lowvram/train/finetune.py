@@ -1,0 +1,575 @@
+"""LoRA and full fine-tunes of pretrained SD 1.x / 2.x / SDXL checkpoints: the job the Trainer runs.
+
+The base model loads with the plan's frozen dtype, latents and text embeddings come from the data
+cache, the loss is the profiler's own ``compute_loss``, previews are drawn by the diffusers pipeline
+(so a preview is what diffusers gives with the saved file), and the LoRA files are rewritten at every
+checkpoint in the diffusers/peft and the kohya (A1111/ComfyUI) formats.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from .events import Event
+from .loop import AUTOCAST, Trainer
+from .step import compute_loss
+
+SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
+STEP_LORA_DIR = Path("lora") / "steps"
+
+
+# ---- kohya-style sample prompt lines ------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptSpec:
+    """One preview row: the prompt and its per-line options (None: the sample.* default)."""
+
+    prompt: str
+    negative: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    cfg: float | None = None
+    steps: int | None = None
+
+
+_PROMPT_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+    "l": ("cfg", float), "s": ("steps", int),
+}
+
+
+def parse_prompt_line(line: str) -> PromptSpec:
+    """kohya's sample-prompt line: ``prompt --n negative --w 512 --h 768 --d seed --l cfg --s steps``."""
+    parts = re.split(r"(?:^|\s)--([A-Za-z]+)(?=\s|$)", line.strip())
+    values: dict[str, Any] = {"prompt": parts[0].strip()}
+    for key, raw in zip(parts[1::2], parts[2::2], strict=True):
+        if key not in _PROMPT_OPTIONS:
+            raise ConfigError(f"sample prompt {line!r}: unknown option --{key}",
+                              "use --n negative, --w width, --h height, --d seed, --l guidance, --s steps")
+        name, kind = _PROMPT_OPTIONS[key]
+        try:
+            values[name] = kind(raw.strip())
+        except ValueError:
+            raise ConfigError(f"sample prompt {line!r}: --{key} needs a {kind.__name__}, got {raw.strip()!r}",
+                              "e.g. --w 512 --d 42 --l 7.5 --s 30") from None
+    for side in ("width", "height"):
+        if values.get(side) is not None and (values[side] <= 0 or values[side] % 8):
+            raise ConfigError(f"sample prompt {line!r}: --{side[0]} {values[side]} is not a positive multiple of 8",
+                              "image sides must be multiples of 8 (the VAE downsamples by 8)")
+    return PromptSpec(**values)
+
+
+# ---- loading: frozen dtypes, LoRA, attention ----------------------------------------------------------
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    return AUTOCAST.get(cfg.train.precision, torch.float32)
+
+
+def resolve_prediction(cfg: RunConfig) -> str | None:
+    """``model.prediction`` defaults to epsilon, which must not override a detected v-prediction checkpoint:
+    for pretrained runs only an explicit v_prediction (or family sd2-v) forces v; otherwise the checkpoint says."""
+    if cfg.model.prediction == "v_prediction" or cfg.model.family == "sd2-v":
+        return "v_prediction"
+    return None
+
+
+def load_base(cfg: RunConfig) -> Any:
+    """The pretrained components, frozen, in the load dtype (fp8 storage starts from fp16 weights)."""
+    from ..models.pretrained import load_pretrained
+
+    m = cfg.model
+    dtype = torch.float32 if cfg.run.task == "full" else LOAD_DTYPES[cfg.memory.frozen_dtype]
+    return load_pretrained(m.pretrained, family=m.family, dtype=dtype, allow_pickle=m.allow_pickle,
+                           tokenizer=m.tokenizer, vae=m.vae, config=getattr(m, "config", None),
+                           prediction=resolve_prediction(cfg))
+
+
+def _small_params_to_fp32(model: nn.Module) -> None:
+    """Norms, embeddings and biases outside Linear/Conv layers back to fp32 (tiny, and CPU autocast
+    does not cast a norm's weight to its input's dtype)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                setattr(module, name, nn.Parameter(p.detach().float(), requires_grad=False))
+
+
+def store_frozen_unet(unet: nn.Module, cfg: RunConfig) -> str:
+    """Keep the frozen UNet weights in ``memory.frozen_dtype`` exactly as the memory profiler models it:
+    a plain cast under fp16/bf16 autocast, else per-layer upcast (fp8, or half without autocast)."""
+    from ..quant import STORAGE_DTYPES, cast_frozen_layers, store_frozen_weights
+
+    frozen = cfg.memory.frozen_dtype
+    if frozen == "fp32":
+        unet.to(torch.float32)
+        return "fp32"
+    if compute_dtype(cfg) != torch.float32 and frozen in ("fp16", "bf16"):
+        cast_frozen_layers(unet, STORAGE_DTYPES[frozen])
+        _small_params_to_fp32(unet)
+        return f"{frozen} (cast, autocast {cfg.train.precision})"
+    store_frozen_weights(unet, frozen, other_dtype=torch.float32)
+    return f"{frozen} (stored, upcast per layer)"
+
+
+def install_attention(models: list[nn.Module], cfg: RunConfig, device: torch.device) -> str:
+    """The plan's attention kernel; ``auto`` asks the hardware probe on a GPU (the CPU has fused SDPA)."""
+    from ..attention import set_attention
+
+    card: Any = {"flash_attention": True}
+    if cfg.memory.attention == "auto" and device.type == "cuda":
+        from ..hardware import probe
+
+        card = probe()
+    kind = ""
+    for m in models:
+        kind = set_attention(m, cfg.memory.attention, cfg.memory.attention_chunk, card=card)
+    return kind
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+@dataclass
+class FinetuneData:
+    """The folder dataset with its bucket batches, and where latents and text embeddings come from."""
+
+    dataset: Any
+    epoch_batches: Callable[[int], list[list[int]]]
+    latents: Any = None  # LatentCacheDataset, or None: encode with the VAE every step
+    text: Any = None  # TextEmbeddingCache, or None: encode every step
+
+
+def open_dataset(cfg: RunConfig, run_dir: Path) -> tuple[Any, Callable[[int], list[list[int]]]]:
+    """Validate the folder before any model loads; captions are kept whole (guidance dropout is the job's)."""
+    from ..data.dataset import build_dataset
+
+    no_drop = copy.deepcopy(cfg)
+    no_drop.data.caption_dropout = 0.0
+    ds = build_dataset(no_drop, resolution=cfg.data.resolution, run_dir=run_dir)
+    n = len(ds)
+    sampler = ds.make_sampler(cfg.train.batch_size, seed=cfg.run.seed, drop_last=True)
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        return [[epoch * n + i for i in b] for b in sampler.batches(epoch)]
+
+    return ds, epoch_batches
+
+
+def sdxl_time_ids(original: tuple[int, int], target: tuple[int, int]) -> list[float]:
+    """SDXL's size conditioning (orig h, w, crop top, left, target h, w) for a resize-to-cover + centre crop."""
+    (oh, ow), (th, tw) = original, target
+    scale = max(tw / ow, th / oh)
+    nw, nh = max(tw, round(ow * scale)), max(th, round(oh * scale))
+    return [float(oh), float(ow), float((nh - th) // 2), float((nw - tw) // 2), float(th), float(tw)]
+
+
+# ---- the job ------------------------------------------------------------------------------------------
+class FinetuneJob:
+    """A LoRA (UNet, optionally text encoders) or full UNet fine-tune of a pretrained SD checkpoint."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, comps: Any, device: torch.device, data: FinetuneData,
+                 sample_prompts: list[str]) -> None:
+        self.cfg, self.run_dir, self.c, self.device, self.data = cfg, run_dir, comps, device, data
+        self.unet = comps.unet
+        self.sdxl = comps.family == "sdxl"
+        self.lora = cfg.run.task == "lora"
+        self.train_text = self.lora and cfg.lora.text_encoder
+        self.sample_prompts = sample_prompts
+        self.has_validation = False
+        self.alphas_cumprod = comps.training_scheduler().alphas_cumprod.float()
+        self.prediction = comps.prediction_type
+        self.pipe = comps.pipeline()
+        self.pipe.set_progress_bar_config(disable=True)
+        # the frozen VAE and text encoders: on the device until build_caches offloads them
+        tes = [] if self.train_text else [comps.text_encoder, comps.text_encoder_2]
+        self.frozen = [m for m in (comps.vae, *tes) if m is not None]
+        for m in self.frozen:
+            m.to(device)
+        self.frozen_on_device = True
+        self.lora_name = run_dir.resolve().name or "lora"
+
+    # -- models --------------------------------------------------------------------------------------
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {n: m for n in ("text_encoder", "text_encoder_2") if (m := getattr(self.c, n, None)) is not None}
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"unet": self.unet}
+        if self.train_text:
+            mods.update(self.text_encoders())
+        return mods
+
+    @contextmanager
+    def frozen_models_on_device(self) -> Iterator[None]:
+        """Bring offloaded VAE/text encoders to the device for a block (previews, uncached encoding)."""
+        if self.frozen_on_device:
+            yield
+            return
+        for m in self.frozen:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in self.frozen:
+                m.to("cpu")
+
+    # -- batches -------------------------------------------------------------------------------------
+    def batch(self, idx: list[int]) -> dict[str, Any]:
+        """Latents, captions and SDXL size conditioning for stream indices ``idx``."""
+        ds = self.data.dataset
+        plans = [ds.plan(i) for i in idx]
+        if self.data.latents is not None:
+            x0 = torch.stack([self.data.latents[i]["latents"] for i in idx]).float()
+        else:
+            from ..data.cache import encode_latents
+
+            pixels = torch.stack([ds[i]["pixel_values"] for i in idx])
+            with self.frozen_models_on_device():
+                x0 = encode_latents(self.c.vae, pixels).float()
+        out: dict[str, Any] = {"x0": x0, "captions": [p.caption for p in plans]}
+        if self.sdxl:
+            target = (x0.shape[-2] * self.vae_factor(), x0.shape[-1] * self.vae_factor())
+            records = getattr(ds, "records", None)
+            ids = []
+            for p in plans:
+                rec = records[p.source] if records is not None else None
+                original = (rec.height, rec.width) if rec is not None else target
+                ids.append(sdxl_time_ids(original, target))
+            out["time_ids"] = torch.tensor(ids)
+        return out
+
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.c.vae.config.block_out_channels) - 1)
+
+    # -- text ----------------------------------------------------------------------------------------
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """What the pipeline feeds the UNet for ``captions`` (its own ``encode_prompt``, so training and
+        inference condition alike): ``embeds`` and, for SDXL, the pooled ``pooled`` embedding."""
+        if self.sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.device, num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+            return {"embeds": embeds, "pooled": pooled}
+        embeds, _ = self.pipe.encode_prompt(captions, self.device, 1, False)
+        return {"embeds": embeds}
+
+    def text_identity(self) -> str:
+        from ..data.cache import module_identity
+
+        parts = []
+        for name, te in self.text_encoders().items():
+            tok = self.c.tokenizer if name == "text_encoder" else self.c.tokenizer_2
+            parts.append(module_identity(te, extra={"encode": "pipeline.encode_prompt", "family": self.c.family,
+                                                    "pad": str(tok.pad_token), "max_length": tok.model_max_length}))
+        return "+".join(parts)
+
+    def conditioning(self, captions: list[str], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Text conditioning with guidance dropout: a share ``data.caption_dropout`` gets the empty prompt
+        (SD 1.x/2.x: the embedding of ""; SDXL: zeros, as SDXL was trained and as its pipeline samples)."""
+        keep = torch.rand(len(captions), generator=gen) >= self.cfg.data.caption_dropout
+        if not self.sdxl:
+            captions = [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+        if self.data.text is not None:
+            cond = self.data.text.get(captions)
+            if isinstance(cond, torch.Tensor):  # a cache read back from disk has no structure names
+                cond = {"embeds": cond}
+            cond = {k: v.to(self.device) for k, v in cond.items()}
+        else:
+            grad = torch.enable_grad() if self.train_text and torch.is_grad_enabled() else torch.no_grad()
+            ctx = nullcontext() if self.train_text else self.frozen_models_on_device()
+            with grad, ctx:
+                cond = self.encode_text(captions)
+        if self.sdxl:
+            mask = keep.to(self.device)
+            cond = {k: v * mask.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in cond.items()}
+        return cond
+
+    # -- the loss ------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        cond = self.conditioning(batch["captions"], gen)
+        kwargs = None
+        if self.sdxl:
+            kwargs = {"added_cond_kwargs": {"text_embeds": cond["pooled"],
+                                            "time_ids": batch["time_ids"].to(self.device, cond["pooled"].dtype)}}
+        return compute_loss(self.unet, batch["x0"].to(self.device), cond["embeds"], alphas_cumprod=self.alphas_cumprod,
+                            prediction=self.prediction, generator=gen, unet_kwargs=kwargs)
+
+    def validate(self) -> float:
+        raise RuntimeError("fine-tune jobs have no held-out validation set")
+
+    # -- previews ------------------------------------------------------------------------------------
+    def scheduler(self, name: str) -> Any:
+        import diffusers
+
+        if name not in SAMPLER_CLASSES:
+            raise ConfigError(f"unknown sampler {name!r}", f"use one of {', '.join(SAMPLER_CLASSES)} (sample.sampler)")
+        return getattr(diffusers, SAMPLER_CLASSES[name]).from_config(self.c.scheduler_config)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → pixels in [-1, 1] as the pipelines decode them (outside autocast: SDXL's VAE overflows)."""
+        vae = self.c.vae
+        cfg = vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        latents = latents.to(vae.dtype)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std_t / cfg.scaling_factor + mean_t
+        else:
+            latents = latents / cfg.scaling_factor
+        with torch.no_grad():
+            return vae.decode(latents).sample.float().cpu()
+
+    def generate(self, spec: PromptSpec, guidance: float) -> torch.Tensor:
+        """One image [3, H, W] in [-1, 1]: ``pipe(prompt, negative_prompt, guidance_scale, steps, seed)``."""
+        s = self.cfg.sample
+        res = self.cfg.data.resolution or 512
+        width, height = spec.width or res, spec.height or res
+        negative = spec.negative if spec.negative is not None else s.negative_prompt
+        kw: dict[str, Any] = {"original_size": (height, width), "target_size": (height, width)} if self.sdxl else {}
+        self.pipe.scheduler = self.scheduler(s.sampler)
+        precision = self.cfg.train.precision
+        autocast = torch.autocast(self.device.type, dtype=AUTOCAST[precision]) if precision in AUTOCAST else nullcontext()
+        with autocast:
+            latents = self.pipe(
+                prompt=spec.prompt, negative_prompt=negative or None, height=height, width=width,
+                num_inference_steps=spec.steps or s.steps, guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(s.seed if spec.seed is None else spec.seed),
+                output_type="latent", **kw,
+            ).images
+        return self.decode(latents)[0]
+
+    @torch.no_grad()
+    def preview(self) -> Any:
+        """Rows: prompts (kohya options honoured); columns: sample.cfg_scales (a row with --l has one image)."""
+        from ..sample import make_grid
+
+        specs = [parse_prompt_line(p) for p in self.sample_prompts]
+        scales = list(self.cfg.sample.cfg_scales)
+        modules = [self.unet, *self.text_encoders().values()]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            with self.frozen_models_on_device():
+                rows = [[self.generate(spec, w) for w in ([spec.cfg] if spec.cfg is not None else scales)]
+                        for spec in specs]
+        finally:
+            for m, mode in zip(modules, modes, strict=True):
+                m.train(mode)
+        height = max(img.shape[1] for row in rows for img in row)
+        width = max(img.shape[2] for row in rows for img in row)
+        cells = []
+        for row in rows:
+            for j in range(len(scales)):
+                cell = torch.ones(3, height, width)  # white where a row has fewer images or smaller ones
+                if j < len(row):
+                    cell[:, : row[j].shape[1], : row[j].shape[2]] = row[j]
+                cells.append(cell)
+        return make_grid(torch.stack(cells), nrow=len(scales), labels=[f"cfg {w:g}" for w in scales])
+
+    # -- saving --------------------------------------------------------------------------------------
+    def metadata(self, step: int) -> dict[str, Any]:
+        """kohya ``ss_*`` keys (A1111/ComfyUI LoRA browsers show them) plus lowvram's own."""
+        cfg, ds = self.cfg, self.data.dataset
+        report = ds.report
+        dirs: dict[str, dict[str, int]] = {}
+        tags: dict[str, Counter] = {}
+        for rec in getattr(ds, "records", []):
+            folder = Path(rec.rel).parent.name or Path(str(cfg.data.source)).name
+            d = dirs.setdefault(folder, {"n_repeats": rec.repeats, "img_count": 0})
+            d["img_count"] += 1
+            tags.setdefault(folder, Counter()).update(t.strip() for t in rec.caption.split(",") if t.strip())
+        res = cfg.data.resolution or 512
+        meta: dict[str, Any] = {
+            "ss_sd_model_name": Path(str(cfg.model.pretrained)).name,
+            "ss_output_name": self.lora_name,
+            "ss_resolution": f"({res}, {res})",
+            "ss_num_train_images": str(report.samples),
+            "ss_dataset_dirs": dirs,
+            "ss_tag_frequency": {k: dict(v.most_common(200)) for k, v in tags.items()},
+            "ss_max_train_steps": str(cfg.run.steps),
+            "ss_steps": str(step),
+            "ss_learning_rate": str(cfg.train.lr),
+            "ss_unet_lr": str(cfg.train.lr),
+            "ss_text_encoder_lr": str(cfg.train.lr if self.train_text else 0.0),
+            "ss_network_train_unet_only": str(not self.train_text),
+            "ss_lr_warmup_steps": str(cfg.train.warmup_steps),
+            "ss_lr_scheduler": "constant_with_warmup",
+            "ss_optimizer": cfg.train.optimizer,
+            "ss_batch_size_per_device": str(cfg.train.batch_size),
+            "ss_gradient_accumulation_steps": str(cfg.train.grad_accum),
+            "ss_mixed_precision": {"fp32": "no"}.get(cfg.train.precision, cfg.train.precision),
+            "ss_gradient_checkpointing": str(cfg.train.gradient_checkpointing),
+            "ss_seed": str(cfg.run.seed),
+            "ss_caption_dropout_rate": str(cfg.data.caption_dropout),
+            "ss_network_dropout": str(cfg.lora.dropout),
+            "ss_v_parameterization": str(self.prediction == "v_prediction"),
+            "ss_enable_bucket": str(cfg.data.buckets),
+            "ss_cache_latents": str(self.data.latents is not None),
+            "lowvram_family": self.c.family,
+            "lowvram_base_model": str(cfg.model.pretrained),
+            "lowvram_prediction": self.prediction,
+            "lowvram_frozen_dtype": cfg.memory.frozen_dtype,
+            "lowvram_ema_decay": str(cfg.train.ema_decay),
+        }
+        if self.sdxl:  # kohya's SDXL names need the UNet layout; export reads it from here
+            meta["lowvram_unet_config"] = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+        return meta
+
+    def save_lora(self, step: int, kohya_path: Path | None = None) -> dict[str, Path]:
+        """Write the LoRA as diffusers/peft (``lora/pytorch_lora_weights.safetensors``) and kohya files."""
+        from ..export import RUN_LORA_FILE
+        from ..lora import save_lora_diffusers, save_lora_kohya_from_models
+
+        tes = self.text_encoders() if self.train_text else {}
+        meta = self.metadata(step)
+        diff = save_lora_diffusers(self.run_dir / RUN_LORA_FILE, self.unet, tes, self.c.family, meta)
+        kohya = save_lora_kohya_from_models(kohya_path or self.run_dir / "lora" / f"{self.lora_name}.safetensors",
+                                            self.unet, tes, self.c.family, meta, steps=step)
+        return {"diffusers": diff, "kohya": kohya}
+
+    def save_checkpoint_lora(self, step: int) -> None:
+        """Every checkpoint: the current LoRA files, plus a kohya copy named by step (to pick an earlier one)."""
+        if not self.lora:
+            return
+        paths = self.save_lora(step)
+        steps_dir = self.run_dir / STEP_LORA_DIR
+        steps_dir.mkdir(parents=True, exist_ok=True)
+        target = steps_dir / f"{self.lora_name}-step{step:08d}.safetensors"
+        target.write_bytes(paths["kohya"].read_bytes())
+
+    def save_final(self, step: int) -> Path:
+        if self.lora:
+            return self.save_lora(step)["diffusers"].parent
+        return self.save_model(step)
+
+    def save_model(self, step: int) -> Path:
+        """Full fine-tune: the whole pipeline as a diffusers folder and as one A1111/ComfyUI file."""
+        import shutil
+
+        from ..lora import _atomic_save
+        from ..models.ldm_convert import pipeline_to_ldm
+
+        out = self.run_dir / "final"
+        folder, tmp = out / "diffusers", out / "diffusers.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.pipe.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        sd = pipeline_to_ldm(self.unet, self.c.vae, self.text_encoders(), self.c.family)
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata(step).items()
+                if k.startswith("lowvram_") and k != "lowvram_unet_config"}
+        _atomic_save(sd, out / f"{self.lora_name}.safetensors", {**meta, "format": "pt"})
+        return out
+
+
+# ---- putting it together ------------------------------------------------------------------------------
+def build_caches(cfg: RunConfig, job: FinetuneJob) -> None:
+    """Encode latents (and text, when the text encoders stay frozen) once; then offload the frozen models
+    if nothing needs them during training (previews bring them back for a moment)."""
+    from ..data.cache import LatentCache, TextEmbeddingCache, dataset_captions, default_cache_dir
+
+    ds = job.data.dataset
+    root = default_cache_dir(cfg.data)
+    if cfg.memory.cache_latents:
+        cache = LatentCache(root, job.c.vae, dtype=job.c.vae.dtype)
+        job.data.latents = cache.build(ds, batch_size=max(1, cfg.train.batch_size))
+        st = cache.stats
+        print(f"latent cache {cache.store.root}: {st.needed} latents, {st.hits} reused, {st.encoded} encoded")
+    if cfg.memory.cache_text and not job.train_text:
+        text = TextEmbeddingCache(root, job.encode_text, job.text_identity())
+        job.data.text = text.build(dataset_captions(ds))
+        print(f"text cache {text.store.root}: {text.stats.needed} captions, {text.stats.hits} reused")
+    # tag shuffling makes new captions every draw: they are encoded when drawn, so the encoders stay
+    needs_text = not job.train_text and (job.data.text is None or cfg.data.shuffle_tags)
+    needs_vae = job.data.latents is None
+    if cfg.memory.offload_frozen and not (needs_text or needs_vae):
+        for m in job.frozen:
+            m.to("cpu")
+        job.frozen_on_device = False
+
+
+def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str]:
+    """LoRA adapters (fp32), frozen UNet storage, trainable UNet for full fine-tunes, attention; returns notes."""
+    from ..lora import attach_lora, attach_text_lora
+
+    notes = []
+    dt = compute_dtype(cfg)
+    for name in ("text_encoder", "text_encoder_2"):
+        te = getattr(comps, name, None)
+        if te is not None:
+            te.to(dt)
+    vae_dt = torch.float32 if comps.family == "sdxl" and dt == torch.float16 and comps.vae.config.force_upcast else dt
+    comps.vae.to(vae_dt)
+    torch.manual_seed(cfg.run.seed)  # LoRA's random init: the same run gives the same adapter
+    if cfg.run.task == "lora":
+        lo = cfg.lora
+        attach_lora(comps.unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv)
+        if lo.text_encoder:
+            for name in ("text_encoder", "text_encoder_2"):
+                if (te := getattr(comps, name, None)) is not None:
+                    attach_text_lora(te, lo.rank, lo.alpha, lo.dropout)
+                    te.to(device).train()
+        notes.append(f"frozen UNet weights: {store_frozen_unet(comps.unet, cfg)}")
+    else:
+        comps.unet.to(torch.float32).requires_grad_(True)
+    comps.unet.train()
+    notes.append(f"attention: {install_attention([comps.unet], cfg, device)}")
+    comps.unet.to(device)
+    return notes
+
+
+def default_prompts(ds: Any, n: int = 4) -> list[str]:
+    caps = [ds.plan(i).caption for i in range(len(ds))]
+    return list(dict.fromkeys(c for c in caps if c))[:n] or ["a photo"]
+
+
+def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
+                   stop: Callable[[], bool] = lambda: False, resume: bool = False) -> Any:
+    """Fine-tune ``model.pretrained`` on the folder ``data.source``; returns a ``RunResult``."""
+    from .run import RunResult
+
+    if cfg.data.source == "builtin":
+        raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
+                          "pass a folder of images with .txt captions (--data DIR)")
+    if getattr(cfg.data, "class_data", None):
+        raise ConfigError("prior preservation (data.class_data) is not implemented yet",
+                          "train without class images, or add regularisation images to the data folder")
+    ds, epoch_batches = open_dataset(cfg, run_dir)
+    epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
+    comps = load_base(cfg)
+    for note in comps.notes:
+        print(f"note: {note}")
+    notes = prepare_models(cfg, comps, device)
+    prompts = cfg.sample.prompts or default_prompts(ds)
+    job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches), prompts)
+    build_caches(cfg, job)
+    print(f"{cfg.run.task} fine-tune of {comps.family} ({comps.prediction_type}) from {cfg.model.pretrained}; "
+          + "; ".join(notes))
+
+    holder: dict[str, Trainer] = {}
+
+    def emit_and_save(event: Event) -> None:
+        if event.kind == "checkpoint" and "trainer" in holder:
+            with holder["trainer"].ema_weights():
+                job.save_checkpoint_lora(event.step)
+        emit(event)
+
+    trainer = Trainer(cfg, run_dir, job, job.batch, epoch_batches, device, emit_and_save, stop=stop)
+    holder["trainer"] = trainer
+    if resume:
+        trainer.resume_latest()
+    status = trainer.fit()
+    ds.write_report(run_dir)
+    return RunResult(run_dir, status, trainer.step)
