@@ -39,6 +39,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Any, str | None
         "run.seed": getattr(args, "seed", None),
         "run.device": getattr(args, "device", None),
         "memory.vram_gib": getattr(args, "vram", None),
+        "model.tokenizer": getattr(args, "tokenizer", None),
     }
     model = getattr(args, "model", None)
     if model is not None:
@@ -70,6 +71,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help=field_help("run.device"))
     p.add_argument("--vram", type=float, help=field_help("memory.vram_gib"))
     p.add_argument("--allow-pickle", action="store_true", help=field_help("model.allow_pickle"))
+    p.add_argument("--tokenizer", help=field_help("model.tokenizer"))
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="Override any config field, e.g. --set train.lr=1e-4 (repeatable).")
 
@@ -151,6 +153,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_cli
+
+    for path in export_cli(args.run, args.format, args.merge, args.out, args.dtype):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import presets_table
 
@@ -165,6 +175,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "eval": (cmd_eval, "Sample every evaluation prompt and report prompt adherence (builtin data)."),
     "doctor": (cmd_doctor, "Report the device, what really works on it, and run a GEMM/conv self-test."),
     "presets": (cmd_presets, "List the card presets and their memory tables."),
+    "export": (cmd_export, "Write a LoRA run's files (kohya for A1111/ComfyUI, diffusers); --merge fuses it into the base model."),
 }
 
 
@@ -201,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["eval"].add_argument("--json", action="store_true", help="Print the report as JSON.")
     parsers["doctor"].add_argument("--json", action="store_true", help="Print the report as JSON.")
     parsers["doctor"].add_argument("--no-self-test", action="store_true", help="Skip the GEMM/conv self-test.")
+    p = parsers["export"]
+    p.add_argument("--run", required=True, help="Run folder of a lora task (a train --out).")
+    p.add_argument("--format", choices=("kohya", "diffusers", "both"), default="kohya", help="LoRA file format(s) to write.")
+    p.add_argument("--merge", action="store_true",
+                   help="Also fuse the LoRA into the base model: a diffusers folder and one .safetensors.")
+    p.add_argument("--out", help="Output folder (default: RUN/export).")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="Weight dtype of the merged model.")
     return parser
 
 

@@ -79,6 +79,9 @@ class ModelSection:
     text_encoder: str | None = _f(
         None, "Local pretrained CLIP text encoder folder (with its tokenizer); default: train a small one jointly."
     )
+    config: str | None = _f(
+        None, "Diffusers folder whose configs describe a single-file checkpoint's layout (default: the shipped config of its family)."
+    )
     allow_pickle: bool = _f(False, "Allow loading pickled .ckpt files (weights_only=True). Only for files you trust.")
     schedule: str = _f("linear", "Noise schedule: linear 1e-4..0.02, cosine, or scaled_linear (SD).", SCHEDULES)
     prediction: str = _f("epsilon", "What the UNet predicts: the noise (epsilon) or v.", PREDICTIONS)

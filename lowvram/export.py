@@ -30,6 +30,8 @@ from .lora import (
 RUN_LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"
 FORMATS = ("kohya", "diffusers")
 LORA_META_KEY = "lora_adapter_metadata"  # diffusers' header key with the adapter configs (r, lora_alpha)
+UNET_CONFIG_KEY = "lowvram_unet_config"  # the trained UNet's config (SDXL kohya names depend on its layout)
+EXPORT_FORMATS = (*FORMATS, "both")
 
 
 def find_run_lora(source: str | Path) -> Path:
@@ -91,6 +93,8 @@ def export_lora(
     family = family or header.get("lowvram_family")
     if family is None:
         raise ModelLoadError("the LoRA file does not say which model family it is for", "pass family= (sd1, sd2, sd2-v, sdxl)")
+    if unet_config is None and header.get(UNET_CONFIG_KEY):  # a non-standard SDXL layout, recorded at training
+        unet_config = json.loads(header[UNET_CONFIG_KEY])
     header_alphas, rank = _alphas_from_header(header, state)
     alphas = {**header_alphas, **(alphas or {})}
     out = Path(out_path)
@@ -165,4 +169,33 @@ def merge_lora(
         path = out / f"{out.name or 'merged'}.safetensors"
         _atomic_save(sd, path, meta)
         written["single_file"] = path
+    return written
+
+
+def export_cli(run: str | Path, fmt: str = "kohya", merge: bool = False, out: str | Path | None = None,
+               dtype: str = "fp16") -> list[Path]:
+    """``lowvram export``: a LoRA run's file(s) in ``fmt`` (kohya, diffusers or both) into ``out``
+    (default ``RUN/export``); ``merge`` also fuses the LoRA into the run's base model. Returns the paths."""
+    from .train.run import load_run_config
+
+    if fmt not in EXPORT_FORMATS:
+        raise ModelLoadError(f"unknown LoRA format '{fmt}'", f"use one of {', '.join(EXPORT_FORMATS)}")
+    run_dir = Path(run).expanduser()
+    cfg = load_run_config(run_dir)
+    if cfg.run.task != "lora":
+        raise ModelLoadError(f"'{run_dir}' is a '{cfg.run.task}' run, not a LoRA run",
+                             "a full fine-tune is saved as a model already: RUN/final/ (diffusers folder + .safetensors)")
+    lora_file = find_run_lora(run_dir)
+    out_dir = Path(out).expanduser() if out else run_dir / "export"
+    name = run_dir.resolve().name or "lora"
+    written = []
+    for f in FORMATS if fmt == "both" else (fmt,):
+        target = out_dir / (f"{name}.safetensors" if f == "kohya" else "pytorch_lora_weights.safetensors")
+        written.append(export_lora(lora_file, target, f))
+    if merge:
+        m = cfg.model
+        merged = merge_lora(m.pretrained, lora_file, out_dir / f"{name}-merged", family=m.family,
+                            tokenizer=m.tokenizer, config=getattr(m, "config", None), allow_pickle=m.allow_pickle,
+                            save_dtype=dtype)
+        written.extend(merged.values())
     return written

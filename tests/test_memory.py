@@ -95,20 +95,25 @@ def test_meta_autocast_matches_real_cpu_autocast_dtypes():
 
 # ---- fidelity: prediction on meta vs the allocator on real CPU tensors --------------------------------
 
-FIDELITY = [
-    ("lora", dict(attention="math")),
-    ("lora", dict(attention="math", gradient_checkpointing=True)),
-    ("lora", dict(attention="chunked", attention_chunk=32)),
-    ("lora", dict(attention="math", frozen_dtype="fp16", precision="bf16")),
-    ("lora", dict(attention="chunked", attention_chunk=32, frozen_dtype="fp8", gradient_checkpointing=True)),
-    ("full", dict(attention="math")),
-    ("full", dict(attention="chunked", attention_chunk=64, gradient_checkpointing=True, optimizer="adamw8bit_portable")),
-    ("full", dict(attention="math", fused_backward=True, optimizer="adafactor")),
-    ("scratch", dict(attention="math", precision="bf16", batch_size=2, grad_accum=2)),
+_SLOW = pytest.mark.slow
+FIDELITY = [  # four in the default suite, the rest with -m slow (each runs a step twice)
+    pytest.param("lora", dict(attention="math"), id="lora-math"),
+    pytest.param("lora", dict(attention="math", gradient_checkpointing=True), id="lora-ckpt", marks=_SLOW),
+    pytest.param("lora", dict(attention="chunked", attention_chunk=32), id="lora-chunked", marks=_SLOW),
+    pytest.param("lora", dict(attention="math", frozen_dtype="fp16", precision="bf16"), id="lora-fp16frozen-bf16"),
+    pytest.param("lora", dict(attention="chunked", attention_chunk=32, frozen_dtype="fp8", gradient_checkpointing=True),
+                 id="lora-fp8-chunked-ckpt"),
+    pytest.param("full", dict(attention="math"), id="full-math", marks=_SLOW),
+    pytest.param("full", dict(attention="chunked", attention_chunk=64, gradient_checkpointing=True,
+                              optimizer="adamw8bit_portable"), id="full-chunked-ckpt-8bit"),
+    pytest.param("full", dict(attention="math", fused_backward=True, optimizer="adafactor"), id="full-fused-adafactor",
+                 marks=_SLOW),
+    pytest.param("scratch", dict(attention="math", precision="bf16", batch_size=2, grad_accum=2),
+                 id="scratch-bf16-accum", marks=_SLOW),
 ]
 
 
-@pytest.mark.parametrize("mode,knobs", FIDELITY, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in kn.items())}" for m, kn in FIDELITY])
+@pytest.mark.parametrize("mode,knobs", FIDELITY)
 def test_profiler_predicts_the_real_cpu_peak_within_5_percent(mode, knobs):
     knobs = {"batch_size": 4, **knobs}
     predicted, measured, on_cpu = compare(tiny(mode, ema=mode == "scratch"), Knobs(**knobs))
@@ -166,14 +171,14 @@ def test_fp8_storage_outputs_close_to_fp32_and_saves_bytes():
     assert (out - ref).abs().max() < 0.08 * ref.abs().max() + 1e-3  # e4m3: ~3 mantissa bits per weight
 
 
-def _train(net: nn.Module, head: nn.Module, steps: int = 150) -> list[float]:
+def _fit_student(body: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 200) -> list[float]:
+    """Train a 1x1-conv adapter before and a head after a frozen ``body``; returns the losses."""
     torch.manual_seed(1)
-    x = torch.randn(64, 3, 8, 8)
-    y = torch.sin(x.mean(dim=(1, 2, 3), keepdim=False) * 3).unsqueeze(1)
-    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    pre, head = nn.Conv2d(3, 3, 1), nn.Linear(32, 1)
+    opt = torch.optim.Adam([*pre.parameters(), *head.parameters()], lr=1e-2)
     losses = []
     for _ in range(steps):
-        loss = (head(net(x)) - y).square().mean()
+        loss = (head(body(pre(x))) - y).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -182,24 +187,23 @@ def _train(net: nn.Module, head: nn.Module, steps: int = 150) -> list[float]:
 
 
 def test_training_through_fp8_frozen_layers_converges_like_fp32():
-    """A trainable head behind a frozen body: gradients flow through the fp8 layers' input gradients."""
+    """LoRA's situation in small: trainable layers around a frozen body, gradients flow through it.
+
+    Tolerance: the fp8 run must cut its loss 50x and end within 1.5x of the fp32 run's final loss.
+    """
     torch.manual_seed(0)
     body = _small_net()[:-1].requires_grad_(False)
-    head_ref = nn.Linear(32, 1)
-    head_fp8 = nn.Linear(32, 1)
-    head_fp8.load_state_dict(head_ref.state_dict())
-    # a trainable adapter in front of the body makes the gradient pass *through* the frozen layers
-    pre_ref, pre_fp8 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
-    pre_fp8.load_state_dict(pre_ref.state_dict())
-    ref = _train(nn.Sequential(pre_ref, body), head_ref)
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():  # a teacher with the same frozen body: the task is learnable exactly in fp32
+        y = nn.Linear(32, 1)(body(nn.Conv2d(3, 3, 1)(x)))
+    ref = _fit_student(body, x, y)
     body8 = _small_net()[:-1]
     body8.load_state_dict(body.state_dict())
     body8.requires_grad_(False)
     store_frozen_weights(body8, "fp8")
-    fp8 = _train(nn.Sequential(pre_fp8, body8), head_fp8)
-    assert pre_fp8.weight.grad is not None and pre_fp8.weight.grad.abs().sum() > 0
-    assert fp8[-1] < 0.5 * fp8[0]  # it learns
-    assert fp8[-1] <= ref[-1] * 1.25 + 1e-4  # and ends within 25 % of the fp32 loss
+    fp8 = _fit_student(body8, x, y)
+    assert fp8[-1] < fp8[0] / 50
+    assert fp8[-1] <= 1.5 * ref[-1] + 1e-6
 
 
 # ---- presets' stored tables (SD-size profiles: minutes) -------------------------------------------------

@@ -15,7 +15,7 @@ from lowvram.memory.workloads import Workload
 
 _ATTN_16 = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-WL = Workload("tiny-lora", "test", "tiny", "lora", 32, 4, lora_rank=4, unet_overrides=_ATTN_16)
+WL = Workload("tiny-lora", "test", "tiny", "lora", 32, 2, lora_rank=4, unet_overrides=_ATTN_16)
 
 
 def card(vram_bytes: float, **caps) -> SimpleNamespace:

@@ -25,7 +25,7 @@ TINY_EXTRA = "\n".join([
 
 
 def tiny_form(out: Path, **kw) -> cb.Form:
-    values = dict(preset="cpu", task="text2img", data="builtin", model="tiny", out=str(out), steps=40,
+    values = dict(preset="cpu", task="text2img", data="builtin", model="tiny", out=str(out), steps=200,
                   lr="2e-4", rank=16, resolution=16, batch_size=4, grad_accum=1, extra=TINY_EXTRA)
     values.update(kw)
     return cb.Form(**values)
@@ -95,7 +95,7 @@ def test_bad_numbers_are_reported_by_field_and_source(tmp_path):
     assert "run.steps = -3 (from panel: Steps)" in text
     assert "data.resolution = 20 (from panel: Resolution): expected a multiple of 8" in text
     shown = cb.check_settings(form)
-    assert "train.lr" in shown and "run.steps" in shown and shown.startswith("❌")
+    assert "train.lr" in shown and "run.steps" in shown and shown.startswith("✗")
 
 
 def test_extra_settings_lines_are_checked(tmp_path):
@@ -125,7 +125,7 @@ def test_preset_knobs_and_card(tmp_path):
     assert "not profiled yet" in card or "Memory table" in card
     table = "\n".join(cb.memory_table({"budget_gib": 3.35, "workloads": {"W1": {"peak_gib": 2.5, "fits": True},
                                                                            "W3": {"peak_gib": 7.1, "fits": False}}}))
-    assert "| W1 |" in table and "2.50 GiB | ✅ fits" in table and "7.10 GiB | ❌ does not fit" in table
+    assert "| W1 |" in table and "2.50 GiB | ✓ fits" in table and "7.10 GiB | ✗ does not fit" in table
     assert "unknown preset" in cb.preset_card("no-such-card")
 
 
@@ -139,9 +139,12 @@ def test_plan_reports_memory_and_config(tmp_path):
 
 # ---- serving safety -----------------------------------------------------------------------------------
 def test_only_loopback_is_served_without_credentials():
-    from lowvram.webui.app import resolve_auth
+    from lowvram.webui.auth import resolve_auth
 
     assert resolve_auth("127.0.0.1", None, env={}) is None
+    assert resolve_auth("::1", None, env={}) is None and resolve_auth("localhost", None, env={}) is None
+    with pytest.raises(LowvramError, match="without a password"):
+        resolve_auth("192.168.1.5", None, env={})
     with pytest.raises(LowvramError, match="--auth"):
         resolve_auth("0.0.0.0", None, env={})
     assert resolve_auth("0.0.0.0", "ann:secret", env={}) == ("ann", "secret")
@@ -171,6 +174,8 @@ def test_loss_frame_splits_series_and_drops_nonfinite():
     df = cb.loss_frame(rows)
     assert sorted(df.series.unique()) == ["autoencoder", "train", "validation"]
     assert len(df) == 3 and df[df.series == "validation"].loss.item() == 0.8
+    assert str(df.step.dtype) == "int64" and str(df.loss.dtype) == "float64"  # numeric axes, not categories
+    assert cb.loss_frame([{"kind": "start", "step": 0}]) is None
 
 
 # ---- crashing training processes ----------------------------------------------------------------------
@@ -199,8 +204,8 @@ def test_a_crashing_process_is_reported_not_raised(tmp_path):
 
 def test_child_turns_a_config_error_into_an_event(tmp_path):
     import torch
-
     from conftest import tiny_config
+
     from lowvram.webui import child
 
     if torch.cuda.is_available():
@@ -212,6 +217,18 @@ def test_child_turns_a_config_error_into_an_event(tmp_path):
     rows = [json.loads(line) for line in events.read_text().splitlines()]
     assert code == 2
     assert rows[-1]["kind"] == "error" and "run.device" in rows[-1]["data"]["message"]
+
+
+def test_child_stops_when_asked_or_when_the_panel_is_gone(tmp_path, monkeypatch):
+    from lowvram.webui import child
+
+    stop = child.stop_requested(tmp_path / "stop", parent_pid=os.getppid())
+    assert not stop()
+    (tmp_path / "stop").touch()
+    assert stop()
+    orphan = child.stop_requested(tmp_path / "other", parent_pid=os.getppid())
+    monkeypatch.setattr(child.os, "getppid", lambda: 1)  # re-parented: the panel died
+    assert orphan()
 
 
 def test_exit_codes_read_like_sentences():
@@ -229,7 +246,7 @@ def test_tiny_job_runs_previews_samples_stops_and_survives_a_kill(tmp_path):
     assert "already running" in cb.start_job(state, tiny_form(tmp_path / "other"))  # one job at a time
 
     s = wait_for(state.manager, lambda s: s.step >= 1, "a training step")
-    assert s.loss is not None and s.it_s and s.peak_mem_mib and s.total == 40
+    assert s.loss is not None and s.it_s and s.peak_mem_mib and s.total == 200
     assert 'id="lv-step"' in cb.status_html(s)
     s = wait_for(state.manager, lambda s: s.last_sample and s.last_checkpoint, "a sample grid and a checkpoint")
     assert Path(s.last_sample).is_file()
@@ -254,7 +271,7 @@ def test_tiny_job_runs_previews_samples_stops_and_survives_a_kill(tmp_path):
 
     # the same folder is now a run to resume, not to overwrite
     assert "already holds a run" in cb.start_job(state, form)
-    assert cb.resume_job(state, str(run), 60).startswith("Resuming")
+    assert cb.resume_job(state, str(run), 300).startswith("Resuming")
     os.kill(state.manager.job.proc.pid, signal.SIGKILL)  # what the out-of-memory killer does
     s = state.manager.job.wait(60)
     assert s.state == "failed" and "SIGKILL" in s.error

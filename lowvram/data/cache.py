@@ -60,7 +60,8 @@ def module_identity(module: torch.nn.Module, extra: Any = None) -> str:
     h.update(type(module).__qualname__.encode())
     config = getattr(module, "config", None)
     if config is not None:
-        cfg = dict(config) if not isinstance(config, dict) else config
+        # diffusers configs are dicts; transformers' PretrainedConfig is not, but has to_dict()
+        cfg = config if isinstance(config, dict) else config.to_dict() if hasattr(config, "to_dict") else dict(config)
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # _name_or_path etc. are not weights
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     if extra is not None:

@@ -86,7 +86,9 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
         b = max(1, k.batch_size // 2)
         k = k.with_(batch_size=b, grad_accum=k.grad_accum * k.batch_size // b)
         yield f"micro-batch {b} x accumulation {k.grad_accum}", k
-    for chunk in (1024, 256):
+    # A fused SDPA kernel (flash / memory-efficient) is already O(N): chunking would only slow it down.
+    fused = k.attention in ("sdpa", "xformers") and getattr(card, "flash_attention", False)
+    for chunk in () if fused else (1024, 256):
         if k.attention != "chunked" or k.attention_chunk > chunk:
             k = k.with_(attention="chunked", attention_chunk=chunk)
             yield f"chunked attention ({chunk} query rows)", k
@@ -125,7 +127,8 @@ def plan(
         log(f"  start: {current.peak_bytes / GIB:.2f} GiB (budget {budget / GIB:.2f} GiB)" if budget else "")
     if budget is None or current.peak_bytes <= budget:
         return Plan(knobs, current, steps)
-    for name, knobs in candidates(workload, card, knobs):
+    for name, cand in candidates(workload, card, knobs):
+        knobs = cand
         nxt = profile(workload, knobs, card=card, vram_gib=vram_gib)
         steps.append(Step(name, current.peak_bytes, nxt.peak_bytes))
         if log:

@@ -41,10 +41,8 @@ def knobs_from_config(cfg: Any, workload: Workload | None = None, card: Any = No
 
 def leanest(workload: Workload, card: Any = None) -> Knobs:
     """The last planner candidate: every knob the card allows switched on."""
-    k = baseline(workload, card)
-    for _, k in candidates(workload, card):
-        pass
-    return k
+    steps = list(candidates(workload, card))
+    return steps[-1][1] if steps else baseline(workload, card)
 
 
 def _summary(p: MemoryProfile, bound: int | None = None) -> dict[str, Any]:

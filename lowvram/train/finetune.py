@@ -115,7 +115,6 @@ def store_frozen_unet(unet: nn.Module, cfg: RunConfig) -> str:
 
     frozen = cfg.memory.frozen_dtype
     if frozen == "fp32":
-        unet.to(torch.float32)
         return "fp32"
     if compute_dtype(cfg) != torch.float32 and frozen in ("fp16", "bf16"):
         cast_frozen_layers(unet, STORAGE_DTYPES[frozen])
@@ -269,8 +268,10 @@ class FinetuneJob:
         parts = []
         for name, te in self.text_encoders().items():
             tok = self.c.tokenizer if name == "text_encoder" else self.c.tokenizer_2
-            parts.append(module_identity(te, extra={"encode": "pipeline.encode_prompt", "family": self.c.family,
-                                                    "pad": str(tok.pad_token), "max_length": tok.model_max_length}))
+            # wrapped: module_identity reads ``config`` as a dict, a transformers config is not one
+            parts.append(module_identity(nn.ModuleDict({name: te}), extra={
+                "config": te.config.to_dict(), "encode": "pipeline.encode_prompt", "family": self.c.family,
+                "pad": str(tok.pad_token), "max_length": tok.model_max_length}))
         return "+".join(parts)
 
     def conditioning(self, captions: list[str], gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -508,10 +509,11 @@ def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str
     dt = compute_dtype(cfg)
     for name in ("text_encoder", "text_encoder_2"):
         te = getattr(comps, name, None)
-        if te is not None:
+        if te is not None and te.dtype != dt:
             te.to(dt)
     vae_dt = torch.float32 if comps.family == "sdxl" and dt == torch.float16 and comps.vae.config.force_upcast else dt
-    comps.vae.to(vae_dt)
+    if comps.vae.dtype != vae_dt:
+        comps.vae.to(vae_dt)
     torch.manual_seed(cfg.run.seed)  # LoRA's random init: the same run gives the same adapter
     if cfg.run.task == "lora":
         lo = cfg.lora
@@ -523,7 +525,9 @@ def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str
                     te.to(device).train()
         notes.append(f"frozen UNet weights: {store_frozen_unet(comps.unet, cfg)}")
     else:
-        comps.unet.to(torch.float32).requires_grad_(True)
+        if comps.unet.dtype != torch.float32:
+            comps.unet.to(torch.float32)
+        comps.unet.requires_grad_(True)
     comps.unet.train()
     notes.append(f"attention: {install_attention([comps.unet], cfg, device)}")
     comps.unet.to(device)

@@ -6,7 +6,6 @@ shared by every page, so reloading the page shows the job that is running.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -15,18 +14,21 @@ import gradio as gr
 from ..config import SAMPLERS, field_help
 from ..errors import LowvramError
 from . import callbacks as cb
+from .auth import resolve_auth
 from .jobs import JobManager
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-AUTH_ENV = "LOWVRAM_UI_AUTH"
 POLL_SECONDS = 1.0
+# Local fonts only: the panel works offline and never fetches from a font service.
+THEME = gr.themes.Soft(font=["system-ui", "DejaVu Sans", "sans-serif"],
+                       font_mono=["ui-monospace", "DejaVu Sans Mono", "monospace"])
 
 CSS = """
-.lv-status { display: grid; grid-template-columns: repeat(6, minmax(0, 1fr)); gap: 8px; }
-.lv-tile { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px;
-           background: var(--background-fill-secondary); min-width: 0; }
-.lv-label { font-size: 0.75rem; text-transform: uppercase; letter-spacing: 0.04em; opacity: 0.7; }
-.lv-value { font-size: 1.05rem; font-weight: 600; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.lv-status { display: grid; grid-template-columns: repeat(auto-fit, minmax(86px, 1fr)); gap: 8px; }
+.lv-tile { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px 8px;
+           background: var(--background-fill-primary); min-width: 0; }
+.lv-label { font-size: 0.7rem; text-transform: uppercase; letter-spacing: 0.05em; opacity: 0.65; }
+.lv-value { font-size: 1rem; font-weight: 600; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.lv-sub { font-size: 0.7rem; opacity: 0.6; min-height: 0.9rem; }
 .lv-bar { height: 6px; border-radius: 3px; background: var(--background-fill-secondary); margin-top: 8px; overflow: hidden; }
 .lv-fill { height: 100%; background: var(--color-accent); transition: width 0.5s; }
 .lv-fill.lv-failed { background: #d9534f; } .lv-fill.lv-done { background: #3c9a5f; }
@@ -59,7 +61,9 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
                                      info="The card the job is planned for; its knobs fill the settings below.")
                 with gr.Accordion("Card and memory table", open=False):
                     card = gr.Markdown(cb.preset_card(first, state))
-                task = gr.Radio(task_choices, value="text2img", label="Job", elem_id="lv-task")
+                task = gr.Radio(task_choices, value="text2img", label="Job", elem_id="lv-task",
+                                info="From scratch trains a named model size; LoRA / full fine-tune start from "
+                                     "a local Stable Diffusion checkpoint.")
                 data = gr.Textbox("builtin", label="Data folder", elem_id="lv-data",
                                   info="A folder of images with .txt captions (or kohya / metadata / CelebA), "
                                        "or 'builtin' (generated shapes).")
@@ -98,7 +102,7 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
             with gr.Column(scale=7, min_width=480):
                 status = gr.HTML(cb.status_html(state.manager.status()), elem_id="lv-status")
                 error = gr.Markdown(elem_id="lv-error")
-                plot = gr.LinePlot(cb.loss_frame([]), x="step", y="loss", color="series", title="Loss",
+                plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss",
                                    height=260, elem_id="lv-plot",
                                    color_map={"train": "#3b82f6", "validation": "#f97316", "autoencoder": "#9ca3af"})
                 gallery = gr.Gallery(label="Preview grids (newest first)", columns=3, height=300, format="png",
@@ -117,11 +121,10 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
                         s_steps = gr.Number(25, label="Steps", precision=0, elem_id="lv-sample-steps", min_width=70)
                         seed = gr.Number(0, label="Seed", precision=0, elem_id="lv-seed", min_width=70)
                         sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=90)
-                    with gr.Row():
-                        sample_btn = gr.Button("Sample now", elem_id="lv-sample-btn", scale=1)
-                        sample_info = gr.Markdown(elem_id="lv-sample-info")
+                    sample_btn = gr.Button("Sample now", elem_id="lv-sample-btn")
                     sample_img = gr.Image(label="Sample", type="pil", format="png", height=260,
                                           elem_id="lv-sample", interactive=False)
+                sample_info = gr.Markdown(elem_id="lv-sample-info", elem_classes="lv-check")
 
         seen = gr.State({"version": -1, "rows": -1, "samples": None, "active": None, "run": None})
         timer = gr.Timer(POLL_SECONDS)
@@ -136,10 +139,11 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
             try:
                 k = cb.preset_knobs(name, task_v, model_v)
             except LowvramError as e:
-                return (f"❌ {e}", *(gr.skip(),) * 4)
+                return (f"✗ {e}", *(gr.skip(),) * 4)
             return cb.preset_card(name, state), k["lr"], k["batch_size"], k["grad_accum"], k["rank"]
 
-        preset.change(on_preset, [preset, task, model], [card, lr, batch, accum, rank])
+        # .input (a person's change), not .change: restoring a running job's form must not reset its knobs
+        preset.input(on_preset, [preset, task, model], [card, lr, batch, accum, rank])
 
         def on_task(task_v: str, model_v: str, data_v: str) -> tuple[Any, ...]:
             if task_v in ("lora", "full") and model_v in cb.MODEL_SIZES:
@@ -150,10 +154,10 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
             return model_v, cb.check_model(model_v, task_v).markdown(), res, gr.update(
                 interactive=task_v == "lora")
 
-        task.change(on_task, [task, model, data], [model, model_check, resolution, rank])
+        task.input(on_task, [task, model, data], [model, model_check, resolution, rank])
         data.change(lambda v: cb.check_data(v).markdown(), data, data_check)
         model.change(lambda v, t: cb.check_model(v, t).markdown(), [model, task], model_check)
-        out.change(lambda v: cb.check_out(v).markdown(), out, out_check)
+        out.change(lambda v: cb.check_out_live(state, v).markdown(), out, out_check)
         for w in (steps, lr, rank, resolution, batch, accum, extra):
             w.change(lambda *v: cb.check_settings(form_of(*v)), form_inputs, settings_check)
 
@@ -202,49 +206,34 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
                    show_progress="hidden")
 
         def on_load() -> tuple[Any, ...]:
+            """A new or reloaded page: show the running job's form, else a fresh output folder."""
             s = state.manager.status()
-            value = s.run_dir if s.run_dir else default_out()
-            return value, cb.check_out(value).markdown() if not s.active else "attached to the running job"
+            form = state.job_form if s.active and state.job_form is not None else None
+            if form is None:  # only the output folder: a fresh one, so Start does not meet an old run
+                return tuple(default_out() if w is out else gr.skip() for w in form_inputs) + (gr.skip(),)
+            values = [form.preset, form.task, form.data, form.model, form.out, form.steps, form.lr, form.rank,
+                      form.resolution, form.batch_size, form.grad_accum, form.extra]
+            return (*values, cb.preset_card(form.preset, state))
 
-        demo.load(on_load, None, [out, out_check])
+        demo.load(on_load, None, [*form_inputs, card])
         demo.load(lambda *v: cb.check_settings(form_of(*v)), form_inputs, settings_check)
     return demo, state
 
 
 # ---- serving ------------------------------------------------------------------------------------------
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """``user:pass`` → (user, pass); a LowvramError for anything else."""
-    if not text:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise LowvramError("--auth must be written USER:PASS (both non-empty)",
-                           f"e.g. --auth alice:a-long-password, or set {AUTH_ENV}=alice:a-long-password")
-    return user, password
-
-
-def resolve_auth(host: str, auth: str | None, env: dict[str, str] | None = None) -> tuple[str, str] | None:
-    """Credentials for the server: required whenever it listens beyond this machine (loopback)."""
-    env = os.environ if env is None else env
-    creds = parse_auth(auth) or parse_auth(env.get(AUTH_ENV))
-    if host not in LOCAL_HOSTS and creds is None:
-        raise LowvramError(
-            f"refusing to serve the panel on {host} without a password: anyone who can reach it could run "
-            "jobs on this machine",
-            f"add --auth USER:PASS (or set {AUTH_ENV}=USER:PASS), or keep the default --host 127.0.0.1",
-        )
-    return creds
-
-
 def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, *, block: bool = True,
           state: cb.PanelState | None = None) -> tuple[gr.Blocks, cb.PanelState]:
     """Build and launch the panel (never ``share=True``); with ``block`` wait until Ctrl-C, then stop the job."""
     creds = resolve_auth(host, auth)
     demo, state = build_app(state)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=host, server_port=port, auth=creds, share=False, inbrowser=False,
-                prevent_thread_lock=True, quiet=True, css=CSS, theme=gr.themes.Soft(), footer_links=[],
-                ssr_mode=False)
+    try:
+        demo.launch(server_name=host, server_port=port, auth=creds, share=False, inbrowser=False,
+                    prevent_thread_lock=True, quiet=True, css=CSS, theme=THEME, footer_links=[],
+                    ssr_mode=False)
+    except OSError as e:  # Gradio says "Cannot find empty port" when the port is taken
+        raise LowvramError(f"cannot serve the panel on {host}:{port}: {e}".splitlines()[0],
+                           "choose another --port, or stop the program that uses this one") from None
     if not block:
         return demo, state
     print(f"lowvram panel on http://{'[' + host + ']' if ':' in host else host}:{port}  (Ctrl-C to quit; "

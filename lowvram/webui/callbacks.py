@@ -20,9 +20,9 @@ from .jobs import JobManager, JobStatus
 from .tail import JsonlTail
 
 TASK_LABELS: dict[str, str] = {
-    "text2img": "Text-to-image from scratch (pixels)",
-    "latent": "Text-to-image from scratch (latent; trains the autoencoder first)",
-    "autoencoder": "Autoencoder only",
+    "text2img": "From scratch: text-to-image (pixels)",
+    "latent": "From scratch: text-to-image (latent)",
+    "autoencoder": "From scratch: autoencoder only",
     "lora": "LoRA on a checkpoint",
     "full": "Full fine-tune of a checkpoint",
 }
@@ -58,7 +58,7 @@ class Check:
     message: str
 
     def markdown(self) -> str:
-        return ("✅ " if self.ok else "❌ ") + self.message
+        return ("✓ " if self.ok else "✗ ") + self.message
 
 
 @dataclass
@@ -70,6 +70,7 @@ class PanelState:
     _metrics: dict[str, tuple[JsonlTail, list[dict[str, Any]]]] = field(default_factory=dict)
     _model: tuple[tuple[str, str], Any] | None = None
     _model_lock: threading.Lock = field(default_factory=threading.Lock)
+    job_form: Form | None = None  # the form the current job was started from (a reloaded page shows it)
 
     def probe(self) -> Any:
         if self.hardware is None:
@@ -102,11 +103,11 @@ def preset_card(name: str, state: PanelState | None = None) -> str:
     try:
         p = load_preset(name)
     except LowvramError as e:
-        return f"❌ {_text(e)}"
+        return f"✗ {_text(e)}"
     c = p.card
     caps = [cap for cap in ("fp16", "bf16", "flash_attention", "bitsandbytes", "xformers") if getattr(c, cap)]
     lines = [
-        f"**{html.escape(c.describe())}** — {html.escape(p.description)}",
+        f"**{html.escape(c.describe(), quote=False)}** — {html.escape(p.description)}",
         "",
         "| card | backend | VRAM | context | margin | budget for tensors |",
         "|---|---|---|---|---|---|",
@@ -128,7 +129,7 @@ def preset_card(name: str, state: PanelState | None = None) -> str:
         except LowvramError:
             warning = None
         if warning:
-            lines += ["", f"⚠️ {html.escape(warning)}"]
+            lines += ["", f"⚠ {html.escape(warning)}"]
     return "\n".join(lines)
 
 
@@ -152,7 +153,7 @@ def memory_table(profile: dict[str, Any] | None) -> list[str]:
         job = getattr(WORKLOADS.get(wid), "description", "")
         peak = f"{row['peak_gib']:.2f} GiB" if isinstance(row.get("peak_gib"), int | float) else "?"
         fits = row.get("fits")
-        verdict = "✅ fits" if fits else "❌ does not fit" if fits is False else "?"
+        verdict = "✓ fits" if fits else "✗ does not fit" if fits is False else "?"
         rows.append(f"| {wid} | {job} | {peak} | {verdict} |")
     head = f"Memory table (budget {budget:.2f} GiB):" if isinstance(budget, int | float) else "Memory table:"
     return [head, "", *rows]
@@ -321,14 +322,43 @@ def validate_form(form: Form, *, for_resume: bool = False) -> tuple[RunConfig | 
     return (cfg if not problems else None), problems
 
 
+def check_out_live(state: PanelState, out: str) -> Check:
+    """``check_out``, except that the running job's own folder is fine (the page is attached to it)."""
+    s = state.manager.status()
+    if s.active and s.run_dir and (out or "").strip() == s.run_dir:
+        return Check(True, "the running job's folder")
+    return check_out(out)
+
+
+def form_from_config(cfg: RunConfig, preset: str) -> Form:
+    """The form that reproduces ``cfg`` over ``preset``: the main fields, the rest as extra lines."""
+    model = cfg.model.pretrained if cfg.run.task in ("lora", "full") else cfg.model.size
+    form = Form(preset=preset, task=cfg.run.task, data=cfg.data.source, model=model or "", out=cfg.run.out,
+                steps=cfg.run.steps, lr=f"{cfg.train.lr:g}", rank=cfg.lora.rank, resolution=cfg.data.resolution,
+                batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum)
+    try:
+        base = build_config(form).to_dict()
+    except LowvramError:
+        return form
+    lines = []
+    for section, body in cfg.to_dict().items():
+        for key, value in body.items():
+            if base[section][key] != value and value is not None:
+                text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+                    if isinstance(value, list) else value
+                lines.append(f"{section}.{key}={text}")
+    form.extra = "\n".join(lines)
+    return form
+
+
 def check_settings(form: Form) -> str:
-    """The config problems of the form (each naming its field and where the value came from), or ✅."""
+    """The config problems of the form (each naming its field and where the value came from), or ✓."""
     try:
         cfg = build_config(form)
     except LowvramError as e:
         return _problem_list([_text(e)])
     t = cfg.train
-    return (f"✅ settings valid: {t.batch_size} × {t.grad_accum} = {t.batch_size * t.grad_accum} images per step, "
+    return (f"✓ settings valid: {t.batch_size} × {t.grad_accum} = {t.batch_size * t.grad_accum} images per step, "
             f"{cfg.run.steps} steps, learning rate {t.lr:g}")
 
 
@@ -386,15 +416,15 @@ def memory_plan(cfg: RunConfig, preset: Any) -> list[str]:
         knobs = knobs_from_config(cfg, wl, preset.card)
         prof = profile_step(wl, knobs, card=preset.card, vram_gib=cfg.memory.vram_gib)
     except LowvramError as e:
-        return [f"❌ {_text(e)}"]
-    verdict = "✅ fits" if prof.fits else "❌ does not fit" if prof.fits is False else "no budget given"
+        return [f"✗ {_text(e)}"]
+    verdict = "✓ fits" if prof.fits else "✗ does not fit" if prof.fits is False else "no budget given"
     lines = [f"**{verdict}**: one training step peaks at **{prof.peak_bytes / GIB:.2f} GiB** of tensors "
              f"(during {prof.peak_phase})"
              + (f"; budget {prof.budget_bytes / GIB:.2f} GiB, headroom {prof.headroom_bytes / GIB:+.2f} GiB."
                 if prof.budget_bytes is not None else "."), "",
              "| part | GiB |", "|---|---|"]
     lines += [f"| {cat} | {b / GIB:.3f} |" for cat, b in prof.by_category.items() if b]
-    lines += [f"\nnote: {html.escape(n)}" for n in prof.notes]
+    lines += [f"\nnote: {html.escape(n, quote=False)}" for n in prof.notes]
     if cfg.run.task == "text2img":
         lines.append("\nnote: pixel-space jobs are profiled with the latent UNet of the same size (an estimate).")
     if prof.fits is False:
@@ -402,15 +432,18 @@ def memory_plan(cfg: RunConfig, preset: Any) -> list[str]:
             p = plan(wl, preset.card, vram_gib=cfg.memory.vram_gib, start=knobs)
             lines += ["", "**The planner would switch on** (fastest plan that fits):", ""]
             lines += [f"- {s.knob}: {s.peak_after / GIB:.2f} GiB" for s in p.steps]
-            lines += ["", "as settings: `" + "`, `".join(f"{sec}.{k}={v}" for sec, body in p.knobs.as_config().items()
-                                                         for k, v in body.items()) + "` (extra settings box)"]
+            before = knobs.as_config()
+            changed = [f"{sec}.{k}={v}" for sec, body in p.knobs.as_config().items() for k, v in body.items()
+                       if before.get(sec, {}).get(k) != v]
+            if changed:
+                lines += ["", "as settings for the extra settings box: `" + "`, `".join(changed) + "`"]
         except LowvramError as e:
-            lines += ["", f"❌ {_text(e)}"]
+            lines += ["", f"✗ {_text(e)}"]
     return lines
 
 
 def _problem_list(problems: list[str]) -> str:
-    return "\n".join(f"❌ {html.escape(p)}".replace("\n", "  \n") for p in problems)
+    return "\n".join(f"✗ {html.escape(p)}".replace("\n", "  \n") for p in problems)
 
 
 # ---- job control --------------------------------------------------------------------------------------
@@ -422,7 +455,8 @@ def start_job(state: PanelState, form: Form) -> str:
     try:
         job = state.manager.start(cfg)
     except LowvramError as e:
-        return f"❌ {html.escape(_text(e))}"
+        return f"✗ {html.escape(_text(e))}"
+    state.job_form = form
     return f"Started: {TASK_LABELS[cfg.run.task].lower()}, {cfg.run.steps} steps, run folder `{cfg.run.out}` (pid {job.proc.pid})."
 
 
@@ -435,16 +469,20 @@ def resume_job(state: PanelState, out: str, steps: Any = None) -> str:
     try:
         cfg = load_run_config(out)
     except LowvramError as e:
-        return f"❌ {html.escape(_text(e))}"
+        return f"✗ {html.escape(_text(e))}"
     ckpt = latest_checkpoint(Path(out) / "checkpoints")
     if ckpt is None:
-        return f"❌ run folder '{html.escape(out)}' has no checkpoint to resume from — start it again instead"
+        return f"✗ run folder '{html.escape(out)}' has no checkpoint to resume from — start it again instead"
     total = _whole(steps)
     new_total = total if isinstance(total, int) and total > 0 else None
     try:
         state.manager.resume(out, new_total)
     except LowvramError as e:
-        return f"❌ {html.escape(_text(e))}"
+        return f"✗ {html.escape(_text(e))}"
+    preset = state.job_form.preset if state.job_form else default_preset(state)
+    if new_total:
+        cfg.run.steps = new_total
+    state.job_form = form_from_config(cfg, preset)
     return (f"Resuming `{out}` from {ckpt.name} to {new_total or cfg.run.steps} steps.")
 
 
@@ -458,10 +496,10 @@ def fmt_duration(seconds: float | None) -> str:
         return "—"
     seconds = int(round(seconds))
     if seconds < 60:
-        return f"{seconds} s"
+        return f"{seconds}s"
     if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
 STATE_LABEL = {"idle": "no job", "starting": "starting…", "running": "training", "stopping": "stopping…",
@@ -470,26 +508,23 @@ STATE_LABEL = {"idle": "no job", "starting": "starting…", "running": "training
 
 def status_html(s: JobStatus) -> str:
     """Stat tiles: state, step, loss, it/s, ETA, peak memory (ids for the browser test)."""
-    def tile(label: str, value: str, ident: str) -> str:
+    def tile(label: str, value: str, ident: str, sub: str = "") -> str:
         return (f'<div class="lv-tile"><div class="lv-label">{label}</div>'
-                f'<div class="lv-value" id="lv-{ident}">{html.escape(value)}</div></div>')
+                f'<div class="lv-value" id="lv-{ident}">{html.escape(value)}</div>'
+                f'<div class="lv-sub">{html.escape(sub)}</div></div>')
 
-    stage = " (autoencoder stage)" if s.stage == "autoencoder" and s.active else ""
+    stage = " (autoencoder)" if s.stage == "autoencoder" and s.active else ""
     total = f" / {s.total}" if s.total else ""
-    mem = "—"
-    if s.peak_mem_mib is not None:
-        kind = {"process_rss": "process RSS", "gpu_allocated": "GPU tensors"}.get(s.mem_kind or "", s.mem_kind or "")
-        mem = f"{s.peak_mem_mib:,.0f} MiB" + (f" ({kind})" if kind else "")
-    loss = "—" if s.loss is None else f"{s.loss:.4f}"
-    if s.val_loss is not None:
-        loss += f" · val {s.val_loss:.4f}"
+    mem = "—" if s.peak_mem_mib is None else f"{s.peak_mem_mib:,.0f} MiB"
+    mem_kind = {"process_rss": "process RSS", "gpu_allocated": "GPU tensors"}.get(s.mem_kind or "", s.mem_kind or "")
     tiles = [
         tile("status", STATE_LABEL.get(s.state, s.state) + stage, "state"),
         tile("step", f"{s.step}{total}", "step"),
-        tile("loss", loss, "loss"),
+        tile("loss", "—" if s.loss is None else f"{s.loss:.4f}", "loss"),
+        tile("val loss", "—" if s.val_loss is None else f"{s.val_loss:.4f}", "val-loss"),
         tile("speed", "—" if not s.it_s else f"{s.it_s:.2f} it/s", "speed"),
         tile("ETA", fmt_duration(s.eta_s) if s.active else "—", "eta"),
-        tile("peak memory", mem, "mem"),
+        tile("peak memory", mem, "mem", mem_kind),
     ]
     pct = 100.0 * s.step / s.total if s.total else 0.0
     bar = f'<div class="lv-bar"><div class="lv-fill lv-{s.state}" style="width:{min(pct, 100):.1f}%"></div></div>'
@@ -500,12 +535,12 @@ def status_html(s: JobStatus) -> str:
 def error_markdown(s: JobStatus) -> str:
     """The failure (message, exit, last output lines) or the latest warnings; empty when all is well."""
     if s.state == "failed" and s.error:
-        return "### ❌ The training process failed\n\n```text\n" + s.error + "\n```\n\nThe panel keeps running; " \
+        return "### ✗ The training process failed\n\n```text\n" + s.error + "\n```\n\nThe panel keeps running; " \
                "fix the problem and Start again (or Resume from the last checkpoint)."
     parts = []
     if s.error:  # e.g. ended at once on request
-        parts.append(f"ℹ️ {html.escape(s.error)}")
-    parts += [f"⚠️ {html.escape(w)}" for w in s.warnings]
+        parts.append(f"ℹ {html.escape(s.error)}")
+    parts += [f"⚠ {html.escape(w)}" for w in s.warnings]
     return "\n\n".join(parts)
 
 
@@ -524,7 +559,10 @@ def read_metrics(state: PanelState, run_dir: str | None) -> list[dict[str, Any]]
 
 
 def loss_frame(rows: list[dict[str, Any]]) -> Any:
-    """A long-format DataFrame (step, loss, series) for the plot: train, validation, autoencoder."""
+    """A long-format DataFrame (step, loss, series) for the plot: train, validation, autoencoder.
+
+    None while there is nothing to draw: Gradio's plot keeps no lines after it was given an empty frame.
+    """
     import pandas as pd
 
     points: list[tuple[int, float, str]] = []
@@ -535,7 +573,11 @@ def loss_frame(rows: list[dict[str, Any]]) -> Any:
             continue
         series = "validation" if kind == "val" else "autoencoder" if r.get("stage") == "autoencoder" else "train"
         points.append((int(r.get("step", 0)), float(value), series))
-    df = pd.DataFrame(points, columns=["step", "loss", "series"])
+    # explicit dtypes: a frame of objects would be "nominal" and the plot would draw a category axis
+    if not points:
+        return None
+    df = pd.DataFrame(points, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64",
+                                                                          "series": "str"})
     if len(df) > MAX_PLOT_POINTS:  # keep the browser fast on long runs: every k-th train point
         train = df[df.series == "train"]
         k = math.ceil(len(train) / MAX_PLOT_POINTS)
@@ -616,17 +658,17 @@ def sample_now(state: PanelState, run_dir: str | None, prompt: str, negative: st
     from ..sample import make_grid
 
     if not run_dir:
-        return None, "❌ no run yet: start a job (or type a run folder as the output folder)"
+        return None, "✗ no run yet: start a job (or type a run folder as the output folder)"
     run = Path(run_dir)
     prompt = (prompt or "").strip()
     if not prompt:
-        return None, "❌ type a prompt"
+        return None, "✗ type a prompt"
     try:
         n_steps, n_seed = int(steps), int(seed)
     except (TypeError, ValueError):
-        return None, "❌ steps and seed must be whole numbers"
+        return None, "✗ steps and seed must be whole numbers"
     if n_steps < 1:
-        return None, "❌ sampling steps must be 1 or more"
+        return None, "✗ sampling steps must be 1 or more"
     running = state.manager.status().active and state.manager.status().run_dir == run_dir
     which = "latest" if running else "auto"
     t0 = time.perf_counter()
@@ -635,7 +677,7 @@ def sample_now(state: PanelState, run_dir: str | None, prompt: str, negative: st
             try:
                 key = (str(run.resolve()), _model_key(run, which))
                 if key[1] == "none":
-                    return None, (f"❌ run '{run_dir}' has no checkpoint yet: the first one is written after "
+                    return None, (f"✗ run '{run_dir}' has no checkpoint yet: the first one is written after "
                                   "run.checkpoint_every steps")
                 if state._model is None or state._model[0] != key:
                     state._model = (key, load_run_model(run, device="cpu", which=which))
@@ -643,7 +685,7 @@ def sample_now(state: PanelState, run_dir: str | None, prompt: str, negative: st
                 break
             except LowvramError as e:
                 if attempt:
-                    return None, f"❌ {html.escape(_text(e))}"
+                    return None, f"✗ {html.escape(_text(e))}"
         images = model.generate([prompt], cfg_scale=float(guidance), steps=n_steps, sampler=sampler,
                                 seed=n_seed, negative_prompt=negative or "")
     image = scaled(make_grid(images, nrow=1, padding=0))

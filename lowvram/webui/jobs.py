@@ -88,6 +88,7 @@ class Job:
         self._events = JsonlTail(self.events_path)
         self._stop_requested_at: float | None = None
         self.forced = False  # the second Stop: ended at once
+        self._outcome: str | None = None  # done | stopped, from the child's last event
         with self.stderr_path.open("wb") as err, open(os.devnull, "rb") as null:
             # A new session: Ctrl-C in the panel's terminal is the panel's, the job stops through the stop file.
             self.proc = subprocess.Popen(argv, stdin=null, stdout=err, stderr=subprocess.STDOUT, env=env,
@@ -144,18 +145,16 @@ class Job:
             s.step = step
         elif kind == "error":
             s.error = str(d.get("message"))
-        elif kind == "exit":
+        elif kind == "exit":  # the outcome; the job stays active until the process has really ended
             s.step = step
-            s.eta_s = 0.0 if d.get("status") == "done" else None
-            s.state = "done" if d.get("status") == "done" else "stopped"
+            self._outcome = "done" if d.get("status") == "done" else "stopped"
 
     def _finish(self, code: int) -> None:
         s = self.status
         s.exit_code = code
-        if code == 0 and s.state in ("done", "stopped"):
-            return
-        if code == 0:  # ended without saying how (should not happen): trust the stop request
-            s.state = "stopped" if self._stop_requested_at else "done"
+        if code == 0:  # the child says how it ended; without that, trust the stop request
+            s.state = self._outcome or ("stopped" if self._stop_requested_at else "done")
+            s.eta_s = 0.0 if s.state == "done" else None
             return
         if self.forced:
             s.state = "stopped"

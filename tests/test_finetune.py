@@ -1,0 +1,248 @@
+"""LoRA / full fine-tunes of tiny pretrained SD 1.x and SDXL checkpoints, through the CLI.
+
+What a user relies on: the LoRA files a run writes load fully in diffusers, the base pipeline plus the
+file draws exactly the trainer's own preview, the LoRA really changes the image, export/merge keep it,
+and a crashed run resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from sd_fixtures import BUILDERS, save_tiny
+
+from lowvram import lora as L
+from lowvram.cli import main
+from lowvram.errors import ConfigError
+from lowvram.export import RUN_LORA_FILE, export_cli
+from lowvram.train.finetune import PromptSpec, parse_prompt_line
+
+PROMPT = "a photo of sks dog"
+SCALES = (1.0, 3.0)
+SEED = 1234
+RES = 32  # pixels; the tiny VAE downsamples by 2, so the UNet sees 16x16 latents
+# Preview PNG vs diffusers' pipeline with the saved file, both quantised to 8 bits: same fp32 math,
+# so at most one level of rounding (measured: 0 for both formats and both families).
+PREVIEW_TOL = 1
+# The LoRA must move the image: mean |LoRA - base| in 8-bit levels (measured 5-10 after 3 steps at lr 1e-2).
+MIN_LORA_EFFECT = 1.0
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny SD 1.x and SDXL checkpoints (folder + single file) and a 4-image captioned folder."""
+    tmp = tmp_path_factory.mktemp("ft")
+    models = {fam: save_tiny(tmp, fam) for fam in ("sd1", "sdxl")}
+    data = tmp / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"{PROMPT}, photo {i}")
+    return {"tmp": tmp, "models": models, "data": data, "cache": tmp / "cache"}
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    """``trained(family, layout)``: the run folder of a 3-step LoRA run through the CLI (each trained once)."""
+    runs: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, layout: str) -> Path:
+        if (family, layout) not in runs:
+            paths = world["models"][family]
+            run = world["tmp"] / f"run-{family}-{layout}"
+            extra = []
+            if layout == "file":  # a single file has no tokenizer; its tiny layout is described by the folder
+                extra = [f"model.tokenizer={paths['folder']}", f"model.config={paths['folder']}"]
+            assert main(flags(world, paths[layout], run, *extra)) == 0
+            runs[(family, layout)] = run
+        return runs[(family, layout)]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def base_images(world):
+    """The base pipelines' images at each guidance scale (what a LoRA must change)."""
+    return {fam: {s: generate(base_pipeline(world, fam), s) for s in SCALES} for fam in ("sd1", "sdxl")}
+
+
+def flags(world, model: Path, out: Path, *extra: str, steps: int = 3, task: str = "lora") -> list[str]:
+    sets = {
+        "data.resolution": RES, "train.batch_size": 2, "data.cache_dir": world["cache"], "lora.rank": 4,
+        "lora.alpha": 2, "train.lr": 1e-2, "train.warmup_steps": 0, "run.checkpoint_every": 2,
+        "run.sample_every": 0, "run.log_every": 1, "run.tensorboard": "false", "sample.steps": 2,
+        "sample.cfg_scales": ",".join(map(str, SCALES)), "sample.prompts": PROMPT, "sample.seed": SEED,
+    }
+    out_flags = ["train", "--preset", "cpu", "--task", task, "--model", str(model), "--data", str(world["data"]),
+                 "--steps", str(steps), "--out", str(out), "--no-progress"]
+    for k, v in sets.items():
+        out_flags += ["--set", f"{k}={v}"]
+    for item in extra:
+        out_flags += ["--set", item]
+    return out_flags
+
+
+def generate(pipe, scale: float) -> np.ndarray:
+    """What a diffusers user runs: the preview's prompt, size, steps, sampler and seed; 8-bit RGB."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"original_size": (RES, RES), "target_size": (RES, RES)} if isinstance(pipe, StableDiffusionXLPipeline) else {}
+    out = pipe(PROMPT, height=RES, width=RES, num_inference_steps=2, guidance_scale=scale,
+               generator=torch.Generator().manual_seed(SEED), output_type="np", **kw).images[0]
+    return (out * 255).round().astype(np.int16)
+
+
+def preview_cell(run: Path, col: int) -> np.ndarray:
+    """Cell (row 0, column ``col``) of the trainer's final grid (12 px label strip, 2 px padding)."""
+    grid = np.asarray(Image.open(run / "samples" / "final.png").convert("RGB")).astype(np.int16)
+    y, x = 12 + 2, 2 + col * (RES + 2)
+    return grid[y : y + RES, x : x + RES]
+
+
+def base_pipeline(world, family: str):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(world["models"][family]["folder"])
+
+
+def test_prompt_line_options():
+    assert parse_prompt_line("a cat --n blurry, dark --w 512 --h 768 --d 7 --l 5.5 --s 30") == PromptSpec(
+        "a cat", "blurry, dark", 512, 768, 7, 5.5, 30)
+    assert parse_prompt_line("  a--b c  ") == PromptSpec("a--b c")  # '--' inside a word is text
+    with pytest.raises(ConfigError, match="--x"):
+        parse_prompt_line("a cat --x 3")
+    with pytest.raises(ConfigError, match="--d needs a int"):
+        parse_prompt_line("a cat --d seven")
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        parse_prompt_line("a cat --w 100")
+
+
+@pytest.mark.parametrize(("family", "layout"), [("sd1", "folder"), ("sd1", "file"), ("sdxl", "folder"),
+                                                ("sdxl", "file")])
+def test_lora_via_cli_loads_in_diffusers_and_draws_the_preview(world, trained, base_images, family, layout):
+    run = trained(family, layout)
+    paths = world["models"][family]
+    files = {"diffusers": run / RUN_LORA_FILE, "kohya": run / "lora" / f"{run.name}.safetensors"}
+    assert (run / "lora" / "steps" / f"{run.name}-step00000002.safetensors").is_file()
+
+    _, meta = L.read_lora_file(files["kohya"])
+    assert meta["ss_base_model_version"] == L.BASE_MODEL_VERSION[family]
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"]) == ("4", "2.0", "3")
+    assert meta["ss_sd_model_name"] == paths[layout].name and meta["lowvram_family"] == family
+    assert meta["ss_num_train_images"] == "4"
+    if family == "sdxl":  # kohya's SDXL names are the original (LDM) block names
+        assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(str(files["kohya"])))
+
+    # folder runs check both files at every scale; single-file runs (same code after loading) the kohya file
+    checks = files if layout == "folder" else {"kohya": files["kohya"]}
+    scales = SCALES if layout == "folder" else SCALES[-1:]
+    for fmt, path in checks.items():
+        pipe = base_pipeline(world, family)
+        pipe.load_lora_weights(str(path))
+        loaded = L.ensure_lora_loaded(pipe, path)  # raises if diffusers dropped modules
+        assert loaded["unet"] == L.count_saved_modules(load_file(str(path)))["unet"] > 0
+        for s in scales:
+            img = generate(pipe, s)
+            diff = np.abs(img - preview_cell(run, SCALES.index(s))).max()
+            assert diff <= PREVIEW_TOL, f"{fmt} cfg {s}: preview differs by {diff} levels"
+            effect = np.abs(img - base_images[family][s]).mean()
+            assert effect > MIN_LORA_EFFECT, f"{fmt}: the LoRA does not change the image ({effect})"
+
+    # the kohya export from the run equals the trainer's own kohya file (SDXL: layout from the header)
+    exported = export_cli(run, "kohya", out=world["tmp"] / f"exp-{family}-{layout}")
+    a, b = load_file(str(exported[0])), load_file(str(files["kohya"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_merge_reproduces_base_plus_lora(trained):
+    from diffusers import DiffusionPipeline
+
+    run = trained("sd1", "folder")
+    written = export_cli(run, "both", merge=True, out=run / "export", dtype="fp32")
+    names = {p.name for p in written}
+    assert {f"{run.name}.safetensors", "pytorch_lora_weights.safetensors", "diffusers",
+            f"{run.name}-merged.safetensors"} <= names
+    merged = DiffusionPipeline.from_pretrained(run / "export" / f"{run.name}-merged" / "diffusers")
+    assert L.count_loaded_modules(merged.unet) == 0  # fused into the weights, no adapter left
+    for col, s in enumerate(SCALES):
+        # fused W + BA vs the unfused adapter: fp32 rounding only
+        assert np.abs(generate(merged, s) - preview_cell(run, col)).max() <= PREVIEW_TOL
+
+
+class Crash(Exception):
+    pass
+
+
+def test_crashed_lora_run_resumes_bitwise(world, trained, capsys):
+    from lowvram.cli import build_parser, resolve_config
+    from lowvram.train.run import train
+
+    straight, crashed = trained("sd1", "folder"), world["tmp"] / "crashed"
+    # the same run (same flags, resolved as the CLI does), dying right after its step-2 checkpoint
+    cfg, _, _ = resolve_config(build_parser().parse_args(flags(world, world["models"]["sd1"]["folder"], crashed)))
+
+    def crash(event):
+        if event.kind == "checkpoint":
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, listeners=[crash], progress=False)
+    assert not (crashed / "samples").exists()
+    assert main(["train", "--resume", str(crashed), "--no-progress"]) == 0, capsys.readouterr().err
+
+    for name in ("model", "ema", "optimizer"):  # step 3 is the first batch of epoch 2
+        a = load_file(str(straight / "checkpoints" / "step-00000003" / f"{name}.safetensors"))
+        c = load_file(str(crashed / "checkpoints" / "step-00000003" / f"{name}.safetensors"))
+        assert a.keys() == c.keys() and a
+        for key in a:
+            assert torch.equal(a[key], c[key]), f"{name}:{key} differs after resume"
+    a, c = load_file(str(straight / RUN_LORA_FILE)), load_file(str(crashed / RUN_LORA_FILE))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_v_prediction_comes_from_the_checkpoint_not_the_config_default(tmp_path):
+    from lowvram.config import RunConfig
+    from lowvram.train.finetune import load_base
+
+    pipe = BUILDERS["sd2"](tmp_path, prediction="v_prediction")
+    pipe.save_pretrained(tmp_path / "sd2v")
+    cfg = RunConfig()
+    cfg.run.task, cfg.model.pretrained = "lora", str(tmp_path / "sd2v")
+    assert cfg.model.prediction == "epsilon"  # the config default ...
+    assert load_base(cfg).prediction_type == "v_prediction"  # ... does not override the checkpoint
+
+
+def test_fp8_frozen_unet_with_text_encoder_lora(world, capsys):
+    """fp8 storage of the frozen UNet (per-layer upcast) and LoRA on the text encoder: both load back fully."""
+    run = world["tmp"] / "run-fp8-te"
+    argv = flags(world, world["models"]["sd1"]["folder"], run, "memory.frozen_dtype=fp8", "lora.text_encoder=true",
+                 steps=2)
+    assert main(argv) == 0, capsys.readouterr().err
+    kohya = load_file(str(run / "lora" / f"{run.name}.safetensors"))
+    assert any(k.startswith("lora_te_") for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
+    pipe = base_pipeline(world, "sd1")
+    pipe.load_lora_weights(str(run / RUN_LORA_FILE))
+    loaded = L.ensure_lora_loaded(pipe, run / RUN_LORA_FILE)
+    assert loaded["text_encoder"] > 0 and loaded["unet"] > 0
+
+
+def test_full_finetune_saves_a_loadable_changed_model(world, capsys):
+    from diffusers import DiffusionPipeline
+
+    run = world["tmp"] / "run-full"
+    assert main(flags(world, world["models"]["sd1"]["folder"], run, "train.lr=1e-3", steps=2, task="full")) == 0, \
+        capsys.readouterr().err
+    assert (run / "final" / f"{run.name}.safetensors").is_file()
+    tuned = DiffusionPipeline.from_pretrained(run / "final" / "diffusers")
+    assert np.abs(generate(tuned, 3.0) - preview_cell(run, 1)).max() <= PREVIEW_TOL
+    assert np.abs(generate(tuned, 3.0) - generate(base_pipeline(world, "sd1"), 3.0)).mean() > MIN_LORA_EFFECT
+    with pytest.raises(Exception, match="not a LoRA run"):
+        export_cli(run)
