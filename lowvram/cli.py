@@ -87,9 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides[key.strip()] = value.strip()
         result = resume(args.resume, overrides, progress=not args.no_progress)
     else:
-        cfg, _preset, warning = resolve_config(args)
+        from .memory.run_plan import plan_or_refuse
+
+        cfg, preset, warning = resolve_config(args)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
+        print("\n".join(plan_or_refuse(cfg, preset.card).lines()))
         result = train(cfg, progress=not args.no_progress)
     print(f"{result.status}: {result.step} steps; run folder {result.run_dir}")
     if result.status == "stopped":
@@ -100,14 +103,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import yaml
 
+    from .train.setup import resolve_defaults
+
     cfg, preset, warning = resolve_config(args)
+    resolve_defaults(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     print("# resolved config")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-    print(f"\n# preset: {preset.name} — {preset.description}")
+    from .memory.run_plan import plan_run
+
     card = preset.card
+    print(f"\n# preset: {preset.name} — {preset.description}")
     print(f"# card: {card.name}, {card.vram_gib} GiB, backend {card.backend}")
+    print("\n".join(f"# {line}" for line in plan_run(cfg, card).lines()))
     return 0
 
 
@@ -161,6 +170,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .memory.report import profile_command
+
+    print(profile_command(args.preset, args.workload, args.vram, args.json, args.update_presets))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .webui.auth import resolve_auth
+
+    resolve_auth(args.host, args.auth)  # refuse a reachable panel without a password before loading Gradio
+    from .webui.app import serve
+
+    serve(host=args.host, port=args.port, auth=args.auth)
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import presets_table
 
@@ -175,6 +201,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "eval": (cmd_eval, "Sample every evaluation prompt and report prompt adherence (builtin data)."),
     "doctor": (cmd_doctor, "Report the device, what really works on it, and run a GEMM/conv self-test."),
     "presets": (cmd_presets, "List the card presets and their memory tables."),
+    "profile": (cmd_profile, "Profile the memory of the standard workloads (W1-W4) on a card, without a GPU."),
+    "ui": (cmd_ui, "Open the training panel in a browser (this machine only unless --host and --auth are given)."),
     "export": (cmd_export, "Write a LoRA run's files (kohya for A1111/ComfyUI, diffusers); --merge fuses it into the base model."),
 }
 
@@ -212,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["eval"].add_argument("--json", action="store_true", help="Print the report as JSON.")
     parsers["doctor"].add_argument("--json", action="store_true", help="Print the report as JSON.")
     parsers["doctor"].add_argument("--no-self-test", action="store_true", help="Skip the GEMM/conv self-test.")
+    p = parsers["ui"]
+    p.add_argument("--host", default="127.0.0.1",
+                   help="Address to listen on; anything but loopback needs --auth or LOWVRAM_UI_AUTH.")
+    p.add_argument("--port", type=int, default=7860, help="Port to listen on.")
+    p.add_argument("--auth", metavar="USER:PASS", help="Require this user and password (default: LOWVRAM_UI_AUTH).")
+    p = parsers["profile"]
+    p.add_argument("--preset", help="Card preset whose budget to plan against.")
+    p.add_argument("--workload", action="append", choices=("W1", "W2", "W3", "W4"),
+                   help="Standard workload (repeatable; default: all four).")
+    p.add_argument("--vram", type=float, help="Card memory in GiB (instead of a preset's).")
+    p.add_argument("--json", action="store_true", help="Print JSON: peak_bytes, budget_bytes, fits, lower_bound_bytes, ...")
+    p.add_argument("--update-presets", action="store_true",
+                   help="Re-profile W1-W4 with each preset's knobs and write its memory_profile table.")
     p = parsers["export"]
     p.add_argument("--run", required=True, help="Run folder of a lora task (a train --out).")
     p.add_argument("--format", choices=("kohya", "diffusers", "both"), default="kohya", help="LoRA file format(s) to write.")

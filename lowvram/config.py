@@ -160,6 +160,9 @@ class MemorySection:
     cache_latents: bool = _f(True, "Encode images through the VAE once and train from the cached latents.")
     cache_text: bool = _f(True, "Encode captions once with a frozen text encoder and train from the cache.")
     offload_frozen: bool = _f(True, "Move the VAE and text encoder off the training device after caching.")
+    trainable_dtype: str = _f(
+        "fp32", "Storage dtype of trainable weights; bf16 halves them (cards with bf16 only).", ("fp32", "bf16")
+    )
     fused_backward: bool = _f(False, "Step the optimizer inside backward, freeing each gradient at once.")
     vram_gib: float | None = _f(None, "Memory budget in GiB (default: the preset's card).")
     force: bool = _f(False, "Train even when the plan does not fit the budget.")

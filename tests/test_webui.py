@@ -164,7 +164,9 @@ def test_jsonl_tail_waits_for_complete_lines(tmp_path):
     with path.open("a") as f:
         f.write('2}\nnot json\n{"step": 3}\n')
     assert tail.read() == [{"step": 2}, {"step": 3}]
-    assert tail.read() == []
+    assert tail.read() == [] and not tail.restarted
+    path.write_text(json.dumps({"step": 1}) + "\n")  # a new run in the same folder
+    assert tail.read() == [{"step": 1}] and tail.restarted
 
 
 def test_loss_frame_splits_series_and_drops_nonfinite():

@@ -101,7 +101,9 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
     if workload.mode != "lora" and k.optimizer != "adafactor":
         k = k.with_(optimizer="adafactor")
         yield "factored optimizer state (Adafactor)", k
-    if workload.mode != "lora" and getattr(card, "bf16", False) and k.trainable_dtype == "fp32":
+    # bf16 trainable weights are modelled for fine-tunes of a pretrained UNet (W3), not for from-scratch
+    # jobs whose jointly trained text encoder and inputs stay fp32
+    if workload.mode == "full" and getattr(card, "bf16", False) and k.trainable_dtype == "fp32":
         k = k.with_(trainable_dtype="bf16")
         yield "bf16 trainable weights", k
 

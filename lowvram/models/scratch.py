@@ -76,6 +76,12 @@ MODEL_SIZES: dict[str, ModelSpec] = {
         vae=dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=16),
         latent_channels=4,
+        # Provisional (see the helper report): v-prediction on a zero-terminal-SNR linear schedule got
+        # colours and backgrounds right by step 400; epsilon-prediction left every background gray.
+        recipe=dict(prediction="v_prediction", schedule="linear", zero_terminal_snr=True, lr=1e-3,
+                    warmup_steps=50, batch_size=32, ema_decay=0.995, ema_warmup=True, caption_dropout=0.1,
+                    grad_clip=1.0, sampler="ddim", sample_steps=25, timestep_spacing="trailing",
+                    cfg_scale=1.5, steps=1200),
     ),
     # The RX 570 / CelebA recipe: 64x64 images -> 32x32x4 latents, text 77x512. Cross-attention in the
     # 32x32 and 16x16 stages (diffusers' usual layout), plain ResNet stage at 8x8 + cross-attn mid block.

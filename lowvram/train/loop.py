@@ -80,7 +80,8 @@ class Trainer:
         if t.gradient_checkpointing:
             job.unet.enable_gradient_checkpointing()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay)
+        # foreach=False: the multi-tensor AdamW path keeps a temporary copy of the state (the profiler assumes none)
+        self.optimizer = build_optimizer(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, foreach=False)
         warm = max(t.warmup_steps, 0)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0

@@ -6,8 +6,8 @@ process-global, so two runs in a row in one process do not interfere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -242,7 +242,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, *,
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        print("stopping: the running job saves a checkpoint…")
+        if state.manager.status().active:
+            print("stopping: the running job saves a checkpoint…")
     finally:
         state.manager.shutdown()
         demo.close()

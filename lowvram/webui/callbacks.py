@@ -29,7 +29,6 @@ TASK_LABELS: dict[str, str] = {
 FROM_SCRATCH = ("text2img", "latent", "autoencoder")
 PREVIEW_MIN_SIDE = 384  # tiny grids (16 px images) are scaled up, pixel for pixel, to be seen
 MAX_PLOT_POINTS = 1500
-SD_FAMILY_WORKLOAD = {"sd1": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
 
 
 @dataclass
@@ -384,29 +383,13 @@ def plan_report(form: Form) -> str:
     return "\n".join(parts)
 
 
-def workload_for(cfg: RunConfig) -> Any:
-    """The planner's Workload for this config (from-scratch size or the checkpoint's SD family)."""
-    from ..memory.workloads import Workload
-    from ..train.setup import resolve_defaults
-
-    resolve_defaults(cfg)
-    res = int(cfg.data.resolution)
-    if cfg.run.task in ("lora", "full"):
-        from ..models.pretrained import detect_family
-
-        family = SD_FAMILY_WORKLOAD[detect_family(cfg.model.pretrained, None)]
-        return Workload("this job", f"{family} {cfg.run.task}, {res}²", family, cfg.run.task, res,
-                        cfg.train.batch_size * cfg.train.grad_accum, lora_rank=cfg.lora.rank)
-    return Workload("this job", f"{cfg.model.size} from scratch, {res}²", cfg.model.size, "scratch", res,
-                    cfg.train.batch_size * cfg.train.grad_accum, ema=cfg.train.ema_decay > 0)
-
-
 def memory_plan(cfg: RunConfig, preset: Any) -> list[str]:
     """Profile the config's knobs against the card; if they do not fit, what the planner would switch on."""
     try:
         from ..memory.planner import plan
         from ..memory.profiler import GIB, profile_step
         from ..memory.report import knobs_from_config
+        from ..memory.run_plan import workload_for
     except ImportError as e:
         return [f"*The memory planner is not available ({e}); the card's budget is shown above.*"]
     if cfg.run.task == "autoencoder":
@@ -554,7 +537,10 @@ def read_metrics(state: PanelState, run_dir: str | None) -> list[dict[str, Any]]
     if tail is None:
         tail = JsonlTail(path)
         state._metrics[path] = (tail, rows)
-    rows.extend(tail.read())
+    new = tail.read()
+    if tail.restarted:  # the run folder was started afresh
+        rows.clear()
+    rows.extend(new)
     return rows
 
 

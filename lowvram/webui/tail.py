@@ -18,13 +18,15 @@ class JsonlTail:
         self.path = Path(path)
         self.offset = 0
         self._partial = b""
+        self.restarted = False  # set by read() when the file was replaced: earlier rows are void
 
     def read(self) -> list[dict[str, Any]]:
         """The rows appended since the previous call (none if the file does not exist yet)."""
         try:
             with self.path.open("rb") as f:
                 size = f.seek(0, 2)
-                if size < self.offset:  # replaced or truncated: start over
+                self.restarted = size < self.offset
+                if self.restarted:  # replaced or truncated: start over
                     self.offset, self._partial = 0, b""
                 f.seek(self.offset)
                 chunk = f.read()

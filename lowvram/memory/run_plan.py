@@ -1,0 +1,108 @@
+"""Plan a user's run (a RunConfig) against a card: profile its knobs, and if they don't fit, let the planner
+switch more on. ``lowvram train``, ``lowvram plan`` and the web panel's Plan button all call this.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..errors import MemoryPlanError
+from .planner import Plan, plan
+from .profiler import GIB, MemoryProfile, profile_step
+from .report import knobs_from_config
+from .workloads import Workload
+
+# models/pretrained.py names families by checkpoint; the profiler by published architecture
+SD_FAMILY_WORKLOAD = {"sd1": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
+
+
+def _checkpoint_unet_config(cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint's own UNet config when a folder describes it (non-standard or tiny models)."""
+    for folder in (cfg.model.config, cfg.model.pretrained):
+        if folder and (Path(folder) / "unet" / "config.json").is_file():
+            data = json.loads((Path(folder) / "unet" / "config.json").read_text())
+            return {k: v for k, v in data.items() if not k.startswith("_")}
+    return {}
+
+
+def workload_for(cfg: RunConfig) -> Workload:
+    """The planner's Workload for this config (a from-scratch size, or the checkpoint's SD family)."""
+    from ..train.setup import resolve_defaults
+
+    resolve_defaults(cfg)
+    res = int(cfg.data.resolution)
+    batch = cfg.train.batch_size * cfg.train.grad_accum
+    if cfg.run.task in ("lora", "full"):
+        from ..models.pretrained import detect_family
+
+        family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
+        return Workload("this job", f"{family} {cfg.run.task}, {res}²", family, cfg.run.task, res, batch,
+                        lora_rank=cfg.lora.rank, unet_overrides=_checkpoint_unet_config(cfg))
+    return Workload("this job", f"{cfg.model.size} from scratch, {res}²", cfg.model.size, "scratch", res, batch,
+                    ema=cfg.train.ema_decay > 0)
+
+
+@dataclass
+class RunPlan:
+    """The profile of the run as configured, and the planner's plan when that did not fit."""
+
+    profile: MemoryProfile | None
+    plan: Plan | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        if self.profile is None:
+            return self.notes
+        p = self.profile
+        verdict = "fits" if p.fits else "does not fit" if p.fits is False else "no budget"
+        out = [f"memory: one training step peaks at {p.peak_bytes / GIB:.2f} GiB of tensors ({verdict}"
+               + (f"; budget {p.budget_bytes / GIB:.2f} GiB, headroom {p.headroom_bytes / GIB:+.2f} GiB)"
+                  if p.budget_bytes is not None else ")")]
+        out += [f"  {cat:<20} {b / GIB:8.3f} GiB" for cat, b in p.by_category.items() if b]
+        if self.plan is not None:
+            out.append(f"the planner switched on (fastest plan that fits: {self.plan.profile.peak_bytes / GIB:.2f} GiB):")
+            out += [f"  + {s.knob}: {s.peak_after / GIB:.2f} GiB (saved {s.saved / GIB:+.2f})" for s in self.plan.steps]
+        return out + [f"note: {n}" for n in self.notes + p.notes]
+
+
+def plan_run(cfg: RunConfig, card: Any) -> RunPlan:
+    """Profile ``cfg`` on ``card``; when it does not fit, plan (raises MemoryPlanError if nothing fits)."""
+    if cfg.run.task == "autoencoder":
+        return RunPlan(None, notes=["the autoencoder stage is small and is not planned"])
+    wl = workload_for(cfg)
+    knobs = knobs_from_config(cfg, wl, card)
+    prof = profile_step(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
+    notes = ["pixel-space jobs are profiled with the latent UNet of the same size (an estimate)"] \
+        if cfg.run.task == "text2img" else []
+    if prof.fits is not False:
+        return RunPlan(prof, notes=notes)
+    chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, start=knobs)
+    before = knobs.as_config()
+    overrides = {sec: {k: v for k, v in body.items() if before.get(sec, {}).get(k) != v}
+                 for sec, body in chosen.knobs.as_config().items()}
+    return RunPlan(prof, chosen, {s: b for s, b in overrides.items() if b}, notes)
+
+
+def apply_plan(cfg: RunConfig, rp: RunPlan) -> RunConfig:
+    """Write the planner's knob settings into ``cfg`` (in place)."""
+    for section, body in rp.overrides.items():
+        for key, value in body.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def plan_or_refuse(cfg: RunConfig, card: Any) -> RunPlan:
+    """What ``lowvram train`` does first: fit the run to the card or refuse it (unless memory.force)."""
+    try:
+        rp = plan_run(cfg, card)
+    except MemoryPlanError:
+        if cfg.memory.force:
+            return RunPlan(None, notes=["no plan fits the card; training anyway because memory.force is set"])
+        raise
+    apply_plan(cfg, rp)
+    return rp
