@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate_run import evaluate_run
 
     report = evaluate_run(args.run, samples_per_prompt=args.samples, cfg_scale=args.cfg, steps=args.steps,
-                          sampler=args.sampler, seed=args.seed, device=args.device)
+                          sampler=args.sampler, seed=args.seed, device=args.device, which=args.which)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -160,6 +160,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     text, code = doctor(as_json=args.json, with_self_test=not args.no_self_test)
     print(text)
     return code
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .train.finetune import train_finetune
+    from .train.setup import resolve_defaults, resolve_device
+
+    cfg, _preset, _warning = resolve_config(args)
+    if cfg.run.task not in ("lora", "full"):
+        cfg.run.task = "lora"  # caching needs the pretrained VAE and text encoder a fine-tune uses
+    resolve_defaults(cfg)
+    cfg.train.batch_size = 1  # no training batches are drawn; any dataset size can be cached
+    out = Path(cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_finetune(cfg, out, resolve_device(cfg.run.device), lambda event: None, cache_only=True)
+    print(f"cache ready; data report in {out / 'data_report.json'}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -203,6 +219,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "presets": (cmd_presets, "List the card presets and their memory tables."),
     "profile": (cmd_profile, "Profile the memory of the standard workloads (W1-W4) on a card, without a GPU."),
     "ui": (cmd_ui, "Open the training panel in a browser (this machine only unless --host and --auth are given)."),
+    "cache": (cmd_cache, "Encode a dataset's latents and captions once through a checkpoint's VAE and text encoder."),
     "export": (cmd_export, "Write a LoRA run's files (kohya for A1111/ComfyUI, diffusers); --merge fuses it into the base model."),
 }
 
@@ -233,13 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["sample"].add_argument("--negative", default="", help="Negative prompt.")
     parsers["sample"].add_argument("--cfg", type=float, nargs="+", default=[3.0], help="Guidance scale(s): one column each.")
     parsers["sample"].add_argument("--out", help="Output PNG (default: RUN/samples/sample-seedN.png).")
-    parsers["sample"].add_argument("--which", choices=("auto", "final", "latest"), default="auto",
+    for name in ("sample", "eval"):
+        parsers[name].add_argument("--which", choices=("auto", "final", "latest"), default="auto",
                                    help="final model, or the latest checkpoint's EMA weights.")
     parsers["eval"].add_argument("--cfg", type=float, default=3.0, help="Guidance scale.")
     parsers["eval"].add_argument("--samples", type=int, default=8, help="Samples per prompt.")
     parsers["eval"].add_argument("--json", action="store_true", help="Print the report as JSON.")
     parsers["doctor"].add_argument("--json", action="store_true", help="Print the report as JSON.")
     parsers["doctor"].add_argument("--no-self-test", action="store_true", help="Skip the GEMM/conv self-test.")
+    _add_config_flags(parsers["cache"])
     p = parsers["ui"]
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to listen on; anything but loopback needs --auth or LOWVRAM_UI_AUTH.")

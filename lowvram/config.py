@@ -86,6 +86,9 @@ class ModelSection:
     schedule: str = _f("linear", "Noise schedule: linear 1e-4..0.02, cosine, or scaled_linear (SD).", SCHEDULES)
     prediction: str = _f("epsilon", "What the UNet predicts: the noise (epsilon) or v.", PREDICTIONS)
     timesteps: int = _f(1000, "Number of diffusion timesteps T.")
+    zero_terminal_snr: bool = _f(
+        False, "Rescale the schedule to zero terminal SNR (needs v-prediction): the model learns mean colours."
+    )
 
 
 @dataclass
@@ -133,6 +136,7 @@ class TrainSection:
     )
     precision: str = _f("fp32", "Compute precision: fp32, fp16 (GradScaler, fp32 trainable weights) or bf16.", PRECISIONS)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30 % slower.")
+    snr_gamma: float = _f(0.0, "Min-SNR-gamma loss weighting (e.g. 5): converges faster; 0 is the plain MSE.")
     ema_decay: float = _f(0.999, "EMA decay of the weights that samples are drawn from (0: no EMA).")
     ema_on_cpu: bool = _f(False, "Keep the EMA copy in CPU memory instead of on the card.")
     autoencoder_steps: int = _f(600, "Steps of the autoencoder stage that the latent task runs first (no model.vae).")
@@ -148,6 +152,7 @@ class SampleSection:
     sampler: str = _f("ddim", "Sampler: ddpm, ddim or dpm++ (DPM-Solver++).", SAMPLERS)
     steps: int = _f(25, "Sampling steps.")
     seed: int = _f(1234, "Seed of the sample noise (fixed, so grids are comparable across steps).")
+    guidance_rescale: float = _f(0.0, "Guidance rescale phi (0-1, e.g. 0.7): keeps strong guidance from over-exposing.")
 
 
 @dataclass

@@ -36,14 +36,21 @@ def _check_prediction(prediction: str) -> str:
 
 
 def make_scheduler_config(
-    schedule: str, timesteps: int = 1000, prediction: str = "epsilon", *, clip_sample: bool = False
+    schedule: str, timesteps: int = 1000, prediction: str = "epsilon", *, clip_sample: bool = False,
+    zero_terminal_snr: bool = False,
 ) -> dict[str, Any]:
     """The diffusers scheduler config (kwargs) for a schedule; shared by training and every sampler.
 
     ``linear`` keeps DDPM's 1e-4→0.02 at T=1000 and scales both ends by 1000/T otherwise (improved-DDPM
     rule, so short chains still reach pure noise); ``scaled_linear`` is Stable Diffusion's 0.00085→0.012.
     ``clip_sample`` clips predicted x0 to [-1, 1] in DDPM/DDIM: right for pixels, wrong for latents.
+    ``zero_terminal_snr`` rescales the betas so the last step is pure noise (Lin et al. 2024): with
+    v-prediction the model must then produce the image's mean colour itself (no gray backgrounds);
+    samplers start at t = T ("trailing" spacing).
     """
+    if zero_terminal_snr and _check_prediction(prediction) != "v_prediction":
+        raise ConfigError("model.zero_terminal_snr needs v-prediction (epsilon is undefined at zero SNR)",
+                          "set model.prediction=v_prediction")
     if schedule not in _DIFFUSERS_SCHEDULE:
         raise ConfigError(
             f"unknown noise schedule {schedule!r}",
@@ -60,7 +67,7 @@ def make_scheduler_config(
         beta_start, beta_end = 0.00085, 0.012
     else:  # cosine ignores beta_start/beta_end; diffusers' defaults are kept for a complete config
         beta_start, beta_end = 0.0001, 0.02
-    return {
+    config = {
         "num_train_timesteps": timesteps,
         "beta_schedule": _DIFFUSERS_SCHEDULE[schedule],
         "beta_start": beta_start,
@@ -68,6 +75,9 @@ def make_scheduler_config(
         "prediction_type": prediction,
         "clip_sample": clip_sample,
     }
+    if zero_terminal_snr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
 
 
 def betas_for(schedule: str, timesteps: int = 1000) -> torch.Tensor:
@@ -138,9 +148,27 @@ def sample_timesteps(
     return torch.randint(0, timesteps, (batch,), generator=generator, device=gen_device).to(device)
 
 
-def diffusion_loss(model_out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in fp32 (fp16 model outputs are upcast before squaring, so no overflow)."""
-    return F.mse_loss(model_out.float(), target.float())
+def diffusion_loss(model_out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32 (fp16 model outputs are upcast before squaring, so no overflow).
+
+    ``weights`` [B] weight each sample's error (min-SNR weighting); None is the plain mean.
+    """
+    if weights is None:
+        return F.mse_loss(model_out.float(), target.float())
+    per_sample = (model_out.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * weights.float()).mean()
+
+
+def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): stop easy low-noise steps from dominating training.
+
+    In units of the epsilon loss the weight is min(SNR, gamma) / SNR; for v-prediction, whose loss is
+    (SNR + 1) times the epsilon loss, it is min(SNR, gamma) / (SNR + 1).
+    """
+    ab = alphas_cumprod.to(t.device)[t].float()
+    snr = ab / (1 - ab).clamp_min(1e-12)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if _check_prediction(prediction) == "v_prediction" else clipped / snr.clamp_min(1e-12)
 
 
 def drop_conditions(

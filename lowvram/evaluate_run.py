@@ -24,6 +24,7 @@ def evaluate_run(
     sampler: str = "ddim",
     seed: int = 0,
     device: str = "cpu",
+    which: str = "auto",
 ) -> dict[str, Any]:
     """Adherence report of the run's final model (or latest EMA checkpoint); also written to eval.json."""
     from .data.builtin import attributes_of_caption, decode_attributes, eval_prompts, matches
@@ -37,15 +38,16 @@ def evaluate_run(
             f"run '{run_dir}' was trained on '{cfg.data.source}': prompt adherence needs the builtin data's truth",
             "use `lowvram sample` to look at its samples instead",
         )
-    model = load_run_model(run_dir, device=device)
+    model = load_run_model(run_dir, device=device, which=which)
 
     def generate(prompts: list[str], n: int) -> torch.Tensor:
         batch = [p for p in prompts for _ in range(n)]
-        return model.generate(batch, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed)
+        return model.generate(batch, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed,
+                              guidance_rescale=cfg.sample.guidance_rescale)
 
     report = prompt_adherence(generate, eval_prompts(), samples_per_prompt, matches,
                               decode=decode_attributes, attributes_of=attributes_of_caption)
-    report.update({"cfg_scale": cfg_scale, "steps": steps, "sampler": sampler, "seed": seed,
+    report.update({"cfg_scale": cfg_scale, "guidance_rescale": cfg.sample.guidance_rescale, "steps": steps, "sampler": sampler, "seed": seed,
                    "samples_per_prompt": samples_per_prompt})
     (run_dir / "eval.json").write_text(json.dumps(report, indent=1))
     with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:

@@ -60,6 +60,7 @@ class TextToImage:
         sampler: str = "ddim",
         seed: int = 0,
         negative_prompt: str = "",
+        guidance_rescale: float = 0.0,
     ) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1] for ``prompts``; the same seed gives the same images."""
         was_training = (self.unet.training, self.text_encoder.training)
@@ -82,6 +83,7 @@ class TextToImage:
                 steps=steps,
                 seed=seed,
                 device=self.device,
+                guidance_rescale=guidance_rescale,
             )
             return self.decode(x)
         finally:

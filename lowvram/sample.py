@@ -72,6 +72,7 @@ def sample(
     noise: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Draw ``shape`` samples (fp32, on ``device``): deterministic for a given seed (or generator/noise).
 
@@ -103,8 +104,21 @@ def sample(
         if guided:
             out_uncond, out_cond = out.chunk(2)
             out = cfg_combine(out_uncond, out_cond, guidance_scale)
+            if guidance_rescale > 0:
+                out = rescale_guidance(out, out_cond, guidance_rescale)
         x = sched.step(out, t, x, generator=generator).prev_sample
     return x
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Pull the guided prediction's per-sample std back to the conditional one's (Lin et al. 2024, eq. 16).
+
+    Strong guidance with a zero-terminal-SNR schedule over-exposes images; ``phi`` blends the rescaled
+    prediction with the plain guided one (0.7 in the paper).
+    """
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8))
+    return phi * rescaled + (1 - phi) * guided
 
 
 def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, labels: Sequence[str] | None = None):

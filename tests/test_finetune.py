@@ -246,3 +246,17 @@ def test_full_finetune_saves_a_loadable_changed_model(world, capsys):
     assert np.abs(generate(tuned, 3.0) - generate(base_pipeline(world, "sd1"), 3.0)).mean() > MIN_LORA_EFFECT
     with pytest.raises(Exception, match="not a LoRA run"):
         export_cli(run)
+
+
+def test_cache_command_builds_once_and_is_reused(world, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = ["cache", "--preset", "cpu", "--model", str(world["models"]["sd1"]["folder"]), "--data", str(world["data"]),
+            "--out", str(tmp_path / "c"), "--set", f"data.resolution={RES}", "--set", f"data.cache_dir={cache}"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    # 4 captions + the empty prompt that guidance dropout trains on
+    assert "4 latents, 0 reused, 4 encoded" in first and "5 captions, 0 reused" in first
+    assert (tmp_path / "c" / "data_report.json").is_file()
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "4 latents, 4 reused, 0 encoded" in second and "5 captions, 5 reused" in second

@@ -138,7 +138,11 @@ KILLER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("overrides", [{}, {"train__grad_accum": 2, "train__optimizer": "adamw8bit_portable"}])
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"train__grad_accum": 2, "train__optimizer": "adamw8bit_portable"},
+    {"memory__fused_backward": True, "train__grad_accum": 2},
+], ids=["adamw", "accum-portable8bit", "fused-backward-accum"])
 def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, overrides):
     from conftest import tiny_config
 

@@ -54,6 +54,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 HOLDOUT_SEED_OFFSET = 1_000_003
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges like a real photo of a shape
 _MARGIN = 2  # pixels kept free at the border (at 32 px); the decoder reads the background there
+_SIZE = (0.45, 0.65)  # shape side as a share of the image side
+_SHIFT = 0.12  # largest offset of the shape from the centre, as a share of the image side
 
 _CAPTION_RE = re.compile(r"^\s*a (\w+) (\w+) on a (\w+) background\s*$")
 
@@ -110,10 +112,13 @@ def render(attrs: dict[str, str], resolution: int, rng: np.random.Generator) -> 
     img = Image.new("RGB", (side, side), BACKGROUNDS[attrs["background"]])
     draw = ImageDraw.Draw(img)
     margin = max(1, round(_MARGIN * resolution / 32))
-    lo, hi = round(0.30 * resolution), round(0.62 * resolution)
+    lo, hi = round(_SIZE[0] * resolution), round(_SIZE[1] * resolution)
     size = int(rng.integers(lo, hi + 1))
-    x0 = int(rng.integers(margin, resolution - margin - size + 1))
-    y0 = int(rng.integers(margin, resolution - margin - size + 1))
+    # the shape sits near the centre: position varies, but a few-minute CPU run can still learn the shapes
+    shift = round(_SHIFT * resolution)
+    centre = (resolution - size) // 2
+    x0 = int(np.clip(centre + rng.integers(-shift, shift + 1), margin, resolution - margin - size))
+    y0 = int(np.clip(centre + rng.integers(-shift, shift + 1), margin, resolution - margin - size))
     box = (x0 * s, y0 * s, (x0 + size) * s - 1, (y0 + size) * s - 1)
     colour = SHAPE_COLOURS[attrs["colour"]]
     if attrs["shape"] == "circle":

@@ -82,6 +82,12 @@ def plan_run(cfg: RunConfig, card: Any) -> RunPlan:
     if prof.fits is not False:
         return RunPlan(prof, notes=notes)
     chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, start=knobs)
+    if chosen.knobs.trainable_dtype != "fp32":
+        raise MemoryPlanError(
+            f"this job fits only with {chosen.knobs.trainable_dtype} trainable weights "
+            f"({chosen.profile.peak_bytes / GIB:.2f} GiB), which lowvram profiles but does not train yet",
+            "use a card with more memory, a LoRA instead of a full fine-tune, or a smaller batch/resolution",
+        )
     before = knobs.as_config()
     overrides = {sec: {k: v for k, v in body.items() if before.get(sec, {}).get(k) != v}
                  for sec, body in chosen.knobs.as_config().items()}

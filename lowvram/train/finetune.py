@@ -303,7 +303,7 @@ class FinetuneJob:
             kwargs = {"added_cond_kwargs": {"text_embeds": cond["pooled"],
                                             "time_ids": batch["time_ids"].to(self.device, cond["pooled"].dtype)}}
         return compute_loss(self.unet, batch["x0"].to(self.device), cond["embeds"], alphas_cumprod=self.alphas_cumprod,
-                            prediction=self.prediction, generator=gen, unet_kwargs=kwargs)
+                            prediction=self.prediction, generator=gen, unet_kwargs=kwargs, snr_gamma=self.cfg.train.snr_gamma)
 
     def validate(self) -> float:
         raise RuntimeError("fine-tune jobs have no held-out validation set")
@@ -540,8 +540,10 @@ def default_prompts(ds: Any, n: int = 4) -> list[str]:
 
 
 def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
-                   stop: Callable[[], bool] = lambda: False, resume: bool = False) -> Any:
-    """Fine-tune ``model.pretrained`` on the folder ``data.source``; returns a ``RunResult``."""
+                   stop: Callable[[], bool] = lambda: False, resume: bool = False, cache_only: bool = False) -> Any:
+    """Fine-tune ``model.pretrained`` on the folder ``data.source``; returns a ``RunResult``.
+
+    ``cache_only`` stops after the latent/text caches are built (``lowvram cache``)."""
     from .run import RunResult
 
     if cfg.data.source == "builtin":
@@ -551,7 +553,8 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
         raise ConfigError("prior preservation (data.class_data) is not implemented yet",
                           "train without class images, or add regularisation images to the data folder")
     ds, epoch_batches = open_dataset(cfg, run_dir)
-    epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
+    if not cache_only:
+        epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
     comps = load_base(cfg)
     for note in comps.notes:
         print(f"note: {note}")
@@ -559,6 +562,9 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     prompts = cfg.sample.prompts or default_prompts(ds)
     job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches), prompts)
     build_caches(cfg, job)
+    if cache_only:
+        ds.write_report(run_dir)
+        return RunResult(run_dir, "cached", 0)
     print(f"{cfg.run.task} fine-tune of {comps.family} ({comps.prediction_type}) from {cfg.model.pretrained}; "
           + "; ".join(notes))
 

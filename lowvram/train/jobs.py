@@ -69,7 +69,7 @@ class ScratchJob:
     def loss(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
         cond = self.encode_text(drop_captions(batch["captions"], self.cfg.data.caption_dropout, gen))
         return compute_loss(self.c.unet, batch["x0"].to(self.device), cond, alphas_cumprod=self.c.alphas_cumprod,
-                            prediction=self.cfg.model.prediction, generator=gen)
+                            prediction=self.cfg.model.prediction, generator=gen, snr_gamma=self.cfg.train.snr_gamma)
 
     def pipeline(self) -> TextToImage:
         return TextToImage(
@@ -98,7 +98,7 @@ class ScratchJob:
     def preview(self) -> Any:
         s = self.cfg.sample
         return self.pipeline().grid(self.sample_prompts, list(s.cfg_scales), steps=s.steps, sampler=s.sampler,
-                                    seed=s.seed, negative_prompt=s.negative_prompt)
+                                    seed=s.seed, negative_prompt=s.negative_prompt, guidance_rescale=s.guidance_rescale)
 
     def save_final(self, step: int) -> Path:
         return self.pipeline().save(self.run_dir / "final", {"task": self.cfg.run.task, "step": step})

@@ -18,8 +18,8 @@ import torch
 
 from ..config import RunConfig
 from ..ema import EMA
-from ..errors import CheckpointError, TrainingDiverged
-from ..optim import build_optimizer, optimizer_from_tensors, optimizer_to_tensors
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..optim import FusedBackward, build_optimizer, optimizer_from_tensors, optimizer_to_tensors
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .events import Event
 from .jobs import Job
@@ -80,13 +80,23 @@ class Trainer:
         if t.gradient_checkpointing:
             job.unet.enable_gradient_checkpointing()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # foreach=False: the multi-tensor AdamW path keeps a temporary copy of the state (the profiler assumes none)
-        self.optimizer = build_optimizer(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, foreach=False)
-        warm = max(t.warmup_steps, 0)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+        if cfg.memory.trainable_dtype != "fp32":
+            raise ConfigError(
+                f"memory.trainable_dtype = {cfg.memory.trainable_dtype!r} is profiled but not trained yet "
+                "(bf16 weights need stochastic rounding, which is not implemented)",
+                "use --set memory.trainable_dtype=fp32",
+            )
+        self.fused = cfg.memory.fused_backward
+        if self.fused:
+            # the optimizer steps inside backward, one parameter at a time, and frees each gradient at once
+            self.optimizer: Any = FusedBackward(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                                                clip_per_param=t.grad_clip)
+        else:
+            # foreach=False: the multi-tensor AdamW path keeps a temporary copy of the state (the profiler assumes none)
+            self.optimizer = build_optimizer(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                                             foreach=False)
+        # a fused step cannot be taken back, so there is no GradScaler to skip overflowing steps with it
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and not self.fused)
         ema_device = "cpu" if t.ema_on_cpu else device
         self.ema = EMA(self.model, decay=t.ema_decay, device=ema_device) if t.ema_decay > 0 else None
         self.step = 0
@@ -95,13 +105,25 @@ class Trainer:
         self.nonfinite_streak = 0
         self.ckpt_dir = run_dir / "checkpoints"
 
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to ``train.lr``, then constant: a function of the step, so nothing to resume."""
+        t = self.cfg.train
+        return t.lr * (min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0)
+
+    def set_lr(self, lr: float) -> None:
+        if self.fused:
+            self.optimizer.set_lr(lr)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Only what training changes: a LoRA checkpoint must not carry the frozen base model."""
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     # ---- state -----------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+        opt_tensors, opt_meta = self.optimizer.to_tensors() if self.fused else optimizer_to_tensors(self.optimizer)
         tensors: dict[str, dict[str, torch.Tensor]] = {
             "model": self.trainable_state(),
             "optimizer": opt_tensors,
@@ -115,7 +137,6 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "nonfinite_streak": self.nonfinite_streak,
-            "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "optimizer": opt_meta,
         }
@@ -128,10 +149,12 @@ class Trainer:
             raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
                                   "resume with the same task, model and LoRA settings as the run")
         self.model.load_state_dict(saved, strict=False)
-        optimizer_from_tensors(self.optimizer, tensors["optimizer"], meta["optimizer"])
+        if self.fused:
+            self.optimizer.from_tensors(tensors["optimizer"], meta["optimizer"])
+        else:
+            optimizer_from_tensors(self.optimizer, tensors["optimizer"], meta["optimizer"])
         if self.ema is not None and "ema" in tensors:
             self.ema.load_state_dict(tensors["ema"])
-        self.lr_schedule.load_state_dict(meta["lr_schedule"])
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         torch.set_rng_state(tensors["rng"]["torch_cpu"])
@@ -178,7 +201,10 @@ class Trainer:
         )
         total = 0.0
         finite = True
+        self.set_lr(self.lr_at(self.step))
         for micro in range(t.grad_accum):
+            if self.fused:  # accumulate the first micro-batches' gradients, step on the last one's
+                self.optimizer.stepping = micro == t.grad_accum - 1
             batch = next(batches)
             gen = step_generator(self.cfg.run.seed, self.step, micro)
             with autocast:
@@ -191,15 +217,16 @@ class Trainer:
             total += value / t.grad_accum
             self.scaler.scale(loss / t.grad_accum).backward()
         if finite:
-            optimizer_step(self.optimizer, self.params, grad_clip=t.grad_clip, scaler=self.scaler)
+            if not self.fused:
+                optimizer_step(self.optimizer, self.params, grad_clip=t.grad_clip, scaler=self.scaler)
             if self.ema is not None:
                 self.ema.update(self.model)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.params:  # drop what earlier micro-batches of this step accumulated
+                p.grad = None
             # the rest of this step's micro-batches are consumed so the data position stays on schedule
             for _ in range(micro + 1, t.grad_accum):
                 next(batches)
-        self.lr_schedule.step()
         self.step += 1
         return total
 
@@ -260,7 +287,7 @@ class Trainer:
                     peak, kind = peak_memory_mib(self.device)
                     self.emit(Event("step", self.step, {
                         "loss": loss,
-                        "lr": self.lr_schedule.get_last_lr()[0],
+                        "lr": self.lr_at(self.step - 1),
                         "it_s": window_steps / elapsed if elapsed > 0 else 0.0,
                         "peak_mem_mib": peak,
                         "mem_kind": kind,

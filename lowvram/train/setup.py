@@ -99,7 +99,7 @@ def build_components(
     set_attention(unet, cfg.memory.attention, cfg.memory.attention_chunk, card=attention_card(device))
     # pixel-space samplers may clip x0 to the image range; latents have no fixed range
     sched = make_scheduler_config(cfg.model.schedule, cfg.model.timesteps, cfg.model.prediction,
-                                  clip_sample=not latent)
+                                  clip_sample=not latent, zero_terminal_snr=cfg.model.zero_terminal_snr)
     from diffusers import DDPMScheduler
 
     acp = DDPMScheduler.from_config(sched).alphas_cumprod.float()
