@@ -123,11 +123,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .runs import load_run_model
     from .sample import make_grid
+    from .train.run import load_run_config
 
+    rescale = load_run_config(args.run).sample.guidance_rescale
     model = load_run_model(args.run, device=args.device, which=args.which)
-    prompts = args.prompt or ["a red circle on a blue background"]
+    prompts = args.prompt or ["a red circle on a white background"]
     columns = [model.generate(prompts, cfg_scale=w, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                              negative_prompt=args.negative) for w in args.cfg]
+                              negative_prompt=args.negative, guidance_rescale=rescale) for w in args.cfg]
     import torch
 
     grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(args.cfg))
@@ -204,9 +206,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import presets_table
+    from .presets import presets_markdown, presets_table
 
-    print(presets_table())
+    print(presets_markdown() if args.markdown else presets_table())
     return 0
 
 
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["eval"].add_argument("--cfg", type=float, default=3.0, help="Guidance scale.")
     parsers["eval"].add_argument("--samples", type=int, default=8, help="Samples per prompt.")
     parsers["eval"].add_argument("--json", action="store_true", help="Print the report as JSON.")
+    parsers["presets"].add_argument("--markdown", action="store_true", help="Print docs/presets.md (Markdown).")
     parsers["doctor"].add_argument("--json", action="store_true", help="Print the report as JSON.")
     parsers["doctor"].add_argument("--no-self-test", action="store_true", help="Skip the GEMM/conv self-test.")
     _add_config_flags(parsers["cache"])

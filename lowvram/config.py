@@ -330,7 +330,16 @@ class ConfigBuilder:
         return self.sources.get(dotted, "default")
 
     def build(self) -> RunConfig:
-        """The validated config; raises ``ConfigError`` listing every problem at once."""
+        """The validated config; raises ``ConfigError`` listing every problem at once.
+
+        The model size's recipe (``lowvram/models/recipes.py``) fills what no layer set.
+        """
+        from .models.recipes import recipe_for
+
+        size = self.values.get("model.size", ModelSection.size)
+        for key, value in recipe_for(size).items():
+            if key not in self.values:
+                self.set(key, value, f"recipe of model size {size}")
         cfg = RunConfig()
         for dotted, value in self.values.items():
             section, key = dotted.split(".", 1)

@@ -185,15 +185,19 @@ def test_presets_table(tmp_path):
     table = presets_table()
     for name in list_presets():
         assert name in table
-    assert "memory profile" not in table  # no preset has been profiled yet
     profiled = load_preset(
         _write(
             tmp_path,
             lambda d: d.update(
-                name="profiled", memory_profile={"workloads": {"W1": {"fits": True}, "W2": {"fits": False}}}
+                name="profiled",
+                memory_profile={"workloads": {
+                    "W1": {"peak_gib": 1.23, "fits": True},
+                    "W2": {"peak_gib": 6.1, "fits": False, "planned_peak_gib": 3.36, "fits_with_planner": True},
+                    "W3": {"peak_gib": 9.0, "fits": False, "planned_peak_gib": 5.0, "fits_with_planner": False},
+                }},
             ),
         )
     )
     table = presets_table([load_preset("rx570"), profiled])
-    assert "memory profile" in table and "W1 fits, W2 no" in table
+    assert "memory profile" in table and "W1 1.2G, W2 planned 3.4G, W3 no" in table
     assert "adamw8bit_portable" in table and "chunked" in table

@@ -54,8 +54,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 HOLDOUT_SEED_OFFSET = 1_000_003
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges like a real photo of a shape
 _MARGIN = 2  # pixels kept free at the border (at 32 px); the decoder reads the background there
-_SIZE = (0.45, 0.65)  # shape side as a share of the image side
-_SHIFT = 0.12  # largest offset of the shape from the centre, as a share of the image side
+_SIZE = (0.55, 0.65)  # shape side as a share of the image side
+_SHIFT = 0.06  # largest offset of the shape from the centre, as a share of the image side
 
 _CAPTION_RE = re.compile(r"^\s*a (\w+) (\w+) on a (\w+) background\s*$")
 

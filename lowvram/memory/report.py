@@ -137,7 +137,12 @@ def preset_table(preset: Any) -> dict[str, Any]:
         knobs = knobs_from_config(cfg, wl, preset.card) if cfg is not None else baseline(wl, preset.card)
         p = profile_step(wl, knobs, card=preset.card)
         table["budget_gib"] = round(p.budget_bytes / GIB, 3)
-        table["workloads"][wid] = {"peak_gib": round(p.peak_bytes / GIB, 3), "fits": bool(p.fits)}
+        row = {"peak_gib": round(p.peak_bytes / GIB, 3), "fits": bool(p.fits)}
+        if not p.fits:
+            # what `lowvram train` can still do on this card: the planner's leanest plan
+            lean = profile_step(wl, leanest(wl, preset.card), card=preset.card)
+            row.update(planned_peak_gib=round(lean.peak_bytes / GIB, 3), fits_with_planner=bool(lean.fits))
+        table["workloads"][wid] = row
     return table
 
 

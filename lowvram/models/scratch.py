@@ -8,7 +8,7 @@ models on the ``meta`` device that training builds on the card.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,8 +34,6 @@ class ModelSpec:
     latent_channels: int = 4
     latent_scale: float = 1.0  # multiply VAE latents by this before diffusion (set after training the VAE)
     timesteps: int = 1000
-    # Recommended training/sampling values for this size (the preset/CLI defaults can read them).
-    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def latent_resolution(self) -> int:
@@ -66,22 +64,16 @@ MODEL_SIZES: dict[str, ModelSpec] = {
     # carries the global attributes (colours) to every resolution for almost no compute.
     "tiny": ModelSpec(
         name="tiny",
-        description="CPU demo: 32x32 pixels, UNet 32/64/64 (~1.5 M), text encoder 2x64; minutes on 2 cores",
-        resolution=32,
+        description="CPU demo: 24x24 pixels, UNet 32/64/64 (~1.6 M), text encoder 2x64; minutes on 2 cores",
+        resolution=24,
         default_task="text2img",
-        unet=_unet((32, 64, 64), (False, False, True), layers=1, cross_dim=64, head_dim=8, groups=8,
+        unet=_unet((32, 64, 64), (False, True, True), layers=1, cross_dim=64, head_dim=8, groups=8,
                    addition_embed_type="text", addition_embed_type_num_heads=4),
         text_encoder=_text(hidden=64, layers=2, heads=4, mlp=128),
         text_max_length=16,
         vae=dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=16),
         latent_channels=4,
-        # Provisional (see the helper report): v-prediction on a zero-terminal-SNR linear schedule got
-        # colours and backgrounds right by step 400; epsilon-prediction left every background gray.
-        recipe=dict(prediction="v_prediction", schedule="linear", zero_terminal_snr=True, lr=1e-3,
-                    warmup_steps=50, batch_size=32, ema_decay=0.995, ema_warmup=True, caption_dropout=0.1,
-                    grad_clip=1.0, sampler="ddim", sample_steps=25, timestep_spacing="trailing",
-                    cfg_scale=1.5, steps=1200),
     ),
     # The RX 570 / CelebA recipe: 64x64 images -> 32x32x4 latents, text 77x512. Cross-attention in the
     # 32x32 and 16x16 stages (diffusers' usual layout), plain ResNet stage at 8x8 + cross-attn mid block.
