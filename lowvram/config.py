@@ -337,7 +337,9 @@ class ConfigBuilder:
         from .models.recipes import recipe_for
 
         size = self.values.get("model.size", ModelSection.size)
-        for key, value in recipe_for(size).items():
+        # a fine-tune follows its checkpoint (prediction type, schedule), not a from-scratch recipe
+        from_scratch = self.values.get("run.task", RunSection.task) not in ("lora", "full")
+        for key, value in (recipe_for(size) if from_scratch else {}).items():
             if key not in self.values:
                 self.set(key, value, f"recipe of model size {size}")
         cfg = RunConfig()

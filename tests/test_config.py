@@ -85,3 +85,12 @@ def test_docs_configuration_reference_is_current():
         "docs/configuration.md is stale: regenerate it with "
         "python -c 'import lowvram.config as c; print(c.markdown_reference())' > docs/configuration.md"
     )
+
+
+def test_the_size_recipe_fills_only_unset_values_of_from_scratch_runs():
+    b = ConfigBuilder().set("train.lr", 5e-4, "--set train.lr=5e-4")
+    cfg = b.build()
+    assert cfg.train.lr == pytest.approx(5e-4)  # the user's value wins over the recipe
+    assert cfg.model.prediction == "v_prediction" and b.source_of("model.prediction") == "recipe of model size tiny"
+    lora = ConfigBuilder().set("run.task", "lora", "--task").set("model.pretrained", "x", "--model").build()
+    assert lora.model.prediction == "epsilon" and not lora.model.zero_terminal_snr

@@ -9,6 +9,7 @@ image of the same bucket; they never stop a run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -489,3 +490,21 @@ def build_dataset(cfg: Any, *, resolution: int | None = None, run_dir: str | Pat
     if echo is not None:
         echo(ds.report.summary())
     return ds
+
+
+def open_for_training(cfg: Any, run_dir: str | Path | None) -> tuple[Any, Callable[[int], list[list[int]]]]:
+    """A folder dataset validated before any model loads, and each epoch's bucketed batches.
+
+    Captions are kept whole: guidance dropout belongs to the training job (it must also reach cached
+    text embeddings). Batches hold stream indices ``epoch * len + i`` (per-epoch flips and crops).
+    """
+    no_drop = copy.deepcopy(cfg)
+    no_drop.data.caption_dropout = 0.0
+    ds = build_dataset(no_drop, resolution=cfg.data.resolution, run_dir=run_dir)
+    n = len(ds)
+    sampler = ds.make_sampler(cfg.train.batch_size, seed=cfg.run.seed, drop_last=True)
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        return [[epoch * n + i for i in b] for b in sampler.batches(epoch)]
+
+    return ds, epoch_batches

@@ -76,7 +76,12 @@ def plan_run(cfg: RunConfig, card: Any) -> RunPlan:
         return RunPlan(None, notes=["the autoencoder stage is small and is not planned"])
     wl = workload_for(cfg)
     knobs = knobs_from_config(cfg, wl, card)
-    prof = profile_step(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
+    try:
+        prof = profile_step(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        # a checkpoint whose layout the profiler's family configs do not describe (e.g. a custom SDXL)
+        return RunPlan(None, notes=[f"warning: memory not profiled for this model ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0]}); training without a plan"])
     notes = ["pixel-space jobs are profiled with the latent UNet of the same size (an estimate)"] \
         if cfg.run.task == "text2img" else []
     if prof.fits is not False:

@@ -8,7 +8,6 @@ checkpoint in the diffusers/peft and the kohya (A1111/ComfyUI) formats.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections import Counter
@@ -151,19 +150,10 @@ class FinetuneData:
 
 
 def open_dataset(cfg: RunConfig, run_dir: Path) -> tuple[Any, Callable[[int], list[list[int]]]]:
-    """Validate the folder before any model loads; captions are kept whole (guidance dropout is the job's)."""
-    from ..data.dataset import build_dataset
+    """Validate the folder before any model loads (see ``data.dataset.open_for_training``)."""
+    from ..data.dataset import open_for_training
 
-    no_drop = copy.deepcopy(cfg)
-    no_drop.data.caption_dropout = 0.0
-    ds = build_dataset(no_drop, resolution=cfg.data.resolution, run_dir=run_dir)
-    n = len(ds)
-    sampler = ds.make_sampler(cfg.train.batch_size, seed=cfg.run.seed, drop_last=True)
-
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        return [[epoch * n + i for i in b] for b in sampler.batches(epoch)]
-
-    return ds, epoch_batches
+    return open_for_training(cfg, run_dir)
 
 
 def sdxl_time_ids(original: tuple[int, int], target: tuple[int, int]) -> list[float]:

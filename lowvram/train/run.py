@@ -6,7 +6,6 @@ process-global, so two runs in a row in one process do not interfere.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,17 +65,10 @@ def open_images(cfg: RunConfig, split: str, run_dir: Path | None = None) -> Imag
         caps = [it["caption"] for it in items]
         return ImageData(lambda idx: pixels[idx], lambda idx: [caps[i] for i in idx], len(caps), eval_prompts(),
                          all_captions=caps)
-    from ..data.dataset import build_dataset
+    from ..data.dataset import open_for_training
 
-    # guidance dropout is the job's (it must also reach cached text): the dataset keeps every caption
-    no_drop = copy.deepcopy(cfg)
-    no_drop.data.caption_dropout = 0.0
-    ds = build_dataset(no_drop, resolution=cfg.data.resolution, run_dir=run_dir)
+    ds, epoch_batches = open_for_training(cfg, run_dir)
     n = len(ds)
-    sampler = ds.make_sampler(cfg.train.batch_size, seed=cfg.run.seed, drop_last=True)
-
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        return [[epoch * n + i for i in b] for b in sampler.batches(epoch)]
 
     def pixels(idx: list[int]) -> torch.Tensor:
         return torch.stack([ds[i]["pixel_values"] for i in idx])
