@@ -347,13 +347,15 @@ class ConfigBuilder:
             section, key = dotted.split(".", 1)
             setattr(getattr(cfg, section), key, value)
         problems = list(self.problems) + validate(cfg, self.source_of)
-        if len(problems) == 1:
-            raise ConfigError(f"invalid configuration: {problems[0]}", "lowvram train --help documents each field")
         if problems:
-            raise ConfigError(
-                "invalid configuration:\n  - " + "\n  - ".join(problems),
-                "fix the values above (lowvram train --help documents each field)",
+            err = ConfigError(
+                f"invalid configuration: {problems[0]}" if len(problems) == 1
+                else "invalid configuration:\n  - " + "\n  - ".join(problems),
+                "lowvram train --help documents each field" if len(problems) == 1
+                else "fix the values above (lowvram train --help documents each field)",
             )
+            err.problems = problems  # each names its field and source; callers may list them their own way
+            raise err
         return cfg
 
 

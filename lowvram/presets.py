@@ -229,7 +229,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
         ConfigBuilder().apply(config, preset.source).build()
     except ConfigError as e:
         # One line per problem, each already naming the field and this preset as its source.
-        problems.extend(line.strip().removeprefix("- ") for line in e.problem.splitlines()[1:])
+        problems.extend(getattr(e, "problems", [e.problem]))
     _check_knobs(preset, problems)
     if problems:
         raise _preset_error(path, problems)

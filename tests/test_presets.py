@@ -64,7 +64,7 @@ def test_knobs_respect_the_card(name, precision, optimizer, attention):
 
 
 def test_cpu_preset_suits_the_tiny_default_job():
-    assert load_preset("cpu").knob("train.batch_size") == 32
+    assert load_preset("cpu").knob("train.batch_size") == 16
 
 
 def test_budget_bytes():

@@ -119,7 +119,7 @@ def test_start_refuses_an_invalid_form_and_launches_nothing(tmp_path):
 def test_preset_knobs_and_card(tmp_path):
     knobs = cb.preset_knobs("gtx1650-4gb", "lora", "")
     assert knobs["batch_size"] == 1 and knobs["grad_accum"] == 4 and knobs["resolution"] == 512
-    assert cb.preset_knobs("cpu", "text2img", "tiny")["resolution"] == 32
+    assert cb.preset_knobs("cpu", "text2img", "tiny")["resolution"] == 24
     card = cb.preset_card("gtx1650-4gb")
     assert "GTX 1650" in card and "3.35 GiB" in card  # 4 - 0.35 context - 0.3 margin
     assert "not profiled yet" in card or "Memory table" in card
