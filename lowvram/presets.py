@@ -304,7 +304,9 @@ def presets_markdown(presets: list[Preset] | None = None) -> str:
            "written by `lowvram profile --update-presets` (tensor bytes of one training step, profiled on the",
            "meta device, see [memory.md](memory.md)). *peak* uses the preset's own knobs; when that does not",
            "fit, *planned* is the leanest plan the planner can switch on for that card (what `lowvram train`",
-           "falls back to). The budget is the card's memory minus the runtime context and a safety margin.", ""]
+           "falls back to). The budget is the card's memory minus the runtime context and a safety margin.",
+           "W3's planned figure on cards with bf16 relies on bf16 trainable weights, which lowvram profiles but",
+           "does not train yet (no stochastic rounding): `lowvram train` refuses that plan.", ""]
     for p in presets:
         c = p.card
         out += [f"## `{p.name}` — {c.name}", "", p.description, "",
