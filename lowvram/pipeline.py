@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .models.tokenizer import encode as _encode
 from .sample import make_grid, make_sampler, sample
 
 MODEL_JSON = "lowvram_model.json"
@@ -33,13 +34,7 @@ class TextToImage:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Token ids → the text encoder's last hidden states (the UNet's cross-attention input)."""
-        ids = self.tokenizer(
-            [p.lower() for p in prompts],
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        ids = _encode(self.tokenizer, [p.lower() for p in prompts]).to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
     @torch.no_grad()

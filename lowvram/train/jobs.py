@@ -13,6 +13,7 @@ import torch
 
 from ..config import RunConfig
 from ..diffusion import validation_loss
+from ..models.tokenizer import encode
 from ..pipeline import TextToImage
 from .setup import Components
 from .step import compute_loss
@@ -55,13 +56,7 @@ class ScratchJob:
         return self.c.trainable_modules()
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.c.tokenizer(
-            [c.lower() for c in captions],
-            padding="max_length",
-            truncation=True,
-            max_length=self.c.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        ids = encode(self.c.tokenizer, [c.lower() for c in captions]).to(self.device)
         grad = torch.enable_grad() if self.c.train_text_encoder and torch.is_grad_enabled() else torch.no_grad()
         with grad:
             return self.c.text_encoder(ids)[0]

@@ -142,9 +142,7 @@ def train(
     val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None
     emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0)
     if cfg.run.task == "autoencoder":
-        vae = train_autoencoder(cfg, train_data.pixels, len(train_data), cfg.run.steps, device, emit)
-        scale = latent_scale(vae, train_data.pixels(list(range(min(256, len(train_data))))).to(device))
-        save_autoencoder(vae, scale, run_dir)
+        fit_autoencoder(cfg, run_dir, train_data, cfg.run.steps, device, emit)
         emit(Event("end", cfg.run.steps, {"final": str(run_dir / "autoencoder")}))
         return RunResult(run_dir, "done", cfg.run.steps)
 
@@ -195,7 +193,13 @@ def latent_stage(cfg: RunConfig, run_dir: Path, data: ImageData, device: torch.d
     done = load_autoencoder(run_dir)
     if done is not None:
         return done[0].to(device), done[1]
-    vae = train_autoencoder(cfg, data.pixels, len(data), cfg.train.autoencoder_steps, device, emit)
+    return fit_autoencoder(cfg, run_dir, data, cfg.train.autoencoder_steps, device, emit)
+
+
+def fit_autoencoder(cfg: RunConfig, run_dir: Path, data: ImageData, steps: int, device: torch.device,
+                    emit: Callable[[Event], None]) -> tuple[torch.nn.Module, float]:
+    """Train the autoencoder stage, measure its latent scale on up to 256 images, and save both."""
+    vae = train_autoencoder(cfg, data.pixels, len(data), steps, device, emit)
     scale = latent_scale(vae, data.pixels(list(range(min(256, len(data))))).to(device))
     save_autoencoder(vae, scale, run_dir)
     return vae, scale
