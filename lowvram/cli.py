@@ -78,8 +78,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 # ---- subcommands ---------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import launched_as_main, relaunch
+
+    if args.processes is not None and args.processes > 1:
+        import torch
+
+        # this process only launches the N training processes and passes on their exit code
+        return relaunch(args.processes, args.argv, cpu=args.device == "cpu" or not torch.cuda.is_available())
     from .train.run import resume, train
 
+    main_process = launched_as_main()
     if args.resume:
         overrides = {"run.steps": args.steps} if args.steps else {}
         for item in args.set or []:
@@ -90,10 +98,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .memory.run_plan import plan_or_refuse
 
         cfg, preset, warning = resolve_config(args)
-        if warning:
+        if warning and main_process:
             print(f"warning: {warning}", file=sys.stderr)
-        print("\n".join(plan_or_refuse(cfg, preset.card).lines()))
+        lines = plan_or_refuse(cfg, preset.card).lines()  # every process plans alike (the plan is deterministic)
+        if main_process:
+            print("\n".join(lines))
         result = train(cfg, progress=not args.no_progress)
+    if not main_process:
+        return 0
     print(f"{result.status}: {result.step} steps; run folder {result.run_dir}")
     if result.status == "stopped":
         print(f"resume with: lowvram train --resume {result.run_dir}")
@@ -116,7 +128,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     card = preset.card
     print(f"\n# preset: {preset.name} — {preset.description}")
     print(f"# card: {card.name}, {card.vram_gib} GiB, backend {card.backend}")
-    print("\n".join(f"# {line}" for line in plan_run(cfg, card).lines()))
+    print("\n".join(f"# {line}" for line in plan_run(cfg, card, args.processes).lines()))
     return 0
 
 
@@ -125,7 +137,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import make_grid
     from .train.run import load_run_config
 
-    rescale = load_run_config(args.run).sample.guidance_rescale
+    saved = load_run_config(args.run).sample
+    rescale = saved.guidance_rescale
+    args.cfg = args.cfg or [saved.guidance]
     model = load_run_model(args.run, device=args.device, which=args.which)
     prompts = args.prompt or ["a red circle on a white background"]
     columns = [model.generate(prompts, cfg_scale=w, steps=args.steps, sampler=args.sampler, seed=args.seed,
@@ -149,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         print(f"prompt adherence: {report['overall']:.1%} over {report['samples']} samples "
-              f"(guidance {args.cfg}, {args.sampler} {args.steps} steps, seed {args.seed})")
+              f"(guidance {report['cfg_scale']}, {args.sampler} {args.steps} steps, seed {args.seed})")
         for name, acc in report.get("per_attribute", {}).items():
             print(f"  {name:<12} {acc:.1%}")
         print(f"written to {Path(args.run) / 'eval.json'}")
@@ -238,8 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest checkpoint.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar (metrics.jsonl is still written).")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="Train on N processes of this machine (one per GPU; on the CPU, gloo): the effective batch "
+                        "is batch_size x grad_accum x N. Several machines: see docs/multi-gpu.md.")
 
     _add_config_flags(parsers["plan"])
+    parsers["plan"].add_argument("--processes", type=int, metavar="N",
+                                 help="Plan for N data-parallel processes, one card each (what ZeRO divides by).")
 
     for name in ("sample", "eval"):
         p = parsers[name]
@@ -250,12 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="Device to sample on (cpu, cuda).")
     parsers["sample"].add_argument("--prompt", action="append", help="Prompt (repeatable: one grid row each).")
     parsers["sample"].add_argument("--negative", default="", help="Negative prompt.")
-    parsers["sample"].add_argument("--cfg", type=float, nargs="+", default=[3.0], help="Guidance scale(s): one column each.")
+    parsers["sample"].add_argument("--cfg", type=float, nargs="+", help="Guidance scale(s): one column each (default: the run's sample.guidance).")
     parsers["sample"].add_argument("--out", help="Output PNG (default: RUN/samples/sample-seedN.png).")
     for name in ("sample", "eval"):
         parsers[name].add_argument("--which", choices=("auto", "final", "latest"), default="auto",
                                    help="final model, or the latest checkpoint's EMA weights.")
-    parsers["eval"].add_argument("--cfg", type=float, default=3.0, help="Guidance scale.")
+    parsers["eval"].add_argument("--cfg", type=float, help="Guidance scale (default: the run's sample.guidance).")
     parsers["eval"].add_argument("--samples", type=int, default=8, help="Samples per prompt.")
     parsers["eval"].add_argument("--json", action="store_true", help="Print the report as JSON.")
     parsers["presets"].add_argument("--markdown", action="store_true", help="Print docs/presets.md (Markdown).")
@@ -287,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --processes relaunches
     handler = COMMANDS[args.command][0]
     try:
         return handler(args)

@@ -27,6 +27,7 @@ FROZEN_DTYPES = ("fp32", "fp16", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_portable", "adafactor")
 ATTENTION = ("auto", "sdpa", "math", "chunked", "xformers")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -118,6 +119,11 @@ class DataSection:
         ("auto", "empty", "folder", "filename", "skip"),
     )
     cache_dir: str = _f("", "Latent/text cache folder (default: $LOWVRAM_CACHE or ~/.cache/lowvram).")
+    class_data: str = _f(
+        "", "Folder of class (regularisation) images for prior preservation, e.g. photos of 'a dog' (lora/full); "
+        "empty: off."
+    )
+    class_prompt: str = _f("", "Caption of class images that have no caption file (e.g. 'a photo of a dog').")
 
 
 @dataclass
@@ -125,7 +131,11 @@ class TrainSection:
     batch_size: int = _f(32, "Micro-batch: images per forward/backward.")
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
     lr: float = _f(2e-4, "Peak learning rate (AdamW).")
-    warmup_steps: int = _f(50, "Linear learning-rate warm-up steps, then constant.")
+    warmup_steps: int = _f(50, "Linear learning-rate warm-up steps.")
+    lr_schedule: str = _f(
+        "constant", "After warm-up: constant, or decay to 0 at run.steps (cosine, linear); short runs gain most "
+        "from a decay.", LR_SCHEDULES
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     grad_clip: float = _f(1.0, "Clip the gradient norm to this value (0: off).")
     optimizer: str = _f(
@@ -137,6 +147,7 @@ class TrainSection:
     precision: str = _f("fp32", "Compute precision: fp32, fp16 (GradScaler, fp32 trainable weights) or bf16.", PRECISIONS)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30 % slower.")
     snr_gamma: float = _f(0.0, "Min-SNR-gamma loss weighting (e.g. 5): converges faster; 0 is the plain MSE.")
+    prior_loss_weight: float = _f(1.0, "Weight of the class images' loss with data.class_data (prior preservation).")
     ema_decay: float = _f(0.999, "EMA decay of the weights that samples are drawn from (0: no EMA).")
     ema_on_cpu: bool = _f(False, "Keep the EMA copy in CPU memory instead of on the card.")
     autoencoder_steps: int = _f(600, "Steps of the autoencoder stage that the latent task runs first (no model.vae).")
@@ -149,6 +160,7 @@ class SampleSection:
     prompts: list[str] = _f([], "Prompts for the sample grids (default: from the data source).")
     negative_prompt: str = _f("", "Negative prompt used in place of the empty prompt for guidance.")
     cfg_scales: list[float] = _f([1.0, 3.0, 5.0, 7.0], "Guidance scales shown side by side in the grids.")
+    guidance: float = _f(3.0, "Guidance scale of `lowvram sample` and `lowvram eval` when --cfg is not given.")
     sampler: str = _f("ddim", "Sampler: ddpm, ddim or dpm++ (DPM-Solver++).", SAMPLERS)
     steps: int = _f(25, "Sampling steps.")
     seed: int = _f(1234, "Seed of the sample noise (fixed, so grids are comparable across steps).")
@@ -168,7 +180,14 @@ class MemorySection:
     trainable_dtype: str = _f(
         "fp32", "Storage dtype of trainable weights; bf16 halves them (cards with bf16 only).", ("fp32", "bf16")
     )
-    fused_backward: bool = _f(False, "Step the optimizer inside backward, freeing each gradient at once.")
+    fused_backward: bool = _f(
+        False, "Step the optimizer inside backward, freeing each gradient at once (one process only: not with DDP)."
+    )
+    zero_stage: int = _f(
+        0, "DeepSpeed ZeRO stage: 0 (off) or 2 (optimizer state and gradients partitioned over the processes; "
+        "needs lowvram[deepspeed] and a CUDA GPU; profiled, not trained yet)."
+    )
+    offload_optimizer: bool = _f(False, "With zero_stage 2: keep the optimizer state in host memory (DeepSpeed ZeRO-Offload).")
     vram_gib: float | None = _f(None, "Memory budget in GiB (default: the preset's card).")
     force: bool = _f(False, "Train even when the plan does not fit the budget.")
 
@@ -384,7 +403,7 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
             bad(dotted, v, "a number above 0")
     non_negative = ["run.checkpoint_every", "run.sample_every", "run.val_every", "run.log_every",
                     "train.warmup_steps", "train.weight_decay", "train.grad_clip", "run.keep_checkpoints",
-                    "data.workers", "run.seed"]
+                    "data.workers", "run.seed", "train.prior_loss_weight"]
     for dotted in non_negative:
         s, k = dotted.split(".")
         v = getattr(getattr(cfg, s), k)
@@ -403,12 +422,19 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
         bad("data.resolution", cfg.data.resolution, "a multiple of 8")
     if cfg.run.max_nonfinite < 1:
         bad("run.max_nonfinite", cfg.run.max_nonfinite, "1 or more")
+    if cfg.data.class_data and cfg.run.task not in ("lora", "full"):
+        bad("data.class_data", cfg.data.class_data, f"no class images for task '{cfg.run.task}' "
+            "(prior preservation is for lora / full fine-tunes; unset data.class_data)")
     if not cfg.sample.cfg_scales:
         bad("sample.cfg_scales", cfg.sample.cfg_scales, "at least one guidance scale")
     if cfg.run.task in ("lora", "full") and not cfg.model.pretrained:
         bad("model.pretrained", None, f"a local checkpoint path for task '{cfg.run.task}' (--model PATH)")
     if cfg.memory.vram_gib is not None and cfg.memory.vram_gib <= 0:
         bad("memory.vram_gib", cfg.memory.vram_gib, "a positive number of GiB")
+    if cfg.memory.zero_stage not in (0, 2):
+        bad("memory.zero_stage", cfg.memory.zero_stage, "0 (off) or 2 (ZeRO-2)")
+    if cfg.memory.offload_optimizer and cfg.memory.zero_stage != 2:
+        bad("memory.offload_optimizer", True, "memory.zero_stage=2 as well (the offload is part of ZeRO-2)")
     return problems
 
 

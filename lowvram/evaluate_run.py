@@ -19,14 +19,16 @@ def evaluate_run(
     run_dir: str | Path,
     *,
     samples_per_prompt: int = 8,
-    cfg_scale: float = 3.0,
+    cfg_scale: float | None = None,
     steps: int = 25,
     sampler: str = "ddim",
     seed: int = 0,
     device: str = "cpu",
     which: str = "auto",
 ) -> dict[str, Any]:
-    """Adherence report of the run's final model (or latest EMA checkpoint); also written to eval.json."""
+    """Adherence report of the run's final model (or latest EMA checkpoint); also written to eval.json.
+
+    ``cfg_scale`` None: the run's ``sample.guidance`` (the scale its recipe samples best at)."""
     from .data.builtin import attributes_of_caption, decode_attributes, eval_prompts, matches
     from .evaluate import prompt_adherence
     from .train.run import load_run_config
@@ -39,6 +41,8 @@ def evaluate_run(
             "use `lowvram sample` to look at its samples instead",
         )
     model = load_run_model(run_dir, device=device, which=which)
+    if cfg_scale is None:
+        cfg_scale = cfg.sample.guidance
 
     def generate(prompts: list[str], n: int) -> torch.Tensor:
         batch = [p for p in prompts for _ in range(n)]

@@ -44,3 +44,15 @@ def tiny_config(out: Path, **overrides: Any) -> RunConfig:
 @pytest.fixture
 def tiny_cfg(tmp_path: Path):
     return lambda **kw: tiny_config(tmp_path / "run", **kw)
+
+
+def assert_checkpoints_equal(run_a: Path, run_b: Path, step: int, why: str) -> None:
+    """Model, EMA and optimizer tensors of two runs' checkpoints at ``step`` are bitwise equal."""
+    from safetensors.torch import load_file
+
+    for name in ("model", "ema", "optimizer"):
+        a = load_file(str(run_a / "checkpoints" / f"step-{step:08d}" / f"{name}.safetensors"))
+        b = load_file(str(run_b / "checkpoints" / f"step-{step:08d}" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs {why}"

@@ -71,7 +71,7 @@ def test_gpu_preset_on_cpu_warns_once_and_plans(capsys):
 
 def test_train_sample_eval_and_resume_through_the_cli(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *tiny_flags(out)]) == 0
+    assert main(["train", *tiny_flags(out), "--set", "sample.guidance=1.5"]) == 0
     assert "done: 4 steps" in capsys.readouterr().out
     png = tmp_path / "s.png"
     assert main(["sample", "--run", str(out), "--prompt", "a red circle on a blue background",
@@ -81,6 +81,7 @@ def test_train_sample_eval_and_resume_through_the_cli(tmp_path, capsys):
     assert main(["eval", "--run", str(out), "--samples", "1", "--steps", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0.0 <= report["overall"] <= 1.0 and report["samples"] == len(report["per_prompt"])
+    assert report["cfg_scale"] == 1.5  # no --cfg: the run's sample.guidance
     assert (out / "eval.json").is_file()
     # extend the finished run by two steps
     assert main(["train", "--resume", str(out), "--steps", "6", "--no-progress"]) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import assert_checkpoints_equal
 
 from lowvram.errors import ConfigError, TrainingDiverged
 from lowvram.train import jobs as jobs_module
@@ -159,9 +159,4 @@ def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, overrides):
 
     result = resume(killed, progress=False)
     assert result.step == 6
-    for name in ("model", "ema", "optimizer"):
-        a = load_file(str(straight / "checkpoints" / "step-00000006" / f"{name}.safetensors"))
-        b = load_file(str(killed / "checkpoints" / "step-00000006" / f"{name}.safetensors"))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    assert_checkpoints_equal(straight, killed, 6, "after resume")

@@ -11,8 +11,11 @@ Caption template (the only one): ``"a {colour} {shape} on a {background} backgro
 - background: black, white, gray
 
 Shape and background palettes are disjoint, so every one of the 36 combinations is a valid image.
-Each image jitters the shape's size (30-62 % of the side) and position (a margin of 2 pixels is kept
-free so the border always shows the background).
+Each image jitters the shape's size (65-75 % of the side) and its position around the centre (a margin
+of 2 pixels at 32 px is kept free, so the border always shows the background). Large shapes are on
+purpose: a square's corners then span several pixels, so a model trained for minutes draws them and
+the decoder can tell a square from a circle (at 55-65 % the default job reached 77 % adherence at
+1,200 steps, at 65-75 % 81 % by step 600).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 HOLDOUT_SEED_OFFSET = 1_000_003
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges like a real photo of a shape
 _MARGIN = 2  # pixels kept free at the border (at 32 px); the decoder reads the background there
-_SIZE = (0.55, 0.65)  # shape side as a share of the image side
+_SIZE = (0.65, 0.75)  # shape side as a share of the image side
 _SHIFT = 0.06  # largest offset of the shape from the centre, as a share of the image side
 
 _CAPTION_RE = re.compile(r"^\s*a (\w+) (\w+) on a (\w+) background\s*$")

@@ -394,8 +394,11 @@ def _apply_limits(entry: dict[str, Any], s: DataSettings) -> ImageProblem | None
 
 
 def scan_folder(settings: DataSettings, *, known: str | Path | None = None, threads: int | None = None,
-                progress: bool = True) -> tuple[list[ImageRecord], list[Bucket], DataReport]:
-    """List, validate (header + full decode, memoised by content hash) and bucket every image of a folder."""
+                progress: bool = True, default_caption: str = "") -> tuple[list[ImageRecord], list[Bucket], DataReport]:
+    """List, validate (header + full decode, memoised by content hash) and bucket every image of a folder.
+
+    ``default_caption`` (e.g. data.class_prompt for class images) captions images without one, before
+    the data.missing_caption rule."""
     s = settings
     root = Path(s.source).expanduser()
     report = DataReport(source=str(root), settings=asdict(s))
@@ -429,7 +432,7 @@ def scan_folder(settings: DataSettings, *, known: str | Path | None = None, thre
             continue
         for kind, detail in v.entry.get("notes", []):
             report.warn(c.rel, kind, detail)
-        caption = _caption_for(c, s, report)
+        caption = _caption_for(c, s, report, default_caption)
         if caption is None:
             continue
         w, h = v.entry["w"], v.entry["h"]
@@ -442,11 +445,13 @@ def scan_folder(settings: DataSettings, *, known: str | Path | None = None, thre
     return records, buckets, report
 
 
-def _caption_for(c: Candidate, s: DataSettings, report: DataReport) -> str | None:
+def _caption_for(c: Candidate, s: DataSettings, report: DataReport, default: str = "") -> str | None:
     if c.caption_warning:
         report.warn(c.rel, *c.caption_warning)
     if c.caption is not None:
         return c.caption
+    if default:
+        return default
     caption = fallback_caption(s.missing_caption, folder_caption=c.folder_caption, path=c.path)
     if caption is None:
         report.skip(c.rel, NO_CAPTION, "no caption and data.missing_caption = skip")

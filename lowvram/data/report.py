@@ -59,6 +59,7 @@ class DataReport:
     # relative path -> [size, mtime_ns, sha256]: skip re-hashing unchanged files on the next run
     files: dict[str, list[Any]] = field(default_factory=dict)
     midrun_log: str | None = None
+    class_data: DataReport | None = None  # the class images of prior preservation, reported alike
 
     def skip(self, path: str, reason: str, detail: str = "") -> None:
         self.skipped.append({"path": str(path), "reason": reason, "detail": detail})
@@ -136,7 +137,7 @@ class DataReport:
             "validated": self.validated,
             "files": self.files,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        } | ({"class_data": self.class_data.to_dict()} if self.class_data is not None else {})
 
     def write(self, run_dir: str | Path) -> Path:
         """Write ``data_report.json`` into ``run_dir`` atomically; returns its path."""
@@ -182,6 +183,10 @@ def known_from(path: str | Path | None, source: str | None = None) -> tuple[dict
         p = p / REPORT_NAME
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
+        nested = data.get("class_data")
+        if source is not None and data.get("source") != source and isinstance(nested, dict) \
+                and nested.get("source") == source:  # the class images' own tables (prior preservation)
+            data = nested
         validated, files = data.get("validated", {}), data.get("files", {})
         if source is not None and data.get("source") != source:
             files = {}

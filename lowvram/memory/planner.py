@@ -95,7 +95,8 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
     if workload.ema and not k.ema_on_cpu:
         k = k.with_(ema_on_cpu=True)
         yield "EMA on CPU", k
-    if not k.fused_backward and k.grad_accum == 1:
+    # fused backward steps before DDP / ZeRO average the gradients: one process only
+    if not k.fused_backward and k.grad_accum == 1 and k.processes == 1 and not k.zero_stage:
         k = k.with_(fused_backward=True)
         yield "fused backward (optimizer steps inside backward)", k
     if workload.mode != "lora" and k.optimizer != "adafactor":
@@ -106,6 +107,16 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
     if workload.mode == "full" and getattr(card, "bf16", False) and k.trainable_dtype == "fp32":
         k = k.with_(trainable_dtype="bf16")
         yield "bf16 trainable weights", k
+    if not k.zero_stage and not k.fused_backward and zero_usable(card):
+        k = k.with_(zero_stage=2, offload_optimizer=True)
+        yield f"DeepSpeed ZeRO-2, optimizer state offloaded to host memory ({k.processes} process(es))", k
+
+
+def zero_usable(card: Any) -> bool:
+    """ZeRO is a candidate only with DeepSpeed installed, for a CUDA card (no DeepSpeed for gfx803 / CPU)."""
+    from ..distributed import deepspeed_available
+
+    return getattr(card, "backend", "cuda") == "cuda" and deepspeed_available()
 
 
 def plan(

@@ -43,6 +43,7 @@ class MemoryProfile:
     budget_bytes: int | None = None  # vram - context - margin: what tensors may use
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    host_bytes: dict[str, int] = field(default_factory=dict)  # moved off the card (ZeRO offload): not in the peak
 
     @property
     def fits(self) -> bool | None:
@@ -70,6 +71,8 @@ class MemoryProfile:
                 f" - {self.context_bytes / GIB:.2f} context - {self.margin_bytes / GIB:.2f} margin:"
                 f" {verdict}, headroom {self.headroom_bytes / GIB:+.2f} GiB"
             )
+        for cat, b in self.host_bytes.items():
+            lines.append(f"  {cat:<18} {b / GIB:8.3f} GiB in host memory (not on the card)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -86,6 +89,20 @@ def card_budget(card: Any = None, vram_gib: float | None = None) -> tuple[int | 
         raise ConfigError(f"--vram {vram:g} GiB leaves nothing after {context:g} GiB context + {margin:g} GiB margin",
                           "give the card's full memory in GiB, e.g. --vram 4")
     return int(vram * GIB), int(context * GIB), int(margin * GIB), int((vram - context - margin) * GIB)
+
+
+def zero_scale(knobs: Knobs) -> tuple[dict[str, float], str]:
+    """What DeepSpeed ZeRO-2 leaves on each card, as category scales, and a note saying so.
+
+    Each of N processes keeps 1/N of the gradients (reduce-scatter) and of the optimizer state; with
+    ``offload_optimizer`` the optimizer state (and its update) lives in host memory instead.
+    DeepSpeed's communication buckets (``reduce_bucket_size``) come on top and are not modelled.
+    """
+    n = max(1, knobs.processes)
+    where = "in host memory" if knobs.offload_optimizer else f"partitioned 1/{n}"
+    note = (f"ZeRO-2 over {n} process(es): gradients partitioned 1/{n}, optimizer state {where} "
+            "(DeepSpeed's reduce buckets not counted)")
+    return {"gradients": 1 / n, "optimizer_state": 0.0 if knobs.offload_optimizer else 1 / n}, note
 
 
 def effective_attention(kind: str, card: Any = None) -> tuple[str, str | None]:
@@ -183,6 +200,9 @@ def profile_step(
     if knobs.fused_backward and knobs.grad_accum > 1:
         raise ConfigError("memory.fused_backward steps the optimizer inside backward, so it cannot accumulate",
                           "use train.grad_accum=1 with fused backward")
+    if knobs.fused_backward and (knobs.processes > 1 or knobs.zero_stage):
+        raise ConfigError("memory.fused_backward steps the optimizer before the gradients are averaged over "
+                          "processes (DDP / ZeRO)", "use memory.fused_backward=false with several processes")
     tracker = StorageTracker()
     meta = str(device) == "meta"
     compute = PRECISIONS[knobs.precision]
@@ -289,12 +309,23 @@ def profile_step(
         notes.append("fused backward: no global gradient clipping (each tensor steps as its gradient arrives)")
     if knobs.precision == "fp16":
         notes.append("fp16: GradScaler's scale factors are a few scalars, not counted")
+    peak, by_category, host = result.peak_bytes, result.by_category, {}
+    if knobs.zero_stage:
+        scale, note = zero_scale(knobs)
+        peak, by_category = tracker.scaled_peak(scale)
+        notes.append(f"{note}: {(result.peak_bytes - peak) / GIB:.3f} GiB less at the peak")
+        if knobs.offload_optimizer:
+            state = sum(t.untyped_storage().nbytes() for t in _state_tensors(optimizers)) + sum(
+                v.untyped_storage().nbytes() for st in copied_state for v in st.values() if isinstance(v, torch.Tensor))
+            host = {"optimizer_state": -(-state // max(1, knobs.processes))}
+    elif knobs.processes > 1:
+        notes.append(f"DDP over {knobs.processes} processes: each card holds all of the above (nothing is divided)")
     vram, context, margin, budget = card_budget(card, vram_gib)
     return MemoryProfile(
         workload=workload.id,
         knobs=asdict(knobs),
-        peak_bytes=result.peak_bytes,
-        by_category=result.by_category,
+        peak_bytes=peak,
+        by_category=by_category,
         peak_phase=result.peak_phase,
         context_bytes=context,
         margin_bytes=margin,
@@ -302,4 +333,5 @@ def profile_step(
         budget_bytes=budget,
         seconds=time.perf_counter() - start,
         notes=notes,
+        host_bytes=host,
     )

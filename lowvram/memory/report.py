@@ -36,6 +36,7 @@ def knobs_from_config(cfg: Any, workload: Workload | None = None, card: Any = No
         attention_chunk=m.attention_chunk, batch_size=batch, grad_accum=accum, cache_latents=m.cache_latents,
         cache_text=m.cache_text, offload_frozen=m.offload_frozen, ema_on_cpu=t.ema_on_cpu,
         fused_backward=m.fused_backward and accum == 1,
+        zero_stage=getattr(m, "zero_stage", 0), offload_optimizer=getattr(m, "offload_optimizer", False),
     )
 
 

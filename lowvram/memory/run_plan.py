@@ -5,6 +5,7 @@ switch more on. ``lowvram train``, ``lowvram plan`` and the web panel's Plan but
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,23 @@ def _checkpoint_unet_config(cfg: RunConfig) -> dict[str, Any]:
     return {}
 
 
+def prior_factor(cfg: RunConfig) -> int:
+    """2 with prior preservation (each micro-batch carries one class image per instance image), else 1."""
+    return 2 if cfg.run.task in ("lora", "full") and getattr(cfg.data, "class_data", "") else 1
+
+
+def _profiler(factor: int) -> Callable[..., MemoryProfile]:
+    """``profile_step`` on a micro-batch ``factor`` times the knobs' one: the planner keeps reasoning in
+    instance images (what train.batch_size means), the profile measures what the card really holds."""
+    if factor == 1:
+        return profile_step
+
+    def profile(wl: Workload, knobs: Any, **kw: Any) -> MemoryProfile:
+        return profile_step(wl, knobs.with_(batch_size=knobs.batch_size * factor), **kw)
+
+    return profile
+
+
 def workload_for(cfg: RunConfig) -> Workload:
     """The planner's Workload for this config (a from-scratch size, or the checkpoint's SD family)."""
     from ..train.setup import resolve_defaults
@@ -40,7 +58,8 @@ def workload_for(cfg: RunConfig) -> Workload:
         from ..models.pretrained import detect_family
 
         family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
-        return Workload("this job", f"{family} {cfg.run.task}, {res}²", family, cfg.run.task, res, batch,
+        prior = " + class images (prior preservation)" if prior_factor(cfg) > 1 else ""
+        return Workload("this job", f"{family} {cfg.run.task}, {res}²{prior}", family, cfg.run.task, res, batch,
                         lora_rank=cfg.lora.rank, unet_overrides=_checkpoint_unet_config(cfg))
     return Workload("this job", f"{cfg.model.size} from scratch, {res}²", cfg.model.size, "scratch", res, batch,
                     ema=cfg.train.ema_decay > 0)
@@ -64,29 +83,44 @@ class RunPlan:
                + (f"; budget {p.budget_bytes / GIB:.2f} GiB, headroom {p.headroom_bytes / GIB:+.2f} GiB)"
                   if p.budget_bytes is not None else ")")]
         out += [f"  {cat:<20} {b / GIB:8.3f} GiB" for cat, b in p.by_category.items() if b]
+        out += [f"  {cat:<20} {b / GIB:8.3f} GiB in host memory (not on the card)" for cat, b in p.host_bytes.items()]
         if self.plan is not None:
             out.append(f"the planner switched on (fastest plan that fits: {self.plan.profile.peak_bytes / GIB:.2f} GiB):")
             out += [f"  + {s.knob}: {s.peak_after / GIB:.2f} GiB (saved {s.saved / GIB:+.2f})" for s in self.plan.steps]
         return out + [f"note: {n}" for n in self.notes + p.notes]
 
 
-def plan_run(cfg: RunConfig, card: Any) -> RunPlan:
-    """Profile ``cfg`` on ``card``; when it does not fit, plan (raises MemoryPlanError if nothing fits)."""
+def plan_run(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan:
+    """Profile ``cfg`` on ``card``; when it does not fit, plan (raises MemoryPlanError if nothing fits).
+
+    ``processes``: data-parallel processes, one card each (default: what the launcher started)."""
     if cfg.run.task == "autoencoder":
         return RunPlan(None, notes=["the autoencoder stage is small and is not planned"])
+    from ..distributed import process_count
+
     wl = workload_for(cfg)
-    knobs = knobs_from_config(cfg, wl, card)
+    knobs = knobs_from_config(cfg, wl, card).with_(processes=processes or process_count())
+    profile = _profiler(prior_factor(cfg))
     try:
-        prof = profile_step(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
+        prof = profile(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         # a checkpoint whose layout the profiler's family configs do not describe (e.g. a custom SDXL)
         return RunPlan(None, notes=[f"warning: memory not profiled for this model ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0]}); training without a plan"])
     notes = ["pixel-space jobs are profiled with the latent UNet of the same size (an estimate)"] \
         if cfg.run.task == "text2img" else []
+    if prior_factor(cfg) > 1:
+        notes.append(f"prior preservation: each micro-batch of {knobs.batch_size} instance image(s) also carries "
+                     f"as many class images (profiled at micro-batch {prof.knobs.get('batch_size')})")
     if prof.fits is not False:
         return RunPlan(prof, notes=notes)
-    chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, start=knobs)
+    chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, start=knobs, profile=profile)
+    if chosen.knobs.zero_stage and not cfg.memory.zero_stage:
+        raise MemoryPlanError(
+            f"this job fits only with DeepSpeed ZeRO-2 ({chosen.profile.peak_bytes / GIB:.2f} GiB a card), which "
+            "lowvram profiles but does not train yet",
+            "use a card with more memory, a LoRA instead of a full fine-tune, or a smaller batch/resolution",
+        )
     if chosen.knobs.trainable_dtype != "fp32":
         raise MemoryPlanError(
             f"this job fits only with {chosen.knobs.trainable_dtype} trainable weights "
@@ -107,10 +141,10 @@ def apply_plan(cfg: RunConfig, rp: RunPlan) -> RunConfig:
     return cfg
 
 
-def plan_or_refuse(cfg: RunConfig, card: Any) -> RunPlan:
+def plan_or_refuse(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan:
     """What ``lowvram train`` does first: fit the run to the card or refuse it (unless memory.force)."""
     try:
-        rp = plan_run(cfg, card)
+        rp = plan_run(cfg, card, processes)
     except MemoryPlanError:
         if cfg.memory.force:
             return RunPlan(None, notes=["no plan fits the card; training anyway because memory.force is set"])

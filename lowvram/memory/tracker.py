@@ -66,6 +66,7 @@ class StorageTracker(TorchDispatchMode):
         self.peak = 0
         self._peak_event = -1
         self._peak_phase = "setup"
+        self._reset_event = -1
         self.phase = "setup"
 
     # --- recording -------------------------------------------------------------------------------
@@ -132,6 +133,7 @@ class StorageTracker(TorchDispatchMode):
         """Start a new peak from the bytes live now (e.g. after a warm-up step)."""
         self.peak = self.live
         self._peak_event = len(self._events) - 1
+        self._reset_event = self._peak_event
         self._peak_phase = self.phase
 
     def result(self, relabel: dict[str, str] | None = None) -> TrackerResult:
@@ -154,3 +156,29 @@ class StorageTracker(TorchDispatchMode):
             cat = rec.label if rec.label in by_cat else relabel.get(rec.label, "temporaries")
             by_cat[cat] += rec.nbytes
         return TrackerResult(self.peak, by_cat, self._peak_phase, self.live, storages=len(self._records))
+
+    def scaled_peak(self, scale: dict[str, float]) -> tuple[int, dict[str, int]]:
+        """Replay the log with the bytes of some categories scaled (e.g. gradients x 1/N when ZeRO
+        partitions them): the peak since ``reset_peak`` and the categories at it, as if measured so."""
+        def category(key: int) -> str:
+            label = self._records[key].label
+            return label if label in CATEGORIES else {"forward": "activations"}.get(label, "temporaries")
+
+        def size(key: int) -> int:
+            return int(self._records[key].nbytes * scale.get(category(key), 1.0))
+
+        live: set[int] = set()
+        total, best, best_live = 0, -1, set()
+        for i, (key, _running) in enumerate(self._events):
+            if key > 0 and key not in live:
+                live.add(key)
+                total += size(key)
+            elif key < 0 and -key in live:
+                live.discard(-key)
+                total -= size(-key)
+            if i >= self._reset_event and total > best:
+                best, best_live = total, set(live)
+        by_cat = dict.fromkeys(CATEGORIES, 0)
+        for key in best_live:
+            by_cat[category(key)] += size(key)
+        return max(best, 0), by_cat

@@ -81,6 +81,9 @@ class Knobs:
     offload_frozen: bool = True
     ema_on_cpu: bool = False
     fused_backward: bool = False
+    processes: int = 1  # data-parallel processes (one card each): not a memory setting, but ZeRO divides by it
+    zero_stage: int = 0  # DeepSpeed ZeRO: 0 off, 2 = optimizer state and gradients partitioned over processes
+    offload_optimizer: bool = False  # ZeRO-2's optimizer state in host memory (ZeRO-Offload)
 
     def with_(self, **changes: Any) -> Knobs:
         return dataclasses.replace(self, **changes)
@@ -93,6 +96,8 @@ class Knobs:
                                                 "cache_text", "offload_frozen", "fused_backward")}
         if self.trainable_dtype != "fp32":
             memory["trainable_dtype"] = self.trainable_dtype
+        if self.zero_stage:
+            memory.update(zero_stage=self.zero_stage, offload_optimizer=self.offload_optimizer)
         return {"train": train, "memory": memory}
 
 

@@ -81,6 +81,8 @@ class ProgressBar:
             post = {"loss": f"{d.get('loss', float('nan')):.4f}"}
             if "peak_mem_mib" in d:
                 post["mem"] = f"{d['peak_mem_mib']:.0f}MiB"
+            if "effective_batch" in d:  # micro-batch x accumulation x processes
+                post["batch"] = str(d["effective_batch"])
             self.bar.set_postfix(post, refresh=False)
             self.bar.refresh()
         elif event.kind in ("warning", "nonfinite"):

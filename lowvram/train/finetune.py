@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -147,6 +147,8 @@ class FinetuneData:
     epoch_batches: Callable[[int], list[list[int]]]
     latents: Any = None  # LatentCacheDataset, or None: encode with the VAE every step
     text: Any = None  # TextEmbeddingCache, or None: encode every step
+    prior: Any = None  # data.prior.ClassImages (prior preservation), or None
+    prior_latents: Any = None  # the class images' LatentCacheDataset, or None
 
 
 def open_dataset(cfg: RunConfig, run_dir: Path) -> tuple[Any, Callable[[int], list[list[int]]]]:
@@ -154,6 +156,14 @@ def open_dataset(cfg: RunConfig, run_dir: Path) -> tuple[Any, Callable[[int], li
     from ..data.dataset import open_for_training
 
     return open_for_training(cfg, run_dir)
+
+
+def prior_preservation_loss(per_sample: torch.Tensor, n_instance: int,
+                            weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, instance, prior) of a batch whose rows from ``n_instance`` on are class images:
+    total = mean instance loss + ``weight`` x mean class loss, as diffusers' train_dreambooth_lora."""
+    instance, prior = per_sample[:n_instance].mean(), per_sample[n_instance:].mean()
+    return instance + weight * prior, instance.detach(), prior.detach()
 
 
 def sdxl_time_ids(original: tuple[int, int], target: tuple[int, int]) -> list[float]:
@@ -188,6 +198,7 @@ class FinetuneJob:
             m.to(device)
         self.frozen_on_device = True
         self.lora_name = run_dir.resolve().name or "lora"
+        self.prior_losses: deque[tuple[float, float]] = deque(maxlen=cfg.train.grad_accum)  # the last step's
 
     # -- models --------------------------------------------------------------------------------------
     def text_encoders(self) -> dict[str, nn.Module]:
@@ -215,11 +226,26 @@ class FinetuneJob:
 
     # -- batches -------------------------------------------------------------------------------------
     def batch(self, idx: list[int]) -> dict[str, Any]:
-        """Latents, captions and SDXL size conditioning for stream indices ``idx``."""
-        ds = self.data.dataset
+        """Latents, captions and SDXL size conditioning for stream indices ``idx``; with prior preservation
+        each instance image's class partner (same bucket) follows, from row ``n_instance`` on.
+
+        One micro-batch holds both halves (diffusers' DreamBooth layout) rather than alternating instance
+        and class micro-batches: every optimizer step then sees instance + weight x prior exactly, also
+        at grad_accum 1, and the memory planner profiles the doubled micro-batch (run_plan.prior_factor);
+        with gradient checkpointing the second image adds little to a LoRA step's peak.
+        """
+        out = self.images(self.data.dataset, self.data.latents, idx)
+        if self.data.prior is not None:
+            extra = self.images(self.data.prior.dataset, self.data.prior_latents, self.data.prior.pairs(idx))
+            out = {k: torch.cat([v, extra[k]]) if isinstance(v, torch.Tensor) else v + extra[k] for k, v in out.items()}
+        out["n_instance"] = len(idx)
+        return out
+
+    def images(self, ds: Any, latents: Any, idx: list[int]) -> dict[str, Any]:
+        """Latents (cached or encoded now), captions and SDXL size conditioning of ``ds``'s stream indices."""
         plans = [ds.plan(i) for i in idx]
-        if self.data.latents is not None:
-            x0 = torch.stack([self.data.latents[i]["latents"] for i in idx]).float()
+        if latents is not None:
+            x0 = torch.stack([latents[i]["latents"] for i in idx]).float()
         else:
             from ..data.cache import encode_latents
 
@@ -292,8 +318,23 @@ class FinetuneJob:
         if self.sdxl:
             kwargs = {"added_cond_kwargs": {"text_embeds": cond["pooled"],
                                             "time_ids": batch["time_ids"].to(self.device, cond["pooled"].dtype)}}
-        return compute_loss(self.unet, batch["x0"].to(self.device), cond["embeds"], alphas_cumprod=self.alphas_cumprod,
-                            prediction=self.prediction, generator=gen, unet_kwargs=kwargs, snr_gamma=self.cfg.train.snr_gamma)
+        prior = batch.get("n_instance", len(batch["captions"])) < len(batch["captions"])
+        loss = compute_loss(self.unet, batch["x0"].to(self.device), cond["embeds"], alphas_cumprod=self.alphas_cumprod,
+                            prediction=self.prediction, generator=gen, unet_kwargs=kwargs,
+                            snr_gamma=self.cfg.train.snr_gamma, reduce=not prior)
+        if not prior:
+            return loss
+        total, instance, prior_loss = prior_preservation_loss(loss, batch["n_instance"], self.cfg.train.prior_loss_weight)
+        self.prior_losses.append((instance.item(), prior_loss.item()))
+        return total
+
+    def prior_metrics(self) -> dict[str, float]:
+        """Instance and prior (class) loss, averaged like ``loss`` over the last step's micro-batches."""
+        if not self.prior_losses:
+            return {}
+        n = len(self.prior_losses)
+        return {"instance_loss": sum(i for i, _ in self.prior_losses) / n,
+                "prior_loss": sum(p for _, p in self.prior_losses) / n}
 
     def validate(self) -> float:
         raise RuntimeError("fine-tune jobs have no held-out validation set")
@@ -387,6 +428,8 @@ class FinetuneJob:
             "ss_output_name": self.lora_name,
             "ss_resolution": f"({res}, {res})",
             "ss_num_train_images": str(report.samples),
+            "ss_num_reg_images": str(report.class_data.used if getattr(report, "class_data", None) else 0),
+            "ss_prior_loss_weight": str(cfg.train.prior_loss_weight),
             "ss_dataset_dirs": dirs,
             "ss_tag_frequency": {k: dict(v.most_common(200)) for k, v in tags.items()},
             "ss_max_train_steps": str(cfg.run.steps),
@@ -396,7 +439,7 @@ class FinetuneJob:
             "ss_text_encoder_lr": str(cfg.train.lr if self.train_text else 0.0),
             "ss_network_train_unet_only": str(not self.train_text),
             "ss_lr_warmup_steps": str(cfg.train.warmup_steps),
-            "ss_lr_scheduler": "constant_with_warmup",
+            "ss_lr_scheduler": f"{cfg.train.lr_schedule}_with_warmup",
             "ss_optimizer": cfg.train.optimizer,
             "ss_batch_size_per_device": str(cfg.train.batch_size),
             "ss_gradient_accumulation_steps": str(cfg.train.grad_accum),
@@ -478,13 +521,20 @@ def build_caches(cfg: RunConfig, job: FinetuneJob) -> None:
         job.data.latents = cache.build(ds, batch_size=max(1, cfg.train.batch_size))
         st = cache.stats
         print(f"latent cache {cache.store.root}: {st.needed} latents, {st.hits} reused, {st.encoded} encoded")
+        if job.data.prior is not None:  # class images: the same content-keyed cache
+            job.data.prior_latents = cache.build(job.data.prior.dataset, batch_size=max(1, cfg.train.batch_size))
+            st = cache.stats
+            print(f"latent cache (class images): {st.needed} latents, {st.hits} reused, {st.encoded} encoded")
     if cfg.memory.cache_text and not job.train_text:
         text = TextEmbeddingCache(root, job.encode_text, job.text_identity())
-        job.data.text = text.build(dataset_captions(ds))
+        captions = dataset_captions(ds)
+        if job.data.prior is not None:
+            captions |= dataset_captions(job.data.prior.dataset)
+        job.data.text = text.build(captions)
         print(f"text cache {text.store.root}: {text.stats.needed} captions, {text.stats.hits} reused")
     # tag shuffling makes new captions every draw: they are encoded when drawn, so the encoders stay
     needs_text = not job.train_text and (job.data.text is None or cfg.data.shuffle_tags)
-    needs_vae = job.data.latents is None
+    needs_vae = job.data.latents is None or (job.data.prior is not None and job.data.prior_latents is None)
     if cfg.memory.offload_frozen and not (needs_text or needs_vae):
         for m in job.frozen:
             m.to("cpu")
@@ -530,19 +580,27 @@ def default_prompts(ds: Any, n: int = 4) -> list[str]:
 
 
 def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
-                   stop: Callable[[], bool] = lambda: False, resume: bool = False, cache_only: bool = False) -> Any:
+                   stop: Callable[[], bool] = lambda: False, resume: bool = False, cache_only: bool = False,
+                   world: Any = None) -> Any:
     """Fine-tune ``model.pretrained`` on the folder ``data.source``; returns a ``RunResult``.
 
-    ``cache_only`` stops after the latent/text caches are built (``lowvram cache``)."""
+    ``cache_only`` stops after the latent/text caches are built (``lowvram cache``); ``world``: the
+    processes of a multi-process run (the main one builds the caches, the others then read them)."""
+    from ..distributed import SINGLE, main_first
     from .run import RunResult
+
+    world = world or SINGLE
 
     if cfg.data.source == "builtin":
         raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
                           "pass a folder of images with .txt captions (--data DIR)")
-    if getattr(cfg.data, "class_data", None):
-        raise ConfigError("prior preservation (data.class_data) is not implemented yet",
-                          "train without class images, or add regularisation images to the data folder")
+    from ..data.prior import open_class_images, scan_class_images
+
+    # class images are validated before any model loads, and before open_dataset rewrites data_report.json
+    # (a resumed run reuses their verdicts from it)
+    class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data else None
     ds, epoch_batches = open_dataset(cfg, run_dir)
+    prior = open_class_images(cfg, ds, run_dir, scan=class_scan) if class_scan is not None else None
     if not cache_only:
         epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
     comps = load_base(cfg)
@@ -550,8 +608,9 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
         print(f"note: {note}")
     notes = prepare_models(cfg, comps, device)
     prompts = cfg.sample.prompts or default_prompts(ds)
-    job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches), prompts)
-    build_caches(cfg, job)
+    job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches, prior=prior), prompts)
+    with main_first(world):
+        build_caches(cfg, job)
     if cache_only:
         ds.write_report(run_dir)
         return RunResult(run_dir, "cached", 0)
@@ -564,12 +623,15 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
         if event.kind == "checkpoint" and "trainer" in holder:
             with holder["trainer"].ema_weights():
                 job.save_checkpoint_lora(event.step)
+        if event.kind == "step":  # prior preservation: instance and class losses beside the total
+            event.data.update(job.prior_metrics())
         emit(event)
 
-    trainer = Trainer(cfg, run_dir, job, job.batch, epoch_batches, device, emit_and_save, stop=stop)
+    trainer = Trainer(cfg, run_dir, job, job.batch, epoch_batches, device, emit_and_save, stop=stop, world=world)
     holder["trainer"] = trainer
     if resume:
         trainer.resume_latest()
     status = trainer.fit()
-    ds.write_report(run_dir)
+    if world.is_main:
+        ds.write_report(run_dir)
     return RunResult(run_dir, status, trainer.step)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..distributed import SINGLE, World, any_process, mean_over_processes, wait, wrap_ddp
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..optim import FusedBackward, build_optimizer, optimizer_from_tensors, optimizer_to_tensors
@@ -36,6 +37,20 @@ NONFINITE_CAUSES = (
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """A CPU generator per (seed, step, micro-batch): noise and dropout need no saved RNG to resume."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63))
+
+
+def lr_at(peak: float, step: int, warmup: int, total: int, schedule: str = "constant") -> float:
+    """Linear warm-up over ``warmup`` steps to ``peak``, then constant or a cosine/linear decay that
+    reaches 0 at step ``total`` (diffusers' ``get_scheduler`` shapes). Extending ``run.steps`` on resume
+    stretches the decay from that step on."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (1.0 - progress)
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int) -> Callable[[int], list[list[int]]]:
@@ -59,8 +74,31 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
 
 
+class JobLoss(torch.nn.Module):
+    """The job's loss as a module over what trains: what DDP wraps, so the job's own forward (UNet, text
+    encoder) runs through DDP while the job keeps the plain modules for previews and saving."""
+
+    def __init__(self, model: torch.nn.ModuleDict, job: Job) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_of = job.loss
+
+    def forward(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        return self.loss_of(batch, gen)
+
+
+def _ignore(event: Event) -> None:
+    """Events of processes other than the main one: only the main process logs and writes."""
+
+
 class Trainer:
-    """Owns the state that must be saved and resumed; ``fit`` is the loop."""
+    """Owns the state that must be saved and resumed; ``fit`` is the loop.
+
+    With several processes (``world``), each optimizer step consumes ``processes x grad_accum``
+    consecutive batches of the one global order: micro-batch ``m`` of rank ``r`` is global micro-batch
+    ``m * processes + r`` (its batch and its noise), so 2 processes x accumulation 1 take the very
+    batches and noise of 1 process x accumulation 2. DDP averages the gradients over the processes.
+    """
 
     def __init__(
         self,
@@ -72,9 +110,11 @@ class Trainer:
         device: torch.device,
         emit: Callable[[Event], None],
         stop: Callable[[], bool] = lambda: False,
+        world: World = SINGLE,
     ) -> None:
-        self.cfg, self.run_dir, self.job, self.device = cfg, run_dir, job, device
-        self.data, self.epoch_batches, self.emit, self.stop = data, epoch_batches, emit, stop
+        self.cfg, self.run_dir, self.job, self.device, self.world = cfg, run_dir, job, device, world
+        self.data, self.epoch_batches, self.stop = data, epoch_batches, stop
+        self.emit = emit if world.is_main else _ignore
         t = cfg.train
         self.model = torch.nn.ModuleDict(job.trainable_modules())
         if t.gradient_checkpointing:
@@ -87,6 +127,14 @@ class Trainer:
                 "use --set memory.trainable_dtype=fp32",
             )
         self.fused = cfg.memory.fused_backward
+        if self.fused and world.distributed:
+            raise ConfigError(
+                f"memory.fused_backward cannot train with {world.num_processes} processes: it steps the optimizer "
+                "inside backward, before the gradients are averaged over the processes",
+                "use --set memory.fused_backward=false with several processes (or train in one process)",
+            )
+        # DDP broadcasts the main process's trainable weights, so every process (and its EMA) starts equal
+        self.ddp = wrap_ddp(JobLoss(self.model, job), world) if world.distributed else None
         if self.fused:
             # the optimizer steps inside backward, one parameter at a time, and frees each gradient at once
             self.optimizer: Any = FusedBackward(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
@@ -105,10 +153,16 @@ class Trainer:
         self.nonfinite_streak = 0
         self.ckpt_dir = run_dir / "checkpoints"
 
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up to ``train.lr``, then constant: a function of the step, so nothing to resume."""
+    @property
+    def effective_batch(self) -> int:
+        """Images per optimizer step: micro-batch x accumulation x processes."""
         t = self.cfg.train
-        return t.lr * (min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0)
+        return t.batch_size * t.grad_accum * self.world.num_processes
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step``: a function of the step, so nothing to resume."""
+        return lr_at(self.cfg.train.lr, step, self.cfg.train.warmup_steps, self.cfg.run.steps,
+                     self.cfg.train.lr_schedule)
 
     def set_lr(self, lr: float) -> None:
         if self.fused:
@@ -165,10 +219,16 @@ class Trainer:
         self.batch_in_epoch = int(meta["batch_in_epoch"])
         self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
 
-    def save(self) -> Path:
-        tensors, meta = self.state()
-        path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
-        self.emit(Event("checkpoint", self.step, {"path": str(path)}))
+    def save(self, barrier: bool = True) -> Path:
+        """The main process writes the checkpoint; the others wait for it (``barrier``) so that a kill
+        right after leaves a complete checkpoint that every process resumes from."""
+        path = self.ckpt_dir / f"step-{self.step:08d}"
+        if self.world.is_main:
+            tensors, meta = self.state()
+            path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
+            self.emit(Event("checkpoint", self.step, {"path": str(path)}))
+        if barrier:
+            wait(self.world)
         return path
 
     def resume_latest(self) -> bool:
@@ -181,21 +241,29 @@ class Trainer:
         return True
 
     # ---- data ------------------------------------------------------------------------------
-    def batches(self) -> Iterator[dict[str, Any]]:
-        """Micro-batches from the saved data position onwards, epoch after epoch."""
+    def batch_indices(self) -> Iterator[list[int]]:
+        """Global micro-batch indices from the saved data position onwards, epoch after epoch
+        (the same on every process: the data position is global)."""
         while True:
             order = self.epoch_batches(self.epoch)
             while self.batch_in_epoch < len(order):
                 idx = order[self.batch_in_epoch]
                 self.batch_in_epoch += 1
-                yield self.data(idx)
+                yield idx
             self.epoch += 1
             self.batch_in_epoch = 0
 
+    def take(self, positions: Iterator[list[int]]) -> list[int]:
+        """This process's share of the next ``processes`` global micro-batches: the ``index``-th."""
+        group = [next(positions) for _ in range(self.world.num_processes)]
+        return group[self.world.index]
+
     # ---- one optimizer step ----------------------------------------------------------------
-    def train_step(self, batches: Iterator[dict[str, Any]]) -> float:
-        """Accumulate ``grad_accum`` micro-batches and step; returns the mean loss (may be non-finite)."""
+    def train_step(self, positions: Iterator[list[int]]) -> float:
+        """Accumulate ``grad_accum`` micro-batches and step; returns the mean loss over all processes'
+        micro-batches (may be non-finite: then every process skips the step)."""
         t = self.cfg.train
+        w = self.world
         autocast = (
             torch.autocast(self.device.type, dtype=AUTOCAST[t.precision]) if t.precision in AUTOCAST else nullcontext()
         )
@@ -205,17 +273,21 @@ class Trainer:
         for micro in range(t.grad_accum):
             if self.fused:  # accumulate the first micro-batches' gradients, step on the last one's
                 self.optimizer.stepping = micro == t.grad_accum - 1
-            batch = next(batches)
-            gen = step_generator(self.cfg.run.seed, self.step, micro)
-            with autocast:
-                loss = self.job.loss(batch, gen)
-            value = loss.item()
-            if not math.isfinite(value):
-                finite = False
-                total = value
-                break
-            total += value / t.grad_accum
-            self.scaler.scale(loss / t.grad_accum).backward()
+            batch = self.data(self.take(positions))
+            gen = step_generator(self.cfg.run.seed, self.step, micro * w.num_processes + w.index)
+            # DDP averages gradients on the last micro-batch only; the others accumulate locally
+            last = micro == t.grad_accum - 1
+            with nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+                with autocast:
+                    loss = self.ddp(batch, gen) if self.ddp is not None else self.job.loss(batch, gen)
+                # the mean over processes: what is logged, and non-finite on one process skips everywhere
+                value = mean_over_processes(w, loss.item())
+                if not math.isfinite(value):
+                    finite = False
+                    total = value
+                    break
+                total += value / t.grad_accum
+                self.scaler.scale(loss / t.grad_accum).backward()
         if finite:
             if not self.fused:
                 optimizer_step(self.optimizer, self.params, grad_clip=t.grad_clip, scaler=self.scaler)
@@ -226,7 +298,7 @@ class Trainer:
                 p.grad = None
             # the rest of this step's micro-batches are consumed so the data position stays on schedule
             for _ in range(micro + 1, t.grad_accum):
-                next(batches)
+                self.take(positions)
         self.step += 1
         return total
 
@@ -259,15 +331,16 @@ class Trainer:
     def fit(self) -> str:
         """Train to ``run.steps``; returns 'done' or 'stopped' (graceful stop, checkpoint saved)."""
         r = self.cfg.run
-        batches = self.batches()
+        main = self.world.is_main
+        positions = self.batch_indices()
         self.emit(Event("start", self.step, {"total": r.steps}))
         window_start, window_steps = time.perf_counter(), 0
         try:
             while self.step < r.steps:
-                if self.stop():
+                if any_process(self.world, self.stop()):  # all processes stop together, or none
                     self.save()
                     return "stopped"
-                loss = self.train_step(batches)
+                loss = self.train_step(positions)
                 window_steps += 1
                 if not math.isfinite(loss):
                     self.nonfinite_streak += 1
@@ -291,24 +364,27 @@ class Trainer:
                         "it_s": window_steps / elapsed if elapsed > 0 else 0.0,
                         "peak_mem_mib": peak,
                         "mem_kind": kind,
-                        "effective_batch": self.cfg.train.batch_size * self.cfg.train.grad_accum,
+                        "effective_batch": self.effective_batch,
                     }))
                     window_start, window_steps = time.perf_counter(), 0
-                if r.val_every and self.job.has_validation and self.step % r.val_every == 0:
+                # validation and samples: the main process only (the others wait in the next step's all-reduce)
+                if main and r.val_every and self.job.has_validation and self.step % r.val_every == 0:
                     self.emit(Event("val", self.step, {"val_loss": self.validate()}))
                 if r.checkpoint_every and self.step % r.checkpoint_every == 0 and self.step < r.steps:
                     self.save()
-                if r.sample_every and self.step % r.sample_every == 0 and self.step < r.steps:
+                if main and r.sample_every and self.step % r.sample_every == 0 and self.step < r.steps:
                     self.write_samples(f"step-{self.step:08d}")
                 if window_steps == 0:  # it/s measures training only, not the val/sample/checkpoint pauses
                     window_start = time.perf_counter()
         except KeyboardInterrupt:
-            self.save()
+            self.save(barrier=False)  # no collective: the other processes may be interrupted anywhere
             raise
         self.save()
-        if self.job.has_validation and r.val_every and self.step % r.val_every:
-            self.emit(Event("val", self.step, {"val_loss": self.validate()}))
-        self.write_samples("final")
-        final = self.save_final()
-        self.emit(Event("end", self.step, {"final": str(final)}))
+        if main:
+            if self.job.has_validation and r.val_every and self.step % r.val_every:
+                self.emit(Event("val", self.step, {"val_loss": self.validate()}))
+            self.write_samples("final")
+            final = self.save_final()
+            self.emit(Event("end", self.step, {"final": str(final)}))
+        wait(self.world)  # nobody exits (and tears down the process group) while the main process writes
         return "done"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigBuilder, RunConfig, load_yaml
+from ..distributed import World, check_zero, computed_once, main_first, training_device, world
 from ..errors import CheckpointError, ConfigError
 from .autoencoder import encode_all, latent_scale, load_autoencoder, save_autoencoder, train_autoencoder
 from .checkpoint import latest_checkpoint
@@ -80,15 +81,17 @@ def open_images(cfg: RunConfig, split: str, run_dir: Path | None = None) -> Imag
     return ImageData(pixels, captions, n, cfg.sample.prompts or caps[:4], epoch_batches, caps)
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True) -> Path:
+    """Check the run folder (every process, so all refuse alike); ``write``: create it, save the config."""
     run_dir = Path(cfg.run.out)
     if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
         raise ConfigError(
             f"run folder '{run_dir}' already holds a run",
             f"continue it with `lowvram train --resume {run_dir}`, or choose another --out",
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / CONFIG_NAME)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / CONFIG_NAME)
     return run_dir
 
 
@@ -106,7 +109,10 @@ def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
 
 def make_emitter(run_dir: Path, cfg: RunConfig, listeners: Iterable[Listener], progress: bool,
-                 initial: int) -> tuple[Callable[[Event], None], list[Listener]]:
+                 initial: int, w: World | None = None) -> tuple[Callable[[Event], None], list[Listener]]:
+    """Metrics, TensorBoard, progress bar and ``listeners``; on processes other than the main one, none."""
+    if w is not None and not w.is_main:
+        return (lambda event: None), []
     outs: list[Listener] = [JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.run.tensorboard:
         outs.append(TensorBoardLogger(run_dir / "tensorboard"))
@@ -129,20 +135,27 @@ def train(
     progress: bool = True,
     resume: bool = False,
 ) -> RunResult:
-    """Run the job ``cfg`` describes; with ``resume`` continue its run folder's latest checkpoint."""
+    """Run the job ``cfg`` describes; with ``resume`` continue its run folder's latest checkpoint.
+
+    Under ``accelerate launch`` / ``torchrun`` every process calls this; only the main one writes files."""
     resolve_defaults(cfg)
-    run_dir = prepare_run_dir(cfg, resume)
     device = resolve_device(cfg.run.device)
+    check_zero(cfg.memory.zero_stage, cfg.memory.offload_optimizer, device)
+    w = world(cpu=device.type == "cpu")
+    device = training_device(w, device)
+    run_dir = prepare_run_dir(cfg, resume, write=w.is_main)
     if cfg.run.task in ("lora", "full"):
         from .finetune import train_finetune
 
-        emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0)
-        return train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume)
+        emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
+        return train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w)
     train_data = open_images(cfg, "train", run_dir)
     val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None
-    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0)
+    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
     if cfg.run.task == "autoencoder":
-        fit_autoencoder(cfg, run_dir, train_data, cfg.run.steps, device, emit)
+        with main_first(w):  # one process trains the autoencoder stage; it is not data-parallel
+            if w.is_main:
+                fit_autoencoder(cfg, run_dir, train_data, cfg.run.steps, device, emit)
         emit(Event("end", cfg.run.steps, {"final": str(run_dir / "autoencoder")}))
         return RunResult(run_dir, "done", cfg.run.steps)
 
@@ -150,24 +163,30 @@ def train(
     x0_of: Callable[[list[int]], torch.Tensor] = train_data.pixels
     val_x0 = val_data.pixels(list(range(len(val_data)))) if val_data else None
     if cfg.run.task == "latent":
-        vae, scale = latent_stage(cfg, run_dir, train_data, device, emit)
-        latents = encode_all(vae, train_data.pixels, len(train_data), scale, device)
+        with main_first(w):  # the main process trains (or loads) the autoencoder, the others then load it
+            vae, scale = latent_stage(cfg, run_dir, train_data, device, emit)
+        # the latent cache is encoded once, by the main process, and read by the others
+        shared = run_dir / "cache"
+        latents = computed_once(w, shared / "train_latents.safetensors",
+                                lambda: encode_all(vae, train_data.pixels, len(train_data), scale, device))
         n = len(train_data)
         x0_of = lambda idx: latents[[i % n for i in idx]]  # noqa: E731 — the cache is a tensor lookup
         if val_x0 is not None:
-            val_x0 = encode_all(vae, val_data.pixels, len(val_data), scale, device)
+            val_x0 = computed_once(w, shared / "val_latents.safetensors",
+                                   lambda: encode_all(vae, val_data.pixels, len(val_data), scale, device))
         vae = vae.to(device)
 
     tokenizer = None
     tok_dir = run_dir / "tokenizer"
-    if resume and tok_dir.is_dir():
-        from transformers import AutoTokenizer
+    with main_first(w):  # the main process builds and saves the tokenizer; the others load that one
+        if (resume or not w.is_main) and tok_dir.is_dir():
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    comps = build_components(cfg, train_data.all_captions or [], device, vae=vae, latent_scale=scale,
-                             tokenizer=tokenizer)
-    if not tok_dir.is_dir():
-        comps.tokenizer.save_pretrained(tok_dir)
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        comps = build_components(cfg, train_data.all_captions or [], device, vae=vae, latent_scale=scale,
+                                 tokenizer=tokenizer)
+        if w.is_main and not tok_dir.is_dir():
+            comps.tokenizer.save_pretrained(tok_dir)
 
     def data(idx: list[int]) -> dict[str, Any]:
         return {"x0": x0_of(idx), "captions": train_data.captions(idx)}
@@ -176,7 +195,7 @@ def train(
     prompts = cfg.sample.prompts or train_data.sample_prompts[:4]
     job = ScratchJob(cfg, run_dir, comps, device, val_batch, prompts)
     batches = train_data.epoch_batches or shuffled_batches(len(train_data), cfg.train.batch_size, cfg.run.seed)
-    trainer = Trainer(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False))
+    trainer = Trainer(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False), world=w)
     if resume:
         trainer.resume_latest()
     status = trainer.fit()

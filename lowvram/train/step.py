@@ -24,12 +24,15 @@ def compute_loss(
     generator: torch.Generator | None = None,
     unet_kwargs: dict[str, Any] | None = None,
     snr_gamma: float = 0.0,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """Diffusion loss of ``unet`` on clean inputs ``x0`` (pixels or latents) with conditioning ``cond``.
 
     Noise and timesteps come from ``generator`` (a CPU generator, so a seed gives the same run on
     every device); without one (the profiler on ``meta``) they are drawn on ``x0``'s device.
     ``snr_gamma`` > 0 weights each sample by min-SNR-gamma (faster convergence; 5 is the paper's value).
+    ``reduce=False`` returns the per-sample (weighted) losses [B] instead of their mean (prior preservation
+    weights the instance and class halves of a batch apart).
     """
     batch = x0.shape[0]
     timesteps = alphas_cumprod.shape[0]
@@ -43,7 +46,11 @@ def compute_loss(
     noisy = add_noise(x0, noise, t, acp)
     out = unet(noisy, t, encoder_hidden_states=cond, **(unet_kwargs or {})).sample
     weights = min_snr_weights(t, acp, prediction, snr_gamma) if snr_gamma > 0 else None
-    return diffusion_loss(out, target(x0, noise, t, acp, prediction), weights)
+    goal = target(x0, noise, t, acp, prediction)
+    if not reduce:
+        per_sample = (out.float() - goal.float()).pow(2).flatten(1).mean(1)
+        return per_sample * weights.float() if weights is not None else per_sample
+    return diffusion_loss(out, goal, weights)
 
 
 def optimizer_step(
