@@ -116,6 +116,13 @@ def test_start_refuses_an_invalid_form_and_launches_nothing(tmp_path):
     assert state.manager.job is None and state.manager.status().state == "idle"
 
 
+def test_start_plans_against_the_card_and_refuses_a_job_that_cannot_fit(tmp_path):
+    state = cb.PanelState(JobManager(tmp_path / "state"))
+    text = cb.start_job(state, tiny_form(tmp_path / "run", extra=TINY_EXTRA + "\nmemory.vram_gib=0.001"))
+    assert text.startswith("### Not started") and "GiB" in text, text
+    assert state.manager.job is None and state.manager.status().state == "idle"
+
+
 def test_preset_knobs_and_card(tmp_path):
     knobs = cb.preset_knobs("gtx1650-4gb", "lora", "")
     assert knobs["batch_size"] == 1 and knobs["grad_accum"] == 4 and knobs["resolution"] == 512

@@ -436,6 +436,14 @@ def start_job(state: PanelState, form: Form) -> str:
     if cfg is None:
         return "### Not started\n\n" + _problem_list(problems)
     try:
+        from ..memory.run_plan import plan_or_refuse
+        from ..presets import load_preset
+
+        # the CLI's rule: fit the run to the card (switching knobs on) or refuse it, before a child starts
+        plan_or_refuse(cfg, load_preset(form.preset).card)
+    except LowvramError as e:
+        return "### Not started\n\n" + _problem_list([_text(e)])
+    try:
         job = state.manager.start(cfg)
     except LowvramError as e:
         return f"✗ {html.escape(_text(e))}"
