@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,6 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.run import resume, train
 
     main_process = launched_as_main()
+    if not main_process:
+        # one voice: the other processes' progress lines (data, caches) would repeat the main one's;
+        # errors still reach stderr from every process
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — lives as long as the process
     if args.resume:
         overrides = {"run.steps": args.steps} if args.steps else {}
         for item in args.set or []:

@@ -104,6 +104,40 @@ def test_two_processes_killed_and_resumed_equal_one_process_accumulating_two(tmp
     assert not (run / "cache").exists()
 
 
+def test_two_process_lora_fine_tune_equals_one_process_accumulating_two(tmp_path):
+    """The fine-tune path under DDP: a LoRA on a tiny SD 1.x folder, caches built once by the main process."""
+    import numpy as np
+    from PIL import Image
+    from sd_fixtures import save_tiny
+
+    model = save_tiny(tmp_path, "sd1")["folder"]
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"a photo of sks dog, photo {i}")
+    sets = {"data.resolution": 32, "train.batch_size": 1, "data.cache_dir": tmp_path / "cache", "lora.rank": 4,
+            "train.lr": 1e-2, "train.warmup_steps": 0, "run.checkpoint_every": 2, "run.sample_every": 0,
+            "run.tensorboard": "false", "sample.steps": 2, "sample.cfg_scales": 1, "sample.prompts": "a dog"}
+    argv = ["train", "--preset", "cpu", "--task", "lora", "--model", str(model), "--data", str(data), "--steps", "4",
+            "--no-progress"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    cli = [sys.executable, "-m", "lowvram.cli", *argv]
+    two = subprocess.run([*cli, "--out", str(tmp_path / "two"), "--processes", "2"], env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # the latent cache is encoded once (main process), then read; only the main process prints
+    assert two.stdout.count("4 latents, 0 reused, 4 encoded") == 1 and two.stdout.count("done: 4 steps") == 1
+    one = subprocess.run([*cli, "--out", str(tmp_path / "one"), "--set", "train.grad_accum=2"], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "4 latents, 4 reused, 0 encoded" in one.stdout
+    assert_checkpoints_equal(tmp_path / "two", tmp_path / "one", 4, "between LoRA 2x1 and 1x2")
+    # one set of LoRA files (kohya file named after the run folder, diffusers file, per-step copies)
+    names = {run: sorted(p.name.replace(run, "RUN") for p in (tmp_path / run / "lora").iterdir()) for run in ("one", "two")}
+    assert names["two"] == names["one"] and "RUN.safetensors" in names["two"]
+
+
 def test_ranks_share_a_step_like_accumulated_micro_batches():
     """Rank r's micro-batch m is global micro-batch m*N + r: its batch and its noise."""
     order = [[i] for i in range(8)]
