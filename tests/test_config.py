@@ -17,7 +17,7 @@ def test_layers_apply_in_order_and_remember_their_source():
     assert cfg.train.lr == pytest.approx(2e-5) and cfg.train.batch_size == 8
     assert b.source_of("train.lr") == "--set train.lr=2e-5"
     assert b.source_of("train.batch_size") == "preset cpu"
-    assert b.source_of("run.steps") == "default"
+    assert b.source_of("run.seed") == "default"
 
 
 def test_bad_value_names_field_expectation_and_source():
