@@ -128,15 +128,14 @@ def computed_once(w: World, path: Path, make: Callable[[], torch.Tensor]) -> tor
     """
     if not w.distributed:
         return make()
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from .lora import _atomic_save
 
     with main_first(w):
         if w.is_main:
             value = make()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"value": value.detach().cpu().contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            _atomic_save({"value": value}, path, {})
         else:
             value = load_file(str(path))["value"]
     wait(w)  # everyone has read it: the file is only a hand-over, it need not stay in the run folder

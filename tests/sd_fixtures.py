@@ -209,3 +209,13 @@ def perturb_lora(*models, seed: int = 0, scale: float = 0.3) -> None:
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.data = torch.randn(p.shape, generator=g) * scale
+
+
+def finetune_argv(model: Path, data: Path, out: Path, sets: dict, *extra: str, steps: int = 3,
+                  task: str = "lora") -> list[str]:
+    """``lowvram train`` arguments of a short CPU fine-tune: ``sets`` and ``extra`` become ``--set`` items."""
+    argv = ["train", "--preset", "cpu", "--task", task, "--model", str(model), "--data", str(data),
+            "--steps", str(steps), "--out", str(out), "--no-progress"]
+    for item in [f"{k}={v}" for k, v in sets.items()] + list(extra):
+        argv += ["--set", item]
+    return argv

@@ -108,7 +108,7 @@ def test_two_process_lora_fine_tune_equals_one_process_accumulating_two(tmp_path
     """The fine-tune path under DDP: a LoRA on a tiny SD 1.x folder, caches built once by the main process."""
     import numpy as np
     from PIL import Image
-    from sd_fixtures import save_tiny
+    from sd_fixtures import finetune_argv, save_tiny
 
     model = save_tiny(tmp_path, "sd1")["folder"]
     data = tmp_path / "data"
@@ -120,16 +120,14 @@ def test_two_process_lora_fine_tune_equals_one_process_accumulating_two(tmp_path
     sets = {"data.resolution": 32, "train.batch_size": 1, "data.cache_dir": tmp_path / "cache", "lora.rank": 4,
             "train.lr": 1e-2, "train.warmup_steps": 0, "run.checkpoint_every": 2, "run.sample_every": 0,
             "run.tensorboard": "false", "sample.steps": 2, "sample.cfg_scales": 1, "sample.prompts": "a dog"}
-    argv = ["train", "--preset", "cpu", "--task", "lora", "--model", str(model), "--data", str(data), "--steps", "4",
-            "--no-progress"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    cli = [sys.executable, "-m", "lowvram.cli", *argv]
-    two = subprocess.run([*cli, "--out", str(tmp_path / "two"), "--processes", "2"], env=_env(), capture_output=True,
-                         text=True, timeout=300)
+    cli = [sys.executable, "-m", "lowvram.cli"]
+    two = subprocess.run([*cli, *finetune_argv(model, data, tmp_path / "two", sets, steps=4), "--processes", "2"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     # the latent cache is encoded once (main process), then read; only the main process prints
     assert two.stdout.count("4 latents, 0 reused, 4 encoded") == 1 and two.stdout.count("done: 4 steps") == 1
-    one = subprocess.run([*cli, "--out", str(tmp_path / "one"), "--set", "train.grad_accum=2"], env=_env(),
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run([*cli, *finetune_argv(model, data, tmp_path / "one", sets, "train.grad_accum=2", steps=4)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "4 latents, 4 reused, 0 encoded" in one.stdout
     assert_checkpoints_equal(tmp_path / "two", tmp_path / "one", 4, "between LoRA 2x1 and 1x2")

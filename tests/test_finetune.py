@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import BUILDERS, save_tiny
+from sd_fixtures import BUILDERS, finetune_argv, save_tiny
 
 from lowvram import lora as L
 from lowvram.cli import main
@@ -79,13 +79,7 @@ def flags(world, model: Path, out: Path, *extra: str, steps: int = 3, task: str 
         "run.sample_every": 0, "run.log_every": 1, "run.tensorboard": "false", "sample.steps": 2,
         "sample.cfg_scales": ",".join(map(str, SCALES)), "sample.prompts": PROMPT, "sample.seed": SEED,
     }
-    out_flags = ["train", "--preset", "cpu", "--task", task, "--model", str(model), "--data", str(world["data"]),
-                 "--steps", str(steps), "--out", str(out), "--no-progress"]
-    for k, v in sets.items():
-        out_flags += ["--set", f"{k}={v}"]
-    for item in extra:
-        out_flags += ["--set", item]
-    return out_flags
+    return finetune_argv(model, world["data"], out, sets, *extra, steps=steps, task=task)
 
 
 def generate(pipe, scale: float) -> np.ndarray:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import save_tiny
+from sd_fixtures import finetune_argv, save_tiny
 
 from lowvram.cli import main
 from lowvram.config import ConfigBuilder, RunConfig
@@ -72,13 +72,7 @@ def flags(world, out: Path, *extra: str, steps: int = 3) -> list[str]:
         "sample.cfg_scales": "3", "sample.prompts": "a photo of sks dog", "data.class_data": world["cls"],
         "data.class_prompt": CLASS_PROMPT, "train.prior_loss_weight": 0.5,
     }
-    argv = ["train", "--preset", "cpu", "--task", "lora", "--model", str(world["sd1"]), "--data", str(world["data"]),
-            "--steps", str(steps), "--out", str(out), "--no-progress"]
-    for k, v in sets.items():
-        argv += ["--set", f"{k}={v}"]
-    for item in extra:
-        argv += ["--set", item]
-    return argv
+    return finetune_argv(world["sd1"], world["data"], out, sets, *extra, steps=steps)
 
 
 def data_config(source: Path, class_data: Path | str, seed: int = 0) -> RunConfig:

@@ -115,16 +115,15 @@ def plan_run(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan
     if prof.fits is not False:
         return RunPlan(prof, notes=notes)
     chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, start=knobs, profile=profile)
-    if chosen.knobs.zero_stage and not cfg.memory.zero_stage:
+    # knobs the profiler models but the trainer refuses: a plan that needs one cannot train
+    untrained = [name for name, needed in (
+        ("DeepSpeed ZeRO-2", chosen.knobs.zero_stage and not cfg.memory.zero_stage),
+        (f"{chosen.knobs.trainable_dtype} trainable weights", chosen.knobs.trainable_dtype != "fp32"),
+    ) if needed]
+    if untrained:
         raise MemoryPlanError(
-            f"this job fits only with DeepSpeed ZeRO-2 ({chosen.profile.peak_bytes / GIB:.2f} GiB a card), which "
+            f"this job fits only with {untrained[0]} ({chosen.profile.peak_bytes / GIB:.2f} GiB a card), which "
             "lowvram profiles but does not train yet",
-            "use a card with more memory, a LoRA instead of a full fine-tune, or a smaller batch/resolution",
-        )
-    if chosen.knobs.trainable_dtype != "fp32":
-        raise MemoryPlanError(
-            f"this job fits only with {chosen.knobs.trainable_dtype} trainable weights "
-            f"({chosen.profile.peak_bytes / GIB:.2f} GiB), which lowvram profiles but does not train yet",
             "use a card with more memory, a LoRA instead of a full fine-tune, or a smaller batch/resolution",
         )
     before = knobs.as_config()

@@ -26,6 +26,19 @@ CATEGORIES = (
     "temporaries",
 )
 
+# what a storage born in a phase is, when no category claimed it: born in forward and alive at the peak
+# it is an activation (saved for backward); anything else unclaimed is a temporary
+PHASE_CATEGORY = {"setup": "temporaries", "forward": "activations", "backward": "temporaries",
+                  "optimizer": "temporaries"}
+
+
+def category_of(label: str, relabel: dict[str, str] | None = None) -> str:
+    """The category of a storage labelled ``label`` (a category, or the phase it was born in)."""
+    if label in CATEGORIES:
+        return label
+    return {**PHASE_CATEGORY, **(relabel or {})}.get(label, "temporaries")
+
+
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
 _NONZERO = torch.ops.aten.nonzero.default
 
@@ -142,8 +155,6 @@ class StorageTracker(TorchDispatchMode):
         ``relabel`` maps a birth phase to its category: what was born in forward and is alive at the
         peak is an activation (saved for backward); anything else unclaimed is a temporary.
         """
-        relabel = {"setup": "temporaries", "forward": "activations", "backward": "temporaries",
-                   "optimizer": "temporaries", **(relabel or {})}
         live: set[int] = set()
         for key, _total in self._events[: self._peak_event + 1]:
             if key > 0:
@@ -153,16 +164,14 @@ class StorageTracker(TorchDispatchMode):
         by_cat = dict.fromkeys(CATEGORIES, 0)
         for key in live:
             rec = self._records[key]
-            cat = rec.label if rec.label in by_cat else relabel.get(rec.label, "temporaries")
-            by_cat[cat] += rec.nbytes
+            by_cat[category_of(rec.label, relabel)] += rec.nbytes
         return TrackerResult(self.peak, by_cat, self._peak_phase, self.live, storages=len(self._records))
 
     def scaled_peak(self, scale: dict[str, float]) -> tuple[int, dict[str, int]]:
         """Replay the log with the bytes of some categories scaled (e.g. gradients x 1/N when ZeRO
         partitions them): the peak since ``reset_peak`` and the categories at it, as if measured so."""
         def category(key: int) -> str:
-            label = self._records[key].label
-            return label if label in CATEGORIES else {"forward": "activations"}.get(label, "temporaries")
+            return category_of(self._records[key].label)
 
         def size(key: int) -> int:
             return int(self._records[key].nbytes * scale.get(category(key), 1.0))
