@@ -1,0 +1,40 @@
+"""The machine: read its facts, decide what it can really run, self-test it, report it (``lowvram doctor``).
+
+Read-only: nothing here changes torch's global state. The rooms: ``facts`` (reading), ``caps`` (capability
+tables and ``HardwareInfo``), ``probe`` (deciding), ``advice`` (notes), ``matching`` (which preset),
+``selftest``, ``install`` (installed packages and platform mistakes), ``doctor`` (the report).
+"""
+
+from .caps import GIB, ArchCaps, HardwareInfo, arch_caps, is_gtx16
+from .doctor import doctor, doctor_dict, doctor_report
+from .facts import DeviceFacts, read_facts
+from .matching import recommend_preset, warn_if_preset_mismatch
+from .probe import probe
+from .selftest import (
+    SelfTestResult,
+    default_self_test_dtypes,
+    run_self_test_or_raise,
+    self_test,
+    self_test_fix,
+)
+
+__all__ = [
+    "GIB",
+    "ArchCaps",
+    "DeviceFacts",
+    "HardwareInfo",
+    "SelfTestResult",
+    "arch_caps",
+    "default_self_test_dtypes",
+    "doctor",
+    "doctor_dict",
+    "doctor_report",
+    "is_gtx16",
+    "probe",
+    "read_facts",
+    "recommend_preset",
+    "run_self_test_or_raise",
+    "self_test",
+    "self_test_fix",
+    "warn_if_preset_mismatch",
+]
