@@ -12,6 +12,9 @@ from .errors import (
     PresetError,
     TrainingDiverged,
 )
+from .runtime_env import quiet_imports
+
+quiet_imports()  # library users see no dependency noise either; the command also goes offline (cli.main)
 
 __version__ = "0.1.0"
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import MODEL_SIZES, TASKS, ConfigBuilder, RunConfig, field_help, load_yaml
 from .errors import LowvramError, TrainingDiverged
+from .runtime_env import offline_and_quiet
 
 
 # ---- config resolution: preset → --config → flags → --set ---------------------------------------
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    offline_and_quiet()
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --processes relaunches
     handler = COMMANDS[args.command][0]

@@ -2,14 +2,14 @@
 
 Read-only: nothing here changes torch's global state. The rooms: ``facts`` (reading), ``caps`` (capability
 tables and ``HardwareInfo``), ``probe`` (deciding), ``advice`` (notes), ``matching`` (which preset),
-``selftest``, ``install`` (installed packages and platform mistakes), ``doctor`` (the report).
+``selftest``, ``install`` (installed packages and platform mistakes), ``report`` (``lowvram doctor``).
 """
 
 from .caps import GIB, ArchCaps, HardwareInfo, arch_caps, is_gtx16
-from .doctor import doctor, doctor_dict, doctor_report
 from .facts import DeviceFacts, read_facts
 from .matching import recommend_preset, warn_if_preset_mismatch
 from .probe import probe
+from .report import doctor, doctor_dict, doctor_report
 from .selftest import (
     SelfTestResult,
     default_self_test_dtypes,

@@ -7,9 +7,14 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+# The packages the doctor lists, in the order a user thinks of them (xformers is optional).
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "gradio", "xformers")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,10 @@ class DeviceFacts:
     hsa_override_gfx_version: str | None = None  # env HSA_OVERRIDE_GFX_VERSION
     roc_enable_pre_vega: str | None = None  # env ROC_ENABLE_PRE_VEGA
     platform: str = sys.platform
+    # (name, version or None) of the packages lowvram runs on: what the doctor checks fit together
+    packages: tuple[tuple[str, str | None], ...] = ()
+    # (vendor id, device id) of the display controllers on the PCI bus: the GPU torch may not see
+    pci_gpus: tuple[tuple[str, str], ...] = ()
 
 
 
@@ -120,6 +129,8 @@ def read_facts(import_optional: bool = True) -> DeviceFacts:
         hsa_override_gfx_version=os.environ.get("HSA_OVERRIDE_GFX_VERSION"),
         roc_enable_pre_vega=os.environ.get("ROC_ENABLE_PRE_VEGA"),
         platform=sys.platform,
+        packages=installed_versions(),
+        pci_gpus=pci_display_devices(),
     )
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -151,3 +162,36 @@ def read_facts(import_optional: bool = True) -> DeviceFacts:
         sdpa_efficient_ok=_efficient_sdpa_runs(torch, "cpu", torch.float32),
         **common,
     )
+
+
+def installed_versions(names: Sequence[str] = PACKAGES) -> tuple[tuple[str, str | None], ...]:
+    """(name, version or None) for each package, from the installed distributions' metadata."""
+    out = []
+    for name in names:
+        try:
+            out.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            out.append((name, None))
+    return tuple(out)
+
+
+def pci_display_devices(root: str = "/sys/bus/pci/devices") -> tuple[tuple[str, str], ...]:
+    """(vendor id, device id) of each display controller on the PCI bus (Linux sysfs; elsewhere none)."""
+    found = []
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return ()
+    for entry in entries:
+        try:
+            with open(os.path.join(root, entry, "class"), encoding="ascii") as f:
+                if not re.match(r"0x03", f.read().strip()):
+                    continue
+            with open(os.path.join(root, entry, "vendor"), encoding="ascii") as f:
+                vendor = f.read().strip().lower()
+            with open(os.path.join(root, entry, "device"), encoding="ascii") as f:
+                device = f.read().strip().lower()
+        except OSError:
+            continue
+        found.append((vendor, device))
+    return tuple(found)

@@ -51,7 +51,8 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
     knobs = cb.preset_knobs(first, "text2img", "tiny")
     task_choices = [(label, task) for task, label in cb.TASK_LABELS.items()]
 
-    with gr.Blocks(title="lowvram training panel") as demo:
+    # analytics_enabled=False: Gradio would otherwise report usage and check PyPI for updates (nothing online)
+    with gr.Blocks(title="lowvram training panel", analytics_enabled=False) as demo:
         gr.Markdown("## lowvram — training panel\nPlan a job against your card, train it in its own process, "
                     "watch it learn and sample it with classifier-free guidance.")
         with gr.Row(equal_height=False):

@@ -1,4 +1,4 @@
-"""``lowvram doctor``: the report of what the machine is, what it can run, and what to do about it."""
+"""``lowvram doctor``: the report of what the machine is, what it can run, what is installed, and what to do."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import HardwareError
 from .caps import GIB, HardwareInfo
+from .install import Finding, install_findings, package_lines, torch_build
 from .probe import probe
 from .selftest import SelfTestResult, _result_text, default_self_test_dtypes, self_test, self_test_fix
 
@@ -20,9 +21,13 @@ def _gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / GIB:.2f} GB"
 
 
-def doctor_report(info: HardwareInfo, self_test_results: list[SelfTestResult] | None = None) -> str:
-    """The human ``lowvram doctor`` text: what the machine is, what it can run, what to do."""
+def doctor_report(info: HardwareInfo, self_test_results: list[SelfTestResult] | None = None,
+                  findings: list[Finding] | None = None) -> str:
+    """The human ``lowvram doctor`` text: what the machine is, what it can run, what to do.
+
+    ``findings``: the install problems (default: ``install_findings`` of the probed facts)."""
     f = info.facts
+    findings = install_findings(f) if findings is None else findings
     runtime = (
         f"HIP {f.hip_version}"
         if info.backend == "rocm"
@@ -50,11 +55,6 @@ def doctor_report(info: HardwareInfo, self_test_results: list[SelfTestResult] | 
         ),
         ("bitsandbytes", bnb),
         ("torch.compile", _yes(info.compile_ok)),
-        (
-            "versions",
-            f"torch {f.torch_version}, bitsandbytes {f.bitsandbytes_version or '-'}, "
-            f"xformers {f.xformers_version or '-'}",
-        ),
     ]
     if info.backend == "rocm" or f.hip_version:
         rows.append(
@@ -66,6 +66,10 @@ def doctor_report(info: HardwareInfo, self_test_results: list[SelfTestResult] | 
         )
     width = max(len(k) for k, _ in rows)
     lines = ["lowvram doctor", ""] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    lines += ["", "packages:"] + [f"  {line}" for line in package_lines(f)]
+    if findings:
+        lines += ["", "install problems:"]
+        lines += [f"  - {x.severity.upper()}: {x.problem}\n    fix: {x.fix}" for x in findings]
     if self_test_results is not None:
         verdict = "passed" if all(r.ok for r in self_test_results) else "FAILED"
         where = self_test_results[0].device if self_test_results else info.device
@@ -83,9 +87,14 @@ def doctor_report(info: HardwareInfo, self_test_results: list[SelfTestResult] | 
     return "\n".join(lines)
 
 
-def doctor_dict(info: HardwareInfo, self_test_results: list[SelfTestResult] | None = None) -> dict[str, Any]:
+def doctor_dict(info: HardwareInfo, self_test_results: list[SelfTestResult] | None = None,
+                findings: list[Finding] | None = None) -> dict[str, Any]:
     """The same as ``doctor_report`` as plain JSON-ready data (``lowvram doctor --json``)."""
+    findings = install_findings(info.facts) if findings is None else findings
     data = {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "facts"}
+    data["torch_build"] = torch_build(info.facts)
+    data["packages"] = {name: version for name, version in info.facts.packages}
+    data["install_problems"] = [dataclasses.asdict(x) for x in findings]
     data["notes"] = list(info.notes)
     data["device"] = info.device
     data["facts"] = dataclasses.asdict(info.facts)
@@ -99,6 +108,9 @@ def doctor(as_json: bool = False, with_self_test: bool = True) -> tuple[str, int
     """Probe, self-test and report: the whole ``lowvram doctor`` command; returns (text, exit code)."""
     info = probe()
     results = self_test(info.device, default_self_test_dtypes(info)) if with_self_test else None
-    code = 0 if results is None or all(r.ok for r in results) else HardwareError.exit_code
-    text = json.dumps(doctor_dict(info, results), indent=2) if as_json else doctor_report(info, results)
+    findings = install_findings(info.facts)
+    broken = any(x.severity == "error" for x in findings)
+    code = 0 if (results is None or all(r.ok for r in results)) and not broken else HardwareError.exit_code
+    text = (json.dumps(doctor_dict(info, results, findings), indent=2) if as_json
+            else doctor_report(info, results, findings))
     return text, code
