@@ -27,9 +27,11 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 TEXT_NAMES = ("text_encoder", "text_encoder_2")
 ADAPTER = "default"
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0",
+                      "flux-dev": "flux1", "flux-schnell": "flux1"}  # sd-scripts' flux_utils.MODEL_VERSION_FLUX_V1
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                  "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+                  "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
+                  "flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell"}
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:
@@ -147,7 +149,6 @@ def save_lora_diffusers(path: str | Path, unet: nn.Module, text_encoders: Mappin
     alpha ≠ rank load right), then ``metadata`` is added to the header.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from safetensors import safe_open
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -161,8 +162,17 @@ def save_lora_diffusers(path: str | Path, unet: nn.Module, text_encoders: Mappin
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     if "text_encoder_2_lora_layers" in layers and cls is StableDiffusionPipeline:
         raise ModelLoadError("a second text encoder LoRA given for a non-SDXL model", "pass family='sdxl'")
+    return write_with_diffusers(cls, path, layers, metadata, family)
+
+
+def write_with_diffusers(pipeline_cls: Any, path: Path, layers: dict[str, Any], metadata: Mapping[str, Any] | None,
+                         family: str) -> Path:
+    """``pipeline_cls.save_lora_weights(**layers)`` (diffusers writes its own format and adapter config),
+    then ``metadata`` added to the header and the file moved to ``path`` atomically."""
+    from safetensors import safe_open
+
     tmp_dir = path.parent / (path.name + ".parts")
-    cls.save_lora_weights(tmp_dir, weight_name="lora.safetensors", **layers)
+    pipeline_cls.save_lora_weights(tmp_dir, weight_name="lora.safetensors", **layers)
     with safe_open(str(tmp_dir / "lora.safetensors"), framework="pt") as f:
         header = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
