@@ -1,4 +1,4 @@
-"""Attention kernels for diffusers UNets: SDPA, the classic math kernel, query-chunked attention, xformers.
+"""Attention kernels for diffusers UNets and FLUX.1: SDPA, the classic math kernel, query-chunked attention, xformers.
 
 The kernel decides the largest activation of a high-resolution step (the N x N attention matrix), so
 it is a plan knob: ``set_attention`` installs it, ``resolve_attention`` turns ``auto`` into the kernel
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, HardwareError
@@ -218,6 +219,66 @@ class FusedAttentionMemoryProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, chunk: int = 1024,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v over (batch, tokens, heads, dim) tensors with the resolved kernel ``kind``."""
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask).transpose(1, 2)
+    if kind == "xformers":
+        if not xformers_available():
+            make_processor(kind)  # raises the install advice
+        import xformers.ops
+
+        return xformers.ops.memory_efficient_attention(q, k, v, attn_bias=mask)
+    if mask is not None:
+        raise ConfigError(f"attention masks are not supported by the {kind} kernel here", "use memory.attention=sdpa")
+    b, s, h, d = q.shape
+    if kind == "fused_memory":
+        return _FusedAttentionMemory.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    flat = [t.transpose(1, 2).reshape(b * h, -1, d) for t in (q, k, v)]
+    if kind == "chunked":
+        out = chunked_attention(*flat, scale=d**-0.5, chunk=chunk)
+    elif kind == "math":  # the classic kernel: the (tokens x tokens) probabilities are kept for backward
+        out = torch.bmm(_probs(flat[0], flat[1], None, d**-0.5, upcast=False), flat[2])
+    else:
+        raise ConfigError(f"memory.attention = {kind!r} is not a known kernel", f"use one of auto, {', '.join(KINDS)}")
+    return out.reshape(b, h, s, d).transpose(1, 2)
+
+
+class FluxKernelProcessor:
+    """FLUX.1's joint attention (diffusers' ``FluxAttnProcessor``, unfused projections) with the plan's kernel.
+
+    diffusers' own processor always calls its SDPA dispatcher; this one computes the same projections,
+    RMS norms and rotary embedding and then runs ``attend`` with the kernel the plan chose.
+    """
+
+    def __init__(self, kind: str, chunk: int = 1024) -> None:
+        self.kind, self.chunk = kind, chunk
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (-1, attn.head_dim))
+
+        q = attn.norm_q(heads(attn.to_q(hidden_states)))
+        k = attn.norm_k(heads(attn.to_k(hidden_states)))
+        v = heads(attn.to_v(hidden_states))
+        if attn.added_kv_proj_dim is not None:  # double blocks: text tokens first, then image tokens
+            q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), q], dim=1)
+            k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), k], dim=1)
+            v = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), v], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        out = attend(q, k, v, self.kind, self.chunk, attention_mask).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+
+
 def xformers_available() -> bool:
     """True when ``xformers`` can be imported (never on gfx803 or CPU-only installs)."""
     return importlib.util.find_spec("xformers") is not None
@@ -252,12 +313,15 @@ def make_processor(kind: str, chunk: int = 1024) -> Any:
 def set_attention(model: nn.Module, kind: str, chunk: int = 1024, card: Any = None) -> str:
     """Install the attention kernel ``kind`` on every diffusers ``Attention`` in ``model``; returns it resolved.
 
-    Works on UNets and VAEs alike, and is safe to call again (each call replaces the processors).
+    Works on UNets, VAEs and FLUX.1 transformers alike, and is safe to call again (each call replaces the processors).
     """
     from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_flux import FluxAttention
 
     kind = resolve_attention(kind, card)
     for module in model.modules():
         if isinstance(module, Attention):
             module.set_processor(make_processor(kind, chunk))
+        elif isinstance(module, FluxAttention):
+            module.set_processor(FluxKernelProcessor(kind, chunk))
     return kind
