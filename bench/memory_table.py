@@ -1,4 +1,4 @@
-"""Memory of W1–W4 side by side: our leanest plan, the lower bound, every saving off, today's trainers.
+"""Memory of W1–W6 side by side: our leanest plan, the lower bound, every saving off, today's trainers.
 
     PYTHONPATH=. python bench/memory_table.py [--workloads W1 W3] [--json]
 
@@ -22,14 +22,15 @@ from lowvram.memory.report import leanest
 from lowvram.memory.workloads import WORKLOADS, Knobs
 from lowvram.presets import load_preset
 
-# The card each workload is judged on (the targets: W1/W4 on an RX 570; W2/W3 tensor bytes on a
+# The card each workload is judged on (the targets: W1/W4/W5 on an RX 570; W2/W3/W6 tensor bytes on a
 # flash-capable card, W3 on one with bf16).
-CARDS = {"W1": "rx570", "W2": "rtx2060-6gb", "W3": "rtx3070-8gb", "W4": "rx570"}
+CARDS = {"W1": "rx570", "W2": "rtx2060-6gb", "W3": "rtx3070-8gb", "W4": "rx570", "W5": "rx570", "W6": "rtx2060-6gb"}
 
 
 def todays_trainers(wl, card) -> Knobs:
     base = baseline(wl, card)
-    return base.with_(frozen_dtype="fp16" if wl.mode == "lora" else "fp32", gradient_checkpointing=True,
+    frozen = "fp32" if wl.mode != "lora" else "fp8" if wl.model.startswith("flux") else "fp16"  # sd-scripts --fp8_base
+    return base.with_(frozen_dtype=frozen, gradient_checkpointing=True,
                       cache_latents=True, cache_text=True, offload_frozen=True,
                       optimizer="adamw8bit" if card.bitsandbytes else "adamw8bit_portable", attention="sdpa")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import MemoryPlanError
 from .profiler import GIB, MemoryProfile, card_budget, profile_step
-from .workloads import Knobs, Workload
+from .workloads import Knobs, Workload, fp16_compute_safe
 
 
 @dataclass
@@ -54,6 +54,9 @@ def baseline(workload: Workload, card: Any = None) -> Knobs:
     precision = "bf16" if getattr(card, "bf16", False) else "fp16" if getattr(card, "fp16", False) else "fp32"
     if card is None:
         precision = "fp16"
+    if precision == "fp16" and not fp16_compute_safe(workload):
+        # FLUX.1's activations overflow fp16: bf16 where unknown, fp32 on a card without bf16 (gfx803, GTX 16xx)
+        precision = "bf16" if card is None else "fp32"
     return Knobs(precision=precision, frozen_dtype="fp32", optimizer="adamw", gradient_checkpointing=False,
                  attention="sdpa", batch_size=workload.batch_size, grad_accum=1, cache_latents=False,
                  cache_text=False, offload_frozen=False, ema_on_cpu=False, fused_backward=False)

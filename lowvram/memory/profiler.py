@@ -285,10 +285,13 @@ def profile_step(
             # Like the training loop: autocast around the forward only (checkpoint recomputation
             # re-enters it); the emulation's cast cache ends with it, as real autocast's does.
             with emulate or contextlib.nullcontext(), real:
-                x0, cond = _encode(built, inp, knobs)
-                loss = compute_loss(built.unet, x0, cond, alphas_cumprod=acp, prediction=built.prediction,
-                                    unet_kwargs=built.unet_kwargs or None)
-            del x0, cond
+                if built.step_loss is not None:  # a family with its own objective (FLUX.1: flow matching)
+                    loss = built.step_loss(built, inp)
+                else:
+                    x0, cond = _encode(built, inp, knobs)
+                    loss = compute_loss(built.unet, x0, cond, alphas_cumprod=acp, prediction=built.prediction,
+                                        unet_kwargs=built.unet_kwargs or None)
+                    del x0, cond
             tracker.phase = "backward"
             loss.backward()
             del loss

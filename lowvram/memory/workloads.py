@@ -1,4 +1,4 @@
-"""The standard workloads (W1–W4) and the plan knobs, and how to build a workload's models for a plan.
+"""The standard workloads (W1–W6) and the plan knobs, and how to build a workload's models for a plan.
 
 A ``Workload`` is the job (model, LoRA or full or from scratch, resolution, batch); ``Knobs`` are the
 memory settings a plan turns. ``build`` creates the real model classes on any device (``meta`` for the
@@ -24,6 +24,12 @@ from ..quant import STORAGE_DTYPES, cast_frozen_layers, store_frozen_weights
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Adapted modules of the W1/W2 LoRA: attention projections + feed-forward (+ the 1x1 proj in/out).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+FLUX_MODELS = ("flux-dev", "flux-schnell")
+# W5/W6: the layers of each FLUX.1 block a LoRA adapts (lowvram.models.flux_lora_keys' defaults: attention and
+# MLP of the double blocks, attention, MLP in and out of the single blocks); no modulation layers.
+FLUX_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2", "proj_mlp", "proj_out")
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class Workload:
 
     id: str
     description: str
-    model: str  # an SD family (sd15, sd2, sdxl) or a from-scratch size (tiny, celeba64, ...)
+    model: str  # an SD family (sd15, sd2, sdxl), a FLUX.1 variant (flux-dev) or a from-scratch size (tiny, ...)
     mode: str  # lora | full | scratch
     resolution: int  # image side in pixels
     batch_size: int
@@ -52,11 +58,15 @@ WORKLOADS: dict[str, Workload] = {
     "W3": Workload("W3", "SD 1.5 UNet, full fine-tune, 512², batch 1", "sd15", "full", 512, 1),
     "W4": Workload("W4", "from scratch: celeba64 latent text-to-image (UNet 64/128/256, text 77x512), batch 16",
                    "celeba64", "scratch", 64, 16, ema=True),
+    "W5": Workload("W5", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 512², batch 1",
+                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS),
+    "W6": Workload("W6", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 1024², batch 1",
+                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS),
 }
 
 
 def get_workload(name: str) -> Workload:
-    """W1..W4 by id (case-insensitive)."""
+    """W1..W6 by id (case-insensitive)."""
     key = name.upper()
     if key not in WORKLOADS:
         raise ConfigError(f"unknown workload '{name}'", f"use one of {', '.join(WORKLOADS)}")
@@ -114,6 +124,8 @@ class Built:
     unet_kwargs: dict[str, Any]
     prediction: str = "epsilon"
     notes: list[str] = field(default_factory=list)
+    # the family's own loss of one step, (built, inputs) -> loss; None: the UNet diffusion loss (train/step.py)
+    step_loss: Callable[[Built, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
 def attach_lora(unet: nn.Module, rank: int, targets: tuple[str, ...]) -> list[nn.Parameter]:
@@ -129,6 +141,11 @@ def attach_lora(unet: nn.Module, rank: int, targets: tuple[str, ...]) -> list[nn
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def fp16_compute_safe(workload: Workload) -> bool:
+    """False where fp16 activations overflow (FLUX.1): such jobs compute in bf16, or fp32 without bf16 (gfx803)."""
+    return workload.model not in FLUX_MODELS
 
 
 def _is_family(name: str) -> bool:
@@ -154,7 +171,14 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
     notes: list[str] = []
     te_trained: nn.Module | None = None
     frozen: dict[str, nn.Module] = {}
-    if _is_family(workload.model):
+    targets, step_loss = workload.lora_targets, None
+    if workload.model in FLUX_MODELS:
+        from .flux_workload import build_flux
+
+        unet, frozen, latent, text, unet_kwargs, targets, step_loss = build_flux(
+            workload, knobs, device, _frozen_dtype(knobs, half))
+        prediction = "flow"
+    elif _is_family(workload.model):
         from ..models import sd_configs
 
         fam = sd_configs.get_family(workload.model)
@@ -190,7 +214,7 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
         if not (knobs.cache_latents and knobs.offload_frozen) and spec.vae is not None:
             frozen["vae"] = scratch.build_vae(spec, device=device, dtype=_frozen_dtype(knobs, half)).requires_grad_(False)
     if workload.mode == "lora":
-        trainable = attach_lora(unet, workload.lora_rank, workload.lora_targets)
+        trainable = attach_lora(unet, workload.lora_rank, targets)
         # fp16/bf16 frozen weights under autocast are a plain cast; fp8 (or half without autocast)
         # needs per-layer upcast, which StoredLinear/StoredConv2d do.
         if knobs.frozen_dtype != "fp32":
@@ -228,4 +252,4 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
     for m in frozen.values():
         if hasattr(m, "set_attn_processor"):
             set_attention(m, kernel, knobs.attention_chunk)
-    return Built(unet, trainable, frozen, te_trained, latent, text, unet_kwargs, prediction, notes)
+    return Built(unet, trainable, frozen, te_trained, latent, text, unet_kwargs, prediction, notes, step_loss)
