@@ -139,6 +139,9 @@ def test_encoding_packing_and_sampler_reproduce_flux_pipeline(tmp_path, variant)
     assert torch.equal(fc.pack(lat), ref)  # same noise, ids, guidance, σ grid (dynamic shift for dev)
     assert torch.equal(fc.unpack(fc.pack(lat), 16, 16), lat)
     assert lat.abs().max() < 50
+    image = pipe(PROMPT, num_inference_steps=3, height=32, width=32, guidance_scale=3.5, max_sequence_length=T5_LEN,
+                 generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert torch.allclose(fc.decode_images(pipe.vae, lat), image, atol=1e-6)
 
 
 def test_latent_normalization_uses_the_vae_factors(tiny):

@@ -69,6 +69,13 @@ def encode_images(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generat
     return normalize_latents(z.float(), vae.config)
 
 
+def decode_images(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Normalized latents → images in [0, 1] (B, 3, H, W), as FluxPipeline's ``output_type="pt"``."""
+    with torch.no_grad():
+        pixels = vae.decode(denormalize_latents(latents, vae.config).to(vae.dtype)).sample
+    return (pixels.float() / 2 + 0.5).clamp(0, 1)
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) → (B, H/2 · W/2, 4C): FLUX.1 attends over 2×2 latent patches."""
     from diffusers import FluxPipeline
