@@ -91,6 +91,16 @@ def test_fp8_and_scaled_fp8_files_load_their_stored_values(tiny):
     assert 0 < (got_plain - w).abs().max() < 0.1 * w.abs().max()  # really rounded, and only rounded
 
 
+def test_text_encoders_load_without_the_transformer(tiny):
+    pipe, files, _ = tiny
+    comps = load_flux(files["aio"], dtype="fp32", sources=_sources(files, clip=None, t5=None), config=files["folder"],
+                      transformer=False)
+    assert comps.transformer is None and comps.guidance_embeds
+    assert _same(pipe.text_encoder_2, comps.text_encoder_2) == 0.0 and _same(pipe.vae, comps.vae) == 0.0
+    comps.drop_text_encoders()
+    assert comps.text_encoder is None and comps.text_encoder_2 is None
+
+
 def test_schnell_is_detected_and_has_no_guidance_input(tmp_path, tiny):
     _, files, _ = tiny
     path = save(to_bfl(tiny_transformer(guidance=False)), tmp_path / "flux1-schnell.safetensors")

@@ -68,7 +68,7 @@ class FluxComponents:
     """A loaded FLUX.1 model: transformer, VAE, CLIP-L + T5-XXL with tokenizers, scheduler config."""
 
     variant: str
-    transformer: Any
+    transformer: Any | None
     vae: Any
     text_encoder: Any | None
     tokenizer: Any | None
@@ -80,7 +80,7 @@ class FluxComponents:
 
     @property
     def guidance_embeds(self) -> bool:
-        return bool(self.transformer.config.guidance_embeds)
+        return self.variant == "flux-dev"  # the variant is read from guidance_in / the config's guidance_embeds
 
     @property
     def max_sequence_length(self) -> int:
@@ -349,11 +349,12 @@ def _with_prefix(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> d
 
 
 def load_flux(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, sources: FluxSources | None = None,
-              config: str | Path | None = None, text_encoders: bool = True) -> FluxComponents:
+              config: str | Path | None = None, text_encoders: bool = True, transformer: bool = True) -> FluxComponents:
     """Load FLUX.1 from a diffusers folder or a single file, frozen, with weights in ``dtype``.
 
     ``config``: a diffusers folder whose configs describe a single file (default: the shipped config of
-    its variant); ``text_encoders=False`` skips CLIP-L/T5-XXL (their outputs already cached).
+    its variant); ``text_encoders=False`` skips CLIP-L/T5-XXL (their outputs already cached);
+    ``transformer=False`` skips the 12 B transformer (caching text first keeps T5 and it out of RAM together).
     """
     p = _local(path, "model")
     src = sources or FluxSources()
@@ -362,17 +363,19 @@ def load_flux(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, sourc
     base = _local(src.base, "FLUX base folder") if src.base else (p if p.is_dir() else None)
     cfg_dir = Path(config).expanduser() if config else (p if p.is_dir() else CONFIGS_DIR / variant)
     notes: list[str] = []
-    if p.is_dir():
+    model, state = None, {}
+    if p.is_dir() and transformer:
         from diffusers import FluxTransformer2DModel
 
-        transformer = _from_folder(FluxTransformer2DModel, p, "transformer", dt, "FLUX transformer")
-        state: dict[str, torch.Tensor] = {}
-    else:
+        model = _from_folder(FluxTransformer2DModel, p, "transformer", dt, "FLUX transformer")
+    elif not p.is_dir() and not transformer:
+        state = read_single_file(p, prefixes=OTHERS)
+    elif not p.is_dir():
         state = read_single_file(p)
         prefix, _ = _strip(dict.fromkeys(state), TRANSFORMER_PREFIXES)
         mine = [k for k in state if k.startswith(prefix)] if prefix else [k for k in state if not k.startswith(OTHERS)]
         own = {k[len(prefix):]: state.pop(k) for k in mine}  # what stays: an all-in-one's VAE and text encoders
-        transformer = _transformer_from_state(own, cfg_dir, dt, str(p))
+        model = _transformer_from_state(own, cfg_dir, dt, str(p))
         del own
     vae = load_vae(_pick(src.vae, _with_prefix(state, VAE_PREFIXES), base, "vae", "VAE", "model.vae (--vae)"),
                    cfg_dir, dt)
@@ -390,12 +393,12 @@ def load_flux(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, sourc
     del state
     sched_file = cfg_dir / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_file if sched_file.is_file() else CONFIGS_DIR / variant / "scheduler" / "scheduler_config.json")
-    for m in (transformer, vae, te, te2):
+    for m in (model, vae, te, te2):
         if m is not None:
             m.requires_grad_(False).eval()
     if vae.dtype != dt:
         notes.append(f"VAE kept in {str(vae.dtype).removeprefix('torch.')} (its config asks for fp32 over fp16)")
-    return FluxComponents(variant, transformer, vae, te, tok, te2, tok2, sched, source=str(p), notes=notes)
+    return FluxComponents(variant, model, vae, te, tok, te2, tok2, sched, source=str(p), notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
