@@ -412,6 +412,21 @@ def test_w5_profiles_on_meta_with_the_flux_step():
     assert uncached.by_category["frozen_weights"] - frozen > 2 * 4.8e9
 
 
+@pytest.mark.parametrize("knobs", [dict(attention="math"), dict(attention="math", frozen_dtype="fp16", precision="bf16"),
+                                   dict(attention="chunked", attention_chunk=64, frozen_dtype="fp8",
+                                        gradient_checkpointing=True)], ids=["math", "fp16frozen-bf16", "fp8-chunked-ckpt"])
+def test_flux_profile_predicts_the_real_cpu_peak(knobs):
+    """The meta prediction of a (narrow) FLUX.1 step against the CPU allocator's own peak (memory/fidelity.py)."""
+    from lowvram.memory.fidelity import compare
+    from lowvram.memory.workloads import Knobs
+
+    narrow = _small().with_(resolution=128, lora_rank=4, unet_overrides=dict(
+        num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=4, axes_dims_rope=(8, 12, 12),
+        joint_attention_dim=256))
+    predicted, measured, _ = compare(narrow, Knobs(batch_size=2, **knobs))
+    assert abs(predicted.peak_bytes - measured) <= 0.01 * measured, (predicted.peak_bytes, measured)
+
+
 def test_planner_computes_flux_in_fp32_on_a_card_without_bf16():
     from lowvram.memory.planner import baseline
     from lowvram.memory.workloads import WORKLOADS
