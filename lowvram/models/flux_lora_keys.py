@@ -114,6 +114,8 @@ def to_kohya(state: Mapping[str, torch.Tensor], alpha: float, out_features: Mapp
         parts = part_modules(modules[0])
         present = [p for p in parts if p in downs]
         rank = downs[present[0]].shape[0]
+        if any(downs[p].shape[0] != rank for p in present):
+            raise ModelLoadError(f"the parts of {layer} have different LoRA ranks", "use one lora.rank for the whole model")
         down = torch.cat([downs[p] for p in present], dim=0)
         up = torch.zeros(sum(out_features[p] for p in parts), rank * len(present), dtype=ups[present[0]].dtype)
         row = 0
