@@ -74,7 +74,8 @@ class ModelSection:
         ("sd1", "sd2", "sd2-v", "sdxl"),
     )
     tokenizer: str | None = _f(
-        None, "Folder with the CLIP tokenizer for a single-file checkpoint: any diffusers SD folder, or vocab.json + merges.txt."
+        None, "Folder with the CLIP tokenizer for a single-file checkpoint (any diffusers SD folder, or vocab.json + "
+        "merges.txt); default: CLIP's vocabulary, shipped with lowvram."
     )
     vae: str | None = _f(None, "Local pretrained VAE folder to use instead of training an autoencoder.")
     text_encoder: str | None = _f(

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import BUILDERS, finetune_argv, save_tiny
+from sd_fixtures import BUILDERS, config_only, finetune_argv, save_tiny
 
 from lowvram import lora as L
 from lowvram.cli import main
@@ -35,9 +35,11 @@ MIN_LORA_EFFECT = 1.0
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny SD 1.x and SDXL checkpoints (folder + single file) and a 4-image captioned folder."""
+    """Tiny SD 1.x and SDXL checkpoints with CLIP's real tokenizers (folder + single file) and a 4-image folder."""
     tmp = tmp_path_factory.mktemp("ft")
-    models = {fam: save_tiny(tmp, fam) for fam in ("sd1", "sdxl")}
+    models = {fam: save_tiny(tmp, fam, clip_vocab=True) for fam in ("sd1", "sdxl")}
+    for fam, paths in models.items():  # what describes a tiny single file's layout: configs, no tokenizer
+        paths["config"] = config_only(paths["folder"], tmp / f"{fam}-config")
     data = tmp / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -57,8 +59,8 @@ def trained(world):
             paths = world["models"][family]
             run = world["tmp"] / f"run-{family}-{layout}"
             extra = []
-            if layout == "file":  # a single file has no tokenizer; its tiny layout is described by the folder
-                extra = [f"model.tokenizer={paths['folder']}", f"model.config={paths['folder']}"]
+            if layout == "file":  # no tokenizer given: CLIP's shipped vocabulary; the tiny layout needs its configs
+                extra = [f"model.config={paths['config']}"]
             assert main(flags(world, paths[layout], run, *extra)) == 0
             runs[(family, layout)] = run
         return runs[(family, layout)]
