@@ -233,10 +233,13 @@ def test_fp8_frozen_unet_with_text_encoder_lora(world, capsys):
 
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
 def test_adapter_types_train_and_load_back(world, base_images, kind, capsys):
-    """lora.type through the CLI (text encoder too): the run's files load back whole and draw the trainer's preview."""
+    """lora.type through the CLI (text encoder too): the run's files load back whole and draw the trainer's preview.
+
+    LoHa and LoKr start from a zero factor inside a product, so their first steps move the image less than
+    LoRA's: a higher learning rate gets the same visible effect in the same 3 steps."""
     run = world["tmp"] / f"run-{kind}"
-    extra = ["lora.text_encoder=true", f"lora.type={kind}"]
-    assert main(flags(world, world["models"]["sd1"]["folder"], run, *extra, steps=2)) == 0, capsys.readouterr().err
+    extra = ["lora.text_encoder=true", f"lora.type={kind}", "train.lr=5e-2"]
+    assert main(flags(world, world["models"]["sd1"]["folder"], run, *extra)) == 0, capsys.readouterr().err
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
     kohya, meta = L.read_lora_file(run / "lora" / f"{run.name}.safetensors")
