@@ -28,6 +28,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_portable", "adafactor")
 ATTENTION = ("auto", "sdpa", "math", "chunked", "xformers")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+LORA_TYPES = ("lora", "loha", "lokr", "dora")  # lowvram/adapters.py: one entry each
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -74,7 +75,8 @@ class ModelSection:
         ("sd1", "sd2", "sd2-v", "sdxl"),
     )
     tokenizer: str | None = _f(
-        None, "Folder with the CLIP tokenizer for a single-file checkpoint: any diffusers SD folder, or vocab.json + merges.txt."
+        None, "Folder with the CLIP tokenizer for a single-file checkpoint (any diffusers SD folder, or vocab.json + "
+        "merges.txt); default: CLIP's vocabulary, shipped with lowvram."
     )
     vae: str | None = _f(None, "Local pretrained VAE folder to use instead of training an autoencoder.")
     text_encoder: str | None = _f(
@@ -194,9 +196,17 @@ class MemorySection:
 
 @dataclass
 class LoraSection:
+    type: str = _f(
+        "lora",
+        "Adapter: lora; loha (LyCORIS Hadamard product of two low-rank pairs: twice LoRA's weights, more "
+        "expressive); lokr (LyCORIS Kronecker product: tiny files; a rank of at least half a factor's side "
+        "makes the factors full matrices); dora (LoRA plus a learned magnitude per output channel). A1111/"
+        "ComfyUI files use the LyCORIS names; diffusers loads the lora and dora files (not loha/lokr).",
+        LORA_TYPES,
+    )
     rank: int = _f(16, "LoRA rank: width of the low-rank update (file size and capacity grow with it).")
     alpha: float = _f(16.0, "LoRA alpha (scale = alpha / rank).")
-    dropout: float = _f(0.0, "Dropout on the LoRA branch during training.")
+    dropout: float = _f(0.0, "Dropout on the adapter during training (lora/dora: its input; loha/lokr: its rank dimension).")
     conv: bool = _f(False, "Also adapt 3x3 convolutions (LoCon).")
     text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).")
 

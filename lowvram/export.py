@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .adapters import merge_adapters, type_of_state
 from .errors import ModelLoadError
 from .lora import (
     TEXT_NAMES,
@@ -22,9 +23,11 @@ from .lora import (
     count_saved_modules,
     ensure_lora_loaded,
     kohya_metadata,
+    load_adapter_file,
     read_lora_file,
     to_kohya,
 )
+from .models.key_names import canonical_pipeline_state, canonicalize_pipeline_folder
 
 # Where a run keeps its LoRA (diffusers/peft format, written by lora.save_lora_diffusers).
 RUN_LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"
@@ -48,19 +51,24 @@ def find_run_lora(source: str | Path) -> Path:
     )
 
 
-def _alphas_from_header(header: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> tuple[dict[str, float], int]:
-    """Per-component alpha and the UNet rank from diffusers' adapter metadata (rank == alpha if absent)."""
+def _alphas_from_header(header: Mapping[str, str], state: Mapping[str, torch.Tensor]
+                        ) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-component alpha and rank from diffusers' adapter metadata (alpha = rank when a file has none)."""
+    from .adapters import rank_alpha
+
     packed = json.loads(header.get(LORA_META_KEY, "{}"))
     alphas: dict[str, float] = {}
+    ranks: dict[str, int] = {}
     for comp in ("unet", *TEXT_NAMES):
-        if f"{comp}.lora_alpha" in packed:
-            alphas[comp] = float(packed[f"{comp}.lora_alpha"])
-        else:  # diffusers' own rule when a file carries no config: scale 1
-            r = next((v.shape[0] for k, v in state.items() if k.startswith(comp + ".") and ".lora_A." in k), None)
-            if r is not None:
-                alphas[comp] = float(r)
-    rank = next((v.shape[0] for k, v in state.items() if k.startswith("unet.") and ".lora_A." in k), 0)
-    return alphas, rank
+        cfg = {k[len(comp) + 1:]: v for k, v in packed.items() if k.startswith(comp + ".")}
+        if cfg.get("r") is not None:
+            ranks[comp], alphas[comp] = rank_alpha(cfg)
+            continue
+        # diffusers' own rule when a file carries no config: scale 1
+        r = next((v.shape[0] for k, v in state.items() if k.startswith(comp + ".") and ".lora_A." in k), None)
+        if r is not None:
+            ranks[comp], alphas[comp] = int(r), float(r)
+    return alphas, ranks
 
 
 def export_lora(
@@ -95,22 +103,24 @@ def export_lora(
         raise ModelLoadError("the LoRA file does not say which model family it is for", "pass family= (sd1, sd2, sd2-v, sdxl)")
     if unet_config is None and header.get(UNET_CONFIG_KEY):  # a non-standard SDXL layout, recorded at training
         unet_config = json.loads(header[UNET_CONFIG_KEY])
-    header_alphas, rank = _alphas_from_header(header, state)
+    header_alphas, ranks = _alphas_from_header(header, state)
     alphas = {**header_alphas, **(alphas or {})}
+    rank = ranks.get("unet", 0)
+    adapter = header.get("lowvram_adapter") or type_of_state(state)
     out = Path(out_path)
-    if format == "diffusers":
+    if format == "diffusers":  # older lowvram files named text-encoder keys after transformers 5.x's tree
         keep = {k: v for k, v in header.items() if not k.startswith("ss_")}
         keep.update(_meta_strings(metadata))
-        _atomic_save(state, out, keep)
+        _atomic_save(canonical_pipeline_state(state), out, keep)
         return out
     try:
-        tensors = to_kohya(state, family, alphas, unet_config)
+        tensors = to_kohya(state, family, alphas, unet_config, ranks, adapter)
     except KeyError as e:
         raise ModelLoadError(f"LoRA module names do not fit the {family} UNet layout: {e}",
                              "pass the base model's UNet config (unet_config) or the right family") from None
-    extra = {k: v for k, v in header.items() if k.startswith("ss_")}
+    extra = {k: v for k, v in header.items() if k.startswith("ss_") and k not in ("ss_network_module", "ss_network_args")}
     extra.update(_meta_strings(metadata))
-    _atomic_save(tensors, out, kohya_metadata(family, rank, alphas.get("unet", rank), steps, extra))
+    _atomic_save(tensors, out, kohya_metadata(family, rank, alphas.get("unet", rank), steps, extra, adapter))
     return out
 
 
@@ -141,11 +151,18 @@ def merge_lora(
     comps = load_pretrained(base_path, family=family, dtype=torch.float32, allow_pickle=allow_pickle,
                             tokenizer=tokenizer, config=config)
     pipe = comps.pipeline()
-    pipe.load_lora_weights(str(lora_file))
-    ensure_lora_loaded(pipe, lora_file)
     parts = [n for n in ("unet", *TEXT_NAMES) if getattr(pipe, n, None) is not None]
-    pipe.fuse_lora(components=parts, lora_scale=scale)
-    pipe.unload_lora_weights()
+    if LORA_META_KEY in read_lora_file(lora_file)[1]:
+        # a file that records its adapter configs (lowvram's): peft attaches any type exactly; diffusers'
+        # pipelines read no LoHa/LoKr, and with transformers 5.x drop a text encoder's DoRA magnitudes
+        load_adapter_file(pipe, lora_file)
+        for n in parts:
+            merge_adapters(getattr(pipe, n), scale)
+    else:
+        pipe.load_lora_weights(str(lora_file))
+        ensure_lora_loaded(pipe, lora_file)
+        pipe.fuse_lora(components=parts, lora_scale=scale)
+        pipe.unload_lora_weights()
     dt = DTYPES[save_dtype]
     for n in parts + ["vae"]:
         getattr(pipe, n).to(dt)
@@ -156,6 +173,7 @@ def merge_lora(
     tmp = out / "diffusers.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
+    canonicalize_pipeline_folder(tmp)  # text_model.… keys, loadable by transformers 4.x too
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     written["diffusers"] = folder

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .models.key_names import canonicalize_text_encoder_folder
 from .models.tokenizer import encode as _encode
 from .sample import make_grid, make_sampler, sample
 
@@ -97,6 +98,7 @@ class TextToImage:
         folder.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(folder / "unet", safe_serialization=True)
         self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        canonicalize_text_encoder_folder(folder / "text_encoder")  # text_model.… keys on any transformers
         self.tokenizer.save_pretrained(folder / "tokenizer")
         if self.vae is not None:
             self.vae.save_pretrained(folder / "vae", safe_serialization=True)

@@ -7,6 +7,8 @@ so the model costs its storage bytes plus one layer's copy. Used by training and
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -132,21 +134,26 @@ def cast_frozen_layers(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
-def store_frozen_weights(model: nn.Module, storage: str, other_dtype: torch.dtype | None = None) -> int:
+def store_frozen_weights(model: nn.Module, storage: str, other_dtype: torch.dtype | None = None,
+                         unscaled: Collection[nn.Module] = ()) -> int:
     """Keep every frozen Linear/Conv2d weight of ``model`` in ``storage`` (fp16/bf16/fp8); returns how many.
 
     Layers with a trainable weight are left alone; ``other_dtype`` (e.g. the autocast dtype) is applied
     to the remaining frozen parameters (norms, embeddings), which are small. Call after attaching LoRA,
-    so the adapters are created next to a normal layer.
+    so the adapters are created next to a normal layer. ``unscaled``: layers whose weight something else
+    reads directly (DoRA's norm): fp8's per-tensor scale is applied only by the stored layer's own forward,
+    so these keep fp16 instead of fp8.
     """
     if storage not in STORAGE_DTYPES:
         raise ConfigError(f"memory.frozen_dtype = {storage!r} is unknown", f"use one of {', '.join(STORAGE_DTYPES)}")
     dtype = STORAGE_DTYPES[storage]
+    keep = {id(m) for m in unscaled}
     count = 0
     if dtype != torch.float32:
         for module in list(model.modules()):
             if type(module) in (nn.Linear, nn.Conv2d) and not module.weight.requires_grad:
-                _store(module, dtype)
+                unscaled_dtype = torch.float16 if dtype == torch.float8_e4m3fn else dtype
+                _store(module, unscaled_dtype if id(module) in keep else dtype)
                 count += 1
     if other_dtype is not None:
         for module in model.modules():

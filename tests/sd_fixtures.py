@@ -20,7 +20,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lowvram.models.pretrained import bytes_to_unicode
+from lowvram.models.clip_vocab import bytes_to_unicode, clip_tokenizer
+from lowvram.models.pretrained import CONFIGS_DIR
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "sks", "person", "on", "the", "beach"]
 
@@ -53,6 +54,13 @@ def tiny_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> CLIPTokeni
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token)
     tok.model_max_length = 16  # short prompts keep the tiny pipelines fast
     return tok
+
+
+def sd_tokenizer(tmp: Path, family: str, name: str, pad_token: str, clip_vocab: bool) -> CLIPTokenizer:
+    """The real CLIP tokenizer of ``family`` (shipped vocabulary, 77 tokens) or a tiny one (16 tokens)."""
+    if clip_vocab:
+        return clip_tokenizer(CONFIGS_DIR / family / name / "tokenizer_config.json")
+    return tiny_tokenizer(tmp / f"tok_{family}{name.removeprefix('tokenizer')}", pad_token=pad_token)
 
 
 def _text_config(tok: CLIPTokenizer, hidden: int, layers: int = 2, act: str = "quick_gelu") -> CLIPTextConfig:
@@ -91,8 +99,10 @@ def _sd_scheduler(prediction: str = "epsilon") -> DDIMScheduler:
     )
 
 
-def tiny_sd1(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
-    """SD 1.x layout: CLIP-L-like text encoder, conv proj_in, cross-attention width = text width (32)."""
+def tiny_sd1(tmp: Path, seed: int = 0, clip_vocab: bool = False) -> StableDiffusionPipeline:
+    """SD 1.x layout: CLIP-L-like text encoder, conv proj_in, cross-attention width = text width (32).
+
+    ``clip_vocab``: the real CLIP tokenizer (49,408 tokens, 77 long) and a text encoder sized for it."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=16,
@@ -104,7 +114,7 @@ def tiny_sd1(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
-    tok = tiny_tokenizer(tmp / "tok_sd1")
+    tok = sd_tokenizer(tmp, "sd1", "tokenizer", "<|endoftext|>", clip_vocab)
     torch.manual_seed(seed + 1)
     te = CLIPTextModel(_text_config(tok, 32))
     return StableDiffusionPipeline(
@@ -113,7 +123,7 @@ def tiny_sd1(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def tiny_sd2(tmp: Path, seed: int = 0, prediction: str = "epsilon") -> StableDiffusionPipeline:
+def tiny_sd2(tmp: Path, seed: int = 0, prediction: str = "epsilon", clip_vocab: bool = False) -> StableDiffusionPipeline:
     """SD 2.x layout: OpenCLIP-like text encoder (gelu), linear proj_in, upcast attention."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -128,7 +138,7 @@ def tiny_sd2(tmp: Path, seed: int = 0, prediction: str = "epsilon") -> StableDif
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
-    tok = tiny_tokenizer(tmp / "tok_sd2", pad_token="!")
+    tok = sd_tokenizer(tmp, "sd2", "tokenizer", "!", clip_vocab)
     torch.manual_seed(seed + 1)
     te = CLIPTextModel(_text_config(tok, 48, act="gelu"))
     return StableDiffusionPipeline(
@@ -137,10 +147,10 @@ def tiny_sd2(tmp: Path, seed: int = 0, prediction: str = "epsilon") -> StableDif
     )
 
 
-def tiny_sdxl(tmp: Path, seed: int = 0) -> StableDiffusionXLPipeline:
+def tiny_sdxl(tmp: Path, seed: int = 0, clip_vocab: bool = False) -> StableDiffusionXLPipeline:
     """SDXL layout: 3 UNet blocks, text_time added embedding, CLIP-L-like (32) + OpenCLIP-bigG-like (64)."""
-    tok = tiny_tokenizer(tmp / "tok_sdxl")
-    tok2 = tiny_tokenizer(tmp / "tok_sdxl_2", pad_token="!")
+    tok = sd_tokenizer(tmp, "sdxl", "tokenizer", "<|endoftext|>", clip_vocab)
+    tok2 = sd_tokenizer(tmp, "sdxl", "tokenizer_2", "!", clip_vocab)
     torch.manual_seed(seed + 1)
     te = CLIPTextModel(_text_config(tok, 32))
     te2 = CLIPTextModelWithProjection(_text_config(tok2, 64, act="gelu"))
@@ -187,19 +197,30 @@ def text_encoders(pipe) -> dict:
     return {n: m for n in ("text_encoder", "text_encoder_2") if (m := getattr(pipe, n, None)) is not None}
 
 
-def save_tiny(tmp: Path, family: str) -> dict[str, Path]:
-    """Save a tiny pipeline as a diffusers folder and as an A1111-layout single file."""
+def save_tiny(tmp: Path, family: str, clip_vocab: bool = False) -> dict[str, Path]:
+    """Save a tiny pipeline as a diffusers folder and as an A1111-layout single file (``clip_vocab``: with the
+    real CLIP tokenizer, so that the single file trains without a tokenizer folder)."""
     from safetensors.torch import save_file
 
     from lowvram.models.ldm_convert import pipeline_to_ldm
 
-    pipe = BUILDERS[family](tmp)
-    folder = tmp / family
+    pipe = BUILDERS[family](tmp, clip_vocab=clip_vocab)
+    name = family + ("-clip" if clip_vocab else "")
+    folder = tmp / name
     pipe.save_pretrained(folder)
-    single = tmp / f"{family}.safetensors"
+    single = tmp / f"{name}.safetensors"
     sd = pipeline_to_ldm(pipe.unet, pipe.vae, text_encoders(pipe), family)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(single))
     return {"folder": folder, "file": single}
+
+
+def config_only(folder: Path, dest: Path) -> Path:
+    """The JSON configs of a diffusers folder without weights or tokenizers: what ``model.config`` needs to
+    describe a tiny single file's layout (real checkpoints use the configs shipped with lowvram)."""
+    import shutil
+
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "tokenizer*"))
+    return dest
 
 
 def perturb_lora(*models, seed: int = 0, scale: float = 0.3) -> None:

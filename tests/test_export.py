@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from sd_fixtures import BUILDERS, perturb_lora, run, save_tiny, text_encoders
 
 from lowvram import lora as L
@@ -95,6 +96,9 @@ def test_merge_reproduces_base_plus_lora_as_folder_and_single_file(sd1):
         assert torch.allclose(merged_out, sd1["mem_out"], atol=MERGE_TOL)
         assert (merged_out - sd1["base_out"]).abs().max() > 1e-2
     assert out["single_file"].name == "merged.safetensors"
+    te = load_file(str(out["diffusers"] / "text_encoder" / "model.safetensors"))  # hub layout: transformers 4.x too
+    assert te and all(k.startswith("text_model.") for k in te)
+    assert (out["diffusers"] / "tokenizer" / "vocab.json").is_file()
 
 
 def test_merge_fp16_single_file_is_fp16(sd1):

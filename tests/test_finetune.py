@@ -7,6 +7,7 @@ and a crashed run resumes bit for bit.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import BUILDERS, finetune_argv, save_tiny
+from sd_fixtures import BUILDERS, config_only, finetune_argv, save_tiny
 
 from lowvram import lora as L
 from lowvram.cli import main
@@ -35,9 +36,11 @@ MIN_LORA_EFFECT = 1.0
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny SD 1.x and SDXL checkpoints (folder + single file) and a 4-image captioned folder."""
+    """Tiny SD 1.x and SDXL checkpoints with CLIP's real tokenizers (folder + single file) and a 4-image folder."""
     tmp = tmp_path_factory.mktemp("ft")
-    models = {fam: save_tiny(tmp, fam) for fam in ("sd1", "sdxl")}
+    models = {fam: save_tiny(tmp, fam, clip_vocab=True) for fam in ("sd1", "sdxl")}
+    for fam, paths in models.items():  # what describes a tiny single file's layout: configs, no tokenizer
+        paths["config"] = config_only(paths["folder"], tmp / f"{fam}-config")
     data = tmp / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -57,8 +60,8 @@ def trained(world):
             paths = world["models"][family]
             run = world["tmp"] / f"run-{family}-{layout}"
             extra = []
-            if layout == "file":  # a single file has no tokenizer; its tiny layout is described by the folder
-                extra = [f"model.tokenizer={paths['folder']}", f"model.config={paths['folder']}"]
+            if layout == "file":  # no tokenizer given: CLIP's shipped vocabulary; the tiny layout needs its configs
+                extra = [f"model.config={paths['config']}"]
             assert main(flags(world, paths[layout], run, *extra)) == 0
             runs[(family, layout)] = run
         return runs[(family, layout)]
@@ -228,6 +231,29 @@ def test_fp8_frozen_unet_with_text_encoder_lora(world, capsys):
     assert loaded["text_encoder"] > 0 and loaded["unet"] > 0
 
 
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_adapter_types_train_and_load_back(world, base_images, kind, capsys):
+    """lora.type through the CLI (text encoder too): the run's files load back whole and draw the trainer's preview.
+
+    LoHa and LoKr start from a zero factor inside a product, so their first steps move the image less than
+    LoRA's: a higher learning rate gets the same visible effect in the same 3 steps."""
+    run = world["tmp"] / f"run-{kind}"
+    extra = ["lora.text_encoder=true", f"lora.type={kind}", "train.lr=5e-2"]
+    assert main(flags(world, world["models"]["sd1"]["folder"], run, *extra)) == 0, capsys.readouterr().err
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
+    kohya, meta = L.read_lora_file(run / "lora" / f"{run.name}.safetensors")
+    assert meta["lowvram_adapter"] == kind and meta["ss_network_module"] == "lycoris.kohya"
+    suffix = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale"}[kind]
+    assert any(k.startswith("lora_te_") and k.endswith(suffix) for k in kohya)
+    pipe = base_pipeline(world, "sd1")
+    loaded = L.load_adapter_file(pipe, run / RUN_LORA_FILE)
+    assert loaded == L.count_saved_modules(kohya) and loaded["text_encoder"] > 0
+    img = generate(pipe, SCALES[-1])
+    assert np.abs(img - preview_cell(run, len(SCALES) - 1)).max() <= PREVIEW_TOL
+    assert np.abs(img - base_images["sd1"][SCALES[-1]]).mean() > MIN_LORA_EFFECT
+
+
 def test_full_finetune_saves_a_loadable_changed_model(world, capsys):
     from diffusers import DiffusionPipeline
 
@@ -235,6 +261,9 @@ def test_full_finetune_saves_a_loadable_changed_model(world, capsys):
     assert main(flags(world, world["models"]["sd1"]["folder"], run, "train.lr=1e-3", steps=2, task="full")) == 0, \
         capsys.readouterr().err
     assert (run / "final" / f"{run.name}.safetensors").is_file()
+    final = run / "final" / "diffusers"  # the hub layout, which transformers 4.x reads too
+    assert all(k.startswith("text_model.") for k in load_file(str(final / "text_encoder" / "model.safetensors")))
+    assert (final / "tokenizer" / "vocab.json").is_file() and (final / "tokenizer" / "merges.txt").is_file()
     tuned = DiffusionPipeline.from_pretrained(run / "final" / "diffusers")
     assert np.abs(generate(tuned, 3.0) - preview_cell(run, 1)).max() <= PREVIEW_TOL
     assert np.abs(generate(tuned, 3.0) - generate(base_pipeline(world, "sd1"), 3.0)).mean() > MIN_LORA_EFFECT

@@ -123,6 +123,20 @@ def test_profiler_predicts_the_real_cpu_peak_within_5_percent(mode, knobs):
     assert abs(on_cpu.peak_bytes - measured) <= 0.05 * measured
 
 
+@pytest.mark.parametrize("adapter", ["loha", "lokr", "dora"])
+def test_adapter_types_are_profiled_as_they_run(adapter):
+    """Each adapter type's weights and forward temporaries (LoHa/LoKr build the full weight delta, DoRA the
+    weight norm): the meta profile matches the real CPU peak, and the bytes differ from LoRA's as they should."""
+    knobs = Knobs(attention="math", batch_size=2)
+    lora = profile_step(tiny("lora"), knobs)
+    predicted, measured, _ = compare(tiny("lora").with_(adapter=adapter), knobs)
+    assert abs(predicted.peak_bytes - measured) <= 0.05 * measured, (predicted.peak_bytes, measured)
+    ratio = predicted.by_category["trainable_weights"] / lora.by_category["trainable_weights"]
+    # LoHa: two pairs of LoRA-shaped factors; LoKr: Kronecker factors, far smaller; DoRA: LoRA + one magnitude per row
+    assert {"loha": ratio == 2, "lokr": ratio < 0.5, "dora": 1 < ratio < 1.5}[adapter], ratio
+    assert predicted.by_category["activations"] > lora.by_category["activations"]
+
+
 # ---- what the categories say ------------------------------------------------------------------------
 
 def test_categories_follow_the_knobs():

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from sd_fixtures import BUILDERS, save_tiny, text_encoders, tiny_tokenizer
+from sd_fixtures import BUILDERS, config_only, save_tiny, text_encoders, tiny_tokenizer
 
 from lowvram.errors import ModelLoadError
+from lowvram.models import clip_vocab as V
 from lowvram.models import pretrained as P
 from lowvram.models.pretrained import detect_family, load_pretrained
 
@@ -84,38 +85,48 @@ def test_frozen_dtype_and_sdxl_vae_kept_fp32(saved):
     assert sd1.unet.dtype == sd1.vae.dtype == sd1.text_encoder.dtype == torch.bfloat16
 
 
-def test_single_file_without_tokenizer_names_the_fix(saved, monkeypatch):
-    paths, _ = saved
-    monkeypatch.setattr(P, "_installed_clip_bpe", lambda: None)
+def test_single_file_whose_text_encoder_does_not_fit_clip_names_the_fix(saved):
+    """The tiny fixtures' 16-token vocabularies are not CLIP's: without model.tokenizer that must fail clearly."""
+    paths, tmp = saved
     with pytest.raises(ModelLoadError, match="model.config"):
         load_pretrained(paths["sd1"]["file"], config=paths["sd1"]["folder"].parent / "nonexistent_cfg")
-    cfg_only = paths["sd1"]["folder"].parent / "cfg_only"
-    import shutil
-
-    shutil.copytree(paths["sd1"]["folder"], cfg_only, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer"))
-    with pytest.raises(ModelLoadError, match="model.tokenizer"):
+    cfg_only = config_only(paths["sd1"]["folder"], tmp / "cfg_only")
+    with pytest.raises(ModelLoadError, match="model.tokenizer") as e:
         load_pretrained(paths["sd1"]["file"], config=cfg_only)
+    assert "49408 tokens" in str(e.value)
 
 
-def test_clip_vocab_from_open_clip_bpe_file(saved, tmp_path, monkeypatch):
-    """open_clip's bpe_simple_vocab_16e6.txt.gz layout → vocab.json/merges.txt with the same ids."""
-    paths, tmp = saved
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_file_alone_gets_clip_tokenizers_and_the_folders_embeddings(tmp_path, family):
+    """A single file with CLIP-sized text encoders loads with no tokenizer given (model.config only describes the
+    tiny layout: real checkpoints use the shipped configs), with the hub's pad conventions."""
+    paths = save_tiny(tmp_path, family, clip_vocab=True)
+    folder = load_pretrained(paths["folder"])
+    single = load_pretrained(paths["file"], config=config_only(paths["folder"], tmp_path / "cfg"))
+    pipes = {"folder": folder.pipeline(), "single": single.pipeline()}
+    for name in ("tokenizer", "tokenizer_2"):
+        a, b = getattr(folder, name), getattr(single, name)
+        if a is None:
+            continue
+        assert len(b) == 49408 and b.model_max_length == 77 and b.pad_token == a.pad_token
+        assert b.pad_token == ("!" if family == "sd2" or name == "tokenizer_2" else "<|endoftext|>")
+    prompt = "a photo of sks dog, Café 東京 🐱 " * 8  # long: truncated at 77 tokens
+    kw = {"device": "cpu", "num_images_per_prompt": 1, "do_classifier_free_guidance": False}
+    emb = {k: p.encode_prompt(prompt, **kw) for k, p in pipes.items()}
+    for a, b in zip(emb["folder"], emb["single"], strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def test_clip_vocab_derivation_from_a_bpe_file(tmp_path):
+    """open_clip's bpe_simple_vocab_16e6.txt.gz layout → vocab.json/merges.txt with the same ids as CLIP's."""
     tok = tiny_tokenizer(tmp_path / "ref")
     merges = (tmp_path / "ref" / "merges.txt").read_text().splitlines()[1:]
-    # P.clip_vocab_from_bpe keeps lines 1..48894 as CLIP does; the tiny file has fewer lines
-    bpe = tmp_path / "open_clip" / "bpe_simple_vocab_16e6.txt.gz"
-    bpe.parent.mkdir()
-    with gzip.open(bpe, "wt", encoding="utf-8") as f:
+    bpe = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(bpe, "wt", encoding="utf-8") as f:  # the file's first line is a header, as in CLIP's
         f.write("\n".join(["\"bpe_simple_vocab_16e6.txt#version: 0.2", *merges]) + "\n")
-    out = P.clip_vocab_from_bpe(bpe, tmp_path / "derived")
+    out = V.write_clip_vocab(tmp_path / "derived", bpe)
     assert json.loads((out / "vocab.json").read_text()) == tok.get_vocab()
-    monkeypatch.setattr(P, "_installed_clip_bpe", lambda: bpe)
-    cfg_only = tmp / "cfg_only_bpe"
-    import shutil
-
-    shutil.copytree(paths["sd1"]["folder"], cfg_only, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer"))
-    comps = load_pretrained(paths["sd1"]["file"], config=cfg_only)
-    assert comps.tokenizer("a photo of sks cat").input_ids == tok("a photo of sks cat").input_ids
+    assert (out / "merges.txt").read_text().splitlines()[1:] == merges
 
 
 def test_pickled_checkpoint_refused_without_opt_in(saved, tmp_path):

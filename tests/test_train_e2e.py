@@ -38,6 +38,10 @@ def test_pixel_run_writes_everything(tiny_cfg):
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         assert (run / "final" / part).is_dir(), part
+    from safetensors import safe_open
+
+    with safe_open(str(run / "final" / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())  # the hub layout, whatever transformers wrote
     rows = metrics(run)
     steps = [r for r in rows if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]

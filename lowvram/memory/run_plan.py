@@ -59,8 +59,9 @@ def workload_for(cfg: RunConfig) -> Workload:
 
         family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
         prior = " + class images (prior preservation)" if prior_factor(cfg) > 1 else ""
-        return Workload("this job", f"{family} {cfg.run.task}, {res}²{prior}", family, cfg.run.task, res, batch,
-                        lora_rank=cfg.lora.rank, unet_overrides=_checkpoint_unet_config(cfg))
+        what = cfg.lora.type if cfg.run.task == "lora" else cfg.run.task
+        return Workload("this job", f"{family} {what}, {res}²{prior}", family, cfg.run.task, res, batch,
+                        lora_rank=cfg.lora.rank, adapter=cfg.lora.type, unet_overrides=_checkpoint_unet_config(cfg))
     return Workload("this job", f"{cfg.model.size} from scratch, {res}²", cfg.model.size, "scratch", res, batch,
                     ema=cfg.train.ema_decay > 0)
 

@@ -44,6 +44,7 @@ class Workload:
     batch_size: int
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    adapter: str = "lora"  # lora.type: lora, loha, lokr, dora (their weights and forward temporaries differ)
     ema: bool = False  # keep an EMA copy of the trained weights (from-scratch recipes sample from it)
     text_vocab: int = 256  # from-scratch tokenizers are built from the captions: a few hundred words
     unet_overrides: dict[str, Any] = field(default_factory=dict)  # tests: shrink a real config
@@ -128,19 +129,11 @@ class Built:
     step_loss: Callable[[Built, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
-def attach_lora(unet: nn.Module, rank: int, targets: tuple[str, ...]) -> list[nn.Parameter]:
-    """LoRA on ``targets`` (peft), returning the adapter parameters; uses lowvram.lora when present."""
-    try:
-        from ..lora import attach_lora as project_attach
-    except ImportError:
-        project_attach = None
-    if project_attach is not None:
-        return list(project_attach(unet, rank=rank, alpha=float(rank), target_modules=list(targets)))
-    from peft import LoraConfig
+def attach_lora(unet: nn.Module, rank: int, targets: tuple[str, ...], adapter: str = "lora") -> list[nn.Parameter]:
+    """The adapter (``adapter``: lora, loha, lokr, dora) on ``targets`` as training attaches it; returns its parameters."""
+    from ..lora import attach_lora as project_attach
 
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
-    return [p for p in unet.parameters() if p.requires_grad]
+    return list(project_attach(unet, rank=rank, alpha=float(rank), target_modules=list(targets), adapter=adapter))
 
 
 def fp16_compute_safe(workload: Workload) -> bool:
@@ -214,14 +207,16 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
         if not (knobs.cache_latents and knobs.offload_frozen) and spec.vae is not None:
             frozen["vae"] = scratch.build_vae(spec, device=device, dtype=_frozen_dtype(knobs, half)).requires_grad_(False)
     if workload.mode == "lora":
-        trainable = attach_lora(unet, workload.lora_rank, targets)
+        trainable = attach_lora(unet, workload.lora_rank, targets, workload.adapter)
         # fp16/bf16 frozen weights under autocast are a plain cast; fp8 (or half without autocast)
         # needs per-layer upcast, which StoredLinear/StoredConv2d do.
         if knobs.frozen_dtype != "fp32":
             if compute != torch.float32 and knobs.frozen_dtype in ("fp16", "bf16"):
                 cast_frozen_layers(unet, STORAGE_DTYPES[knobs.frozen_dtype])
             else:
-                store_frozen_weights(unet, knobs.frozen_dtype)
+                from ..adapters import weight_readers
+
+                store_frozen_weights(unet, knobs.frozen_dtype, unscaled=weight_readers(unet))
     else:
         unet.requires_grad_(True)
         trainable = list(unet.parameters())

@@ -7,12 +7,8 @@ and single files take their model configs from ``single_file_configs/`` shipped 
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
-import tempfile
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -211,55 +207,9 @@ def detect_family(path: str | Path, prediction: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # tokenizers
 
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible byte → printable character table, which its BPE vocabulary is built on."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
-
-def clip_vocab_from_bpe(bpe_gz: str | Path, out_dir: str | Path) -> Path:
-    """Write CLIP's vocab.json + merges.txt from OpenAI/OpenCLIP's ``bpe_simple_vocab_16e6.txt.gz``.
-
-    The vocabulary is derived exactly as CLIP does (bytes, bytes + ``</w>``, 48,894 merges, 2 specials),
-    so token ids equal those of the hub's CLIP tokenizers.
-    """
-    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
-    merges = [m for m in lines[1 : 49152 - 256 - 2 + 1] if m.strip()]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return out
-
-
-def _installed_clip_bpe() -> Path | None:
-    """The CLIP BPE file shipped by an installed ``open_clip_torch`` (found without importing it)."""
-    spec = importlib.util.find_spec("open_clip")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        f = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
-        if f.is_file():
-            return f
-    return None
-
-
-def _tokenizer_from_files(folder: Path, pad_token: str, max_length: int = 77) -> Any:
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=max_length
-    )
+TOKENIZER_NAMES = {"sd1": ("tokenizer",), "sd2": ("tokenizer",), "sd2-v": ("tokenizer",),
+                   "sdxl": ("tokenizer", "tokenizer_2"),
+                   "flux": ("tokenizer",)}  # FLUX.1's CLIP-L; its T5 tokenizer is not CLIP's (models/flux.py)
 
 
 def _find_vocab(folder: Path, sub: str) -> Path | None:
@@ -269,50 +219,52 @@ def _find_vocab(folder: Path, sub: str) -> Path | None:
     return None
 
 
-TOKENIZER_FIX = (
-    "single-file checkpoints do not contain the CLIP tokenizer vocabulary and lowvram cannot download it: "
-    "pass a tokenizer folder (config model.tokenizer / CLI --tokenizer) — either any diffusers SD folder "
-    "(its tokenizer/ subfolder is used) or a folder with CLIP's vocab.json and merges.txt — or "
-    "`pip install open_clip_torch`, whose bundled CLIP vocabulary lowvram then uses"
-)
+def _tokenizer_settings(family: str, name: str, config_dir: Path) -> Path:
+    """The ``tokenizer_config.json`` of ``name``: the config folder's, else the family's shipped one (pad token)."""
+    own = config_dir / name / "tokenizer_config.json"
+    return own if own.is_file() else CONFIGS_DIR / family / name / "tokenizer_config.json"
+
+
+def _load_tokenizer(family: str, name: str, tokenizer: str | Path | None, config_dir: Path) -> Any:
+    from .clip_vocab import clip_tokenizer
+
+    settings = _tokenizer_settings(family, name, config_dir)
+    if tokenizer is None:  # the config folder's vocabulary if it has one, else CLIP's, shipped with lowvram
+        return clip_tokenizer(settings, _find_vocab(config_dir, name) if (config_dir / name).is_dir() else None)
+    tdir = Path(tokenizer).expanduser()
+    fix = ("pass a diffusers SD folder (its tokenizer/ is used) or a folder with CLIP's vocab.json and merges.txt; "
+           "or leave model.tokenizer unset to use the CLIP vocabulary shipped with lowvram")
+    if not tdir.is_dir():
+        raise ModelLoadError(f"tokenizer folder '{tdir}' does not exist", fix)
+    if (tdir / name / "tokenizer_config.json").is_file():  # a diffusers folder: use its own settings
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(tdir), subfolder=name, local_files_only=True)
+    vocab = _find_vocab(tdir, name)
+    if vocab is None:
+        raise ModelLoadError(f"tokenizer folder '{tdir}' has no vocab.json + merges.txt", fix)
+    return clip_tokenizer(settings, vocab)
 
 
 def load_tokenizers(family: str, tokenizer: str | Path | None, config_dir: Path) -> tuple[Any, Any | None]:
-    """CLIP tokenizers for a single-file checkpoint: from ``tokenizer`` (a folder), else open_clip's vocabulary.
+    """CLIP tokenizers for a single-file checkpoint: from ``tokenizer`` (a folder) when given, else CLIP's vocabulary.
 
-    Pad tokens follow the family (SD 1.x pads with ``<|endoftext|>``, OpenCLIP encoders with ``!``): it
-    changes the text embeddings, so it must match what the checkpoint was trained with.
+    Settings (pad token, max length) come from the family's ``tokenizer_config.json``: the pad token changes
+    the text embeddings, so it must be what the checkpoint was trained with.
     """
-    names = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
-    pads = {n: _read_json(config_dir / n / "tokenizer_config.json").get("pad_token", "<|endoftext|>")
-            if (config_dir / n / "tokenizer_config.json").is_file() else "<|endoftext|>" for n in names}
-    out: list[Any] = []
-    if tokenizer is not None:
-        tdir = Path(tokenizer).expanduser()
-        if not tdir.is_dir():
-            raise ModelLoadError(f"tokenizer folder '{tdir}' does not exist", TOKENIZER_FIX)
-        from transformers import CLIPTokenizer
-
-        for n in names:
-            if (tdir / n / "tokenizer_config.json").is_file():  # a diffusers folder: use its own settings
-                out.append(CLIPTokenizer.from_pretrained(str(tdir), subfolder=n, local_files_only=True))
-                continue
-            vocab = _find_vocab(tdir, n)
-            if vocab is None:
-                raise ModelLoadError(f"tokenizer folder '{tdir}' has no vocab.json + merges.txt", TOKENIZER_FIX)
-            out.append(_tokenizer_from_files(vocab, pads[n]))
-    else:
-        for n in names:
-            vocab = _find_vocab(config_dir, n) if (config_dir / n).is_dir() else None
-            if vocab is not None:
-                out.append(_tokenizer_from_files(vocab, pads[n]))
-                continue
-            bpe = _installed_clip_bpe()
-            if bpe is None:
-                raise ModelLoadError("no CLIP tokenizer vocabulary available for a single-file checkpoint", TOKENIZER_FIX)
-            with tempfile.TemporaryDirectory() as tmp:
-                out.append(_tokenizer_from_files(clip_vocab_from_bpe(bpe, tmp), pads[n]))
+    out = [_load_tokenizer(family, n, tokenizer, config_dir) for n in TOKENIZER_NAMES[family]]
     return out[0], (out[1] if len(out) > 1 else None)
+
+
+def check_tokenizer_fits(tokenizer: Any, text_encoder: Any, what: str) -> None:
+    """A tokenizer whose ids or length exceed the text encoder's embeddings would fail mid-run: say so now."""
+    cfg = text_encoder.config
+    if len(tokenizer) > cfg.vocab_size or tokenizer.model_max_length > cfg.max_position_embeddings:
+        raise ModelLoadError(
+            f"the {what}'s tokenizer ({len(tokenizer)} tokens, length {tokenizer.model_max_length}) does not fit its "
+            f"text encoder ({cfg.vocab_size} token embeddings, {cfg.max_position_embeddings} positions)",
+            "pass the tokenizer the checkpoint was trained with (model.tokenizer / --tokenizer)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +416,9 @@ def _load_single_file(p: Path, family: str, dtype: torch.dtype, allow_pickle: bo
         ) from None
     del state
     tok, tok2 = load_tokenizers(family, tokenizer, cfg_dir)
+    check_tokenizer_fits(tok, te, "text encoder")
+    if te2 is not None:
+        check_tokenizer_fits(tok2, te2, "second text encoder")
     sched = _read_json(cfg_dir / "scheduler" / "scheduler_config.json")
     if family == "sd2-v":
         sched = dict(sched, prediction_type="v_prediction")

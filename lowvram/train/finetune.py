@@ -119,7 +119,9 @@ def store_frozen_unet(unet: nn.Module, cfg: RunConfig) -> str:
         cast_frozen_layers(unet, STORAGE_DTYPES[frozen])
         _small_params_to_fp32(unet)
         return f"{frozen} (cast, autocast {cfg.train.precision})"
-    store_frozen_weights(unet, frozen, other_dtype=torch.float32)
+    from ..adapters import weight_readers
+
+    store_frozen_weights(unet, frozen, other_dtype=torch.float32, unscaled=weight_readers(unet))
     return f"{frozen} (stored, upcast per layer)"
 
 
@@ -493,12 +495,14 @@ class FinetuneJob:
         import shutil
 
         from ..lora import _atomic_save
+        from ..models.key_names import canonicalize_pipeline_folder
         from ..models.ldm_convert import pipeline_to_ldm
 
         out = self.run_dir / "final"
         folder, tmp = out / "diffusers", out / "diffusers.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.pipe.save_pretrained(tmp)
+        canonicalize_pipeline_folder(tmp)  # text_model.… keys, loadable by transformers 4.x too
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
         sd = pipeline_to_ldm(self.unet, self.c.vae, self.text_encoders(), self.c.family)
@@ -557,11 +561,11 @@ def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str
     torch.manual_seed(cfg.run.seed)  # LoRA's random init: the same run gives the same adapter
     if cfg.run.task == "lora":
         lo = cfg.lora
-        attach_lora(comps.unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv)
+        attach_lora(comps.unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv, adapter=lo.type)
         if lo.text_encoder:
             for name in ("text_encoder", "text_encoder_2"):
                 if (te := getattr(comps, name, None)) is not None:
-                    attach_text_lora(te, lo.rank, lo.alpha, lo.dropout)
+                    attach_text_lora(te, lo.rank, lo.alpha, lo.dropout, adapter=lo.type)
                     te.to(device).train()
         notes.append(f"frozen UNet weights: {store_frozen_unet(comps.unet, cfg)}")
     else:
