@@ -18,7 +18,8 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "clip_reference_ids.jso
 BOS, EOS = 49406, 49407
 # what each family's tokenizer pads with (hub tokenizer_config.json): OpenAI CLIP "<|endoftext|>", OpenCLIP "!"
 PAD_IDS = {("sd1", "tokenizer"): EOS, ("sd2", "tokenizer"): 0, ("sd2-v", "tokenizer"): 0,
-           ("sdxl", "tokenizer"): EOS, ("sdxl", "tokenizer_2"): 0}
+           ("sdxl", "tokenizer"): EOS, ("sdxl", "tokenizer_2"): 0,
+           ("flux-dev", "tokenizer"): EOS, ("flux-schnell", "tokenizer"): EOS}
 
 
 @pytest.fixture(scope="module")

@@ -385,7 +385,7 @@ def load_flux(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, sourc
                              "CLIP-L text encoder", "model.clip (--clip)"), cfg_dir, dt)
         te2 = load_t5(_pick(src.t5, _with_prefix(state, (T5_PREFIX,)), base, "text_encoder_2",
                             "T5-XXL text encoder", "model.t5 (--t5)"), cfg_dir, dt)
-        tok, _ = load_tokenizers("flux", src.tokenizer or base, cfg_dir)
+        tok, _ = load_tokenizers(variant, src.tokenizer or base, cfg_dir)
         t5_tok = src.t5_tokenizer or base
         if t5_tok is None:
             raise ModelLoadError("no T5 tokenizer for a single-file FLUX.1 model", TOKENIZER_FIX)

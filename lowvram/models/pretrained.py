@@ -209,7 +209,8 @@ def detect_family(path: str | Path, prediction: str | None = None) -> str:
 
 TOKENIZER_NAMES = {"sd1": ("tokenizer",), "sd2": ("tokenizer",), "sd2-v": ("tokenizer",),
                    "sdxl": ("tokenizer", "tokenizer_2"),
-                   "flux": ("tokenizer",)}  # FLUX.1's CLIP-L; its T5 tokenizer is not CLIP's (models/flux.py)
+                   # FLUX.1's CLIP-L; its T5 tokenizer is not CLIP's (models/flux.py)
+                   "flux-dev": ("tokenizer",), "flux-schnell": ("tokenizer",)}
 
 
 def _find_vocab(folder: Path, sub: str) -> Path | None:
