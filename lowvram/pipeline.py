@@ -119,16 +119,18 @@ class TextToImage:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
+        from .models.local import load_local, read_json
+
         folder = Path(folder)
-        desc = json.loads((folder / MODEL_JSON).read_text())
+        desc = read_json(folder / MODEL_JSON, ("sample_shape",))
         dev = torch.device(device)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).to(dev)
-        te = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).to(dev)
-        tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        unet = load_local(UNet2DConditionModel, folder / "unet").to(dev)
+        te = load_local(CLIPTextModel, folder / "text_encoder").to(dev)
+        tok = load_local(AutoTokenizer, folder / "tokenizer", weights=False)
         vae = None
         if desc.get("has_vae"):
-            vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).to(dev)
-        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            vae = load_local(AutoencoderKL, folder / "vae").to(dev)
+        sched = read_json(folder / "scheduler" / "scheduler_config.json", ("num_train_timesteps",))
         return cls(
             unet=unet,
             text_encoder=te,
