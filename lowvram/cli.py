@@ -283,6 +283,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from .train.setup import resolve_defaults, resolve_device
 
     cfg, _preset, _warning = resolve_config(args, check_paths=False)
+    if not cfg.model.pretrained or cfg.data.source == "builtin":
+        raise ConfigError("lowvram cache needs a checkpoint (--model PATH) and a folder of images (--data DIR)",
+                          "e.g. lowvram cache --model sd15.safetensors --data my_images")
     if cfg.run.task not in ("lora", "full"):
         cfg.run.task = "lora"  # caching needs the pretrained VAE and text encoder a fine-tune uses
     from .validate import check_config_paths
@@ -451,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt as e:
         return _interrupted(args, e)
-    except OSError as e:
+    except Exception as e:  # only storage failures (disk full, read-only) become one line; the rest is a bug
         from .fsutil import storage_error
 
         err = storage_error(e, getattr(args, "run_dir", None))

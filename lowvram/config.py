@@ -378,11 +378,11 @@ class ConfigBuilder:
             setattr(getattr(cfg, section), key, value)
         problems = list(self.problems) + validate(cfg, self.source_of)
         if problems:
+            # one line however many: each problem names its field and source, separated by "; "
             err = ConfigError(
-                f"invalid configuration: {problems[0]}" if len(problems) == 1
-                else "invalid configuration:\n  - " + "\n  - ".join(problems),
+                "invalid configuration: " + "; ".join(problems),
                 "lowvram train --help documents each field" if len(problems) == 1
-                else "fix the values above (lowvram train --help documents each field)",
+                else f"fix these {len(problems)} values (lowvram train --help documents each field)",
             )
             err.problems = problems  # each names its field and source; callers may list them their own way
             raise err
@@ -429,8 +429,12 @@ def _number_problems(cfg: RunConfig) -> list[tuple[str, Any, str]]:
 def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
     """Range and choice checks; each message names the field, the expectation and the source."""
     problems: list[str] = []
+    reported: set[str] = set()
 
     def bad(dotted: str, value: Any, expected: str) -> None:
+        if dotted in reported:  # one problem per field: a NaN is not also "out of range"
+            return
+        reported.add(dotted)
         problems.append(f"{dotted} = {value!r} (from {source_of(dotted)}): expected {expected}")
 
     for dotted, value, expected in _number_problems(cfg):
@@ -471,7 +475,7 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
         bad("data.bucket_max_ratio", cfg.data.bucket_max_ratio, "1 or more (long side / short side)")
     if any(w < 0 for w in cfg.sample.cfg_scales) or any(w > 100 for w in cfg.sample.cfg_scales):
         bad("sample.cfg_scales", cfg.sample.cfg_scales, "guidance scales from 0 to 100")
-    if cfg.run.task not in ("lora", "full") and cfg.sample.steps > cfg.model.timesteps:
+    if cfg.run.task not in ("lora", "full") and 0 < cfg.model.timesteps < cfg.sample.steps:
         bad("sample.steps", cfg.sample.steps, f"at most model.timesteps = {cfg.model.timesteps} sampling steps")
     if cfg.data.caption_ext not in (".txt", ".caption"):
         bad("data.caption_ext", cfg.data.caption_ext, "'.txt' or '.caption'")
@@ -503,7 +507,7 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
 
 
 YAML_MAX_BYTES = 1 << 20  # a config is a few KiB; a larger file is not one
-YAML_MAX_ALIASES = 64  # anchors are rare in configs; thousands of them are an alias bomb
+YAML_MAX_ALIASES = 32  # anchors are rare in configs; more is how an alias bomb starts (k**(32/k) <= 65536 items)
 YAML_MAX_DEPTH = 16  # sections nest two levels deep
 
 

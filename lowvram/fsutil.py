@@ -93,18 +93,49 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def storage_error(e: OSError, run_dir: str | Path | None = None) -> LowvramError | None:
+def checkpoint_bytes(run_dir: Path) -> int:
+    """Bytes of the run's newest complete checkpoint: about what the next one needs."""
+    from .train.checkpoint import latest_checkpoint
+
+    try:
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+    except LowvramError:
+        return 0
+    return sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()) if ckpt else 0
+
+
+# how writers that are not Python file objects (safetensors' Rust writer) report the same errors
+FOREIGN = {"os error 28": errno.ENOSPC, "no space left": errno.ENOSPC, "storagefull": errno.ENOSPC,
+           "os error 30": errno.EROFS, "read-only file system": errno.EROFS, "readonlyfilesystem": errno.EROFS,
+           "os error 122": errno.EDQUOT}
+
+
+def storage_errno(e: BaseException) -> int | None:
+    """The errno of a storage failure (an OSError, or another library's error that wraps one), or None."""
+    if isinstance(e, OSError):
+        return e.errno if e.errno in STORAGE_ERRNOS else None
+    text = str(e).lower()
+    return next((code for needle, code in FOREIGN.items() if needle in text), None)
+
+
+def storage_error(e: BaseException, run_dir: str | Path | None = None) -> LowvramError | None:
     """A one-line error for a write the disk refused (full, read-only, no permission), or None."""
-    if e.errno not in STORAGE_ERRNOS:
+    code = storage_errno(e)
+    if code is None:
         return None
-    where = Path(e.filename) if e.filename else Path(run_dir or ".")
+    filename = getattr(e, "filename", None)
+    where = Path(filename) if filename else Path(run_dir or ".")
     folder = where if where.is_dir() else where.parent
+    while (LEFTOVER.match(folder.name) or not folder.exists()) and folder != folder.parent:
+        folder = folder.parent  # name the real folder, not the temporary one the failed write removed
     what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
             errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for the file system"}
-    problem = f"cannot write to '{folder}': {what.get(e.errno, 'permission denied')}"
+    problem = f"cannot write to '{folder}': {what.get(code, 'permission denied')}"
     try:
         free = shutil.disk_usage(folder if folder.exists() else Path(run_dir or ".")).free
-        problem += f" ({free / 2**20:.0f} MiB free)"
+        problem += f" ({free / 2**20:.0f} MiB free"
+        need = checkpoint_bytes(Path(run_dir)) if run_dir is not None else 0
+        problem += f"; a checkpoint of this run needs about {need / 2**20:.0f} MiB)" if need else ")"
     except OSError:
         pass
     fix = "free some space or choose a writable --out"

@@ -130,7 +130,15 @@ class TextToImage:
         vae = None
         if desc.get("has_vae"):
             vae = load_local(AutoencoderKL, folder / "vae").to(dev)
-        sched = read_json(folder / "scheduler" / "scheduler_config.json", ("num_train_timesteps",))
+        sched = read_json(folder / "scheduler" / "scheduler_config.json")
+        shape = desc["sample_shape"]
+        if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == unet.config.in_channels
+                and (vae is None) == (not desc.get("has_vae"))):
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"'{folder / MODEL_JSON}' says sample_shape {shape!r}, which does not fit "
+                                  f"the UNet's {unet.config.in_channels} input channels",
+                                  "the run's saved model is damaged: train again, or resume the run")
         return cls(
             unet=unet,
             text_encoder=te,

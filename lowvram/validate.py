@@ -107,6 +107,7 @@ def check_output_file(flag: str, value: str | None, extensions: Sequence[str]) -
         return
     check_text(flag, value)
     path = Path(value).expanduser()
+    check_name_lengths(flag, path)  # first: the file system refuses to even look at an overlong name
     if path.suffix.lower() not in extensions:
         raise _bad(flag, value, f"needs one of the extensions {', '.join(extensions)}", f"e.g. {flag} out{extensions[0]}")
     if path.is_dir():
@@ -114,7 +115,6 @@ def check_output_file(flag: str, value: str | None, extensions: Sequence[str]) -
     if path.exists() and not path.is_file():
         raise _bad(flag, value, "exists and is not a regular file", "choose another name")
     check_output_dir(flag, str(path.parent) if str(path.parent) else ".")
-    check_name_lengths(flag, path)
 
 
 def check_existing_path(flag: str, value: str | None, *, kind: str = "any", source: str = "") -> None:
@@ -224,9 +224,14 @@ def check_config_flags(args: Any) -> None:
 
 def check_sample_args(args: Any) -> None:
     """sample / eval: the run folder, sampling settings, the device and the output file."""
+    from .train.run import load_run_config
+
     check_run_dir("--run", args.run)
-    if not 1 <= args.steps <= MAX_SAMPLE_STEPS:
-        raise _bad("--steps", args.steps, f"expected 1 to {MAX_SAMPLE_STEPS} sampling steps", "e.g. --steps 25")
+    cfg = load_run_config(args.run)  # a damaged config.yaml is refused here, before any model loads
+    most = min(MAX_SAMPLE_STEPS, cfg.model.timesteps)
+    if not 1 <= args.steps <= most:
+        raise _bad("--steps", args.steps, f"expected 1 to {most} sampling steps (the model has {cfg.model.timesteps} "
+                   "timesteps)", "e.g. --steps 25")
     if not 0 <= args.seed <= SEED_MAX:
         raise _bad("--seed", args.seed, f"expected a seed from 0 to {SEED_MAX}", "e.g. --seed 0")
     scales = args.cfg if isinstance(args.cfg, list) else [args.cfg]

@@ -8,7 +8,6 @@ import torch
 from lowvram.errors import CheckpointError
 from lowvram.train import checkpoint as ckpt
 
-
 POSITION = {"epoch": 0, "batch_in_epoch": 0}
 
 

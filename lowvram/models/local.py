@@ -41,8 +41,11 @@ def load_local(cls: Any, folder: Path, *, weights: bool = True) -> Any:
         read_json(folder / "config.json")
         if not any((folder / name).is_file() for name in WEIGHT_NAMES):
             raise CheckpointError(f"model folder '{folder}' has no weights file ({WEIGHT_NAMES[0]})", FIX)
+    from .quiet import no_loading_bars
+
     try:
-        return cls.from_pretrained(str(folder.resolve()), local_files_only=True)
+        with no_loading_bars():
+            return cls.from_pretrained(str(folder.resolve()), local_files_only=True)
     except Exception as e:  # damaged weights surface as OSError, ValueError, SafetensorError, EnvironmentError...
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"cannot load '{folder}': {first[:300]}", FIX) from None

@@ -114,6 +114,34 @@ def _damaged(path: Path, problem: str) -> CheckpointError:
                            f"resume from an older checkpoint: --from-checkpoint step-N (see {path.parent.parent})")
 
 
+def _read_state(state_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(state_path, f"is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), int) for k in REQUIRED_STATE):
+        raise _damaged(state_path, f"lacks {', '.join(REQUIRED_STATE)}")
+    return meta
+
+
+def check_checkpoint(folder: str | Path, ema: bool = False) -> None:
+    """Refuse a damaged checkpoint before a resume does any work: files present, state complete, every
+    safetensors header readable and covering its file (what a truncated or zeroed file breaks)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for name in (*REQUIRED_FILES, *(("ema.safetensors",) if ema else ())):
+        if not (folder / name).is_file():
+            raise _damaged(folder / name, "is missing")
+    _read_state(folder / "state.json")
+    for p in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # SafetensorError: header damaged, file shorter than its header says
+            raise _damaged(p, f"is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def load_checkpoint(folder: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Read every tensor group and the JSON state of a checkpoint folder; a damaged file is named."""
     folder = Path(folder)
@@ -123,12 +151,7 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, dict[str, torch.Tenso
     for name in REQUIRED_FILES:
         if not (folder / name).is_file():
             raise _damaged(folder / name, "is missing")
-    try:
-        meta = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _damaged(state_path, f"is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), int) for k in REQUIRED_STATE):
-        raise _damaged(state_path, f"lacks {', '.join(REQUIRED_STATE)}")
+    meta = _read_state(state_path)
     tensors = {}
     for p in sorted(folder.glob("*.safetensors")):
         try:

@@ -18,7 +18,13 @@ from ..distributed import World, check_zero, computed_once, main_first, training
 from ..errors import CheckpointError, ConfigError
 from ..fsutil import sweep_leftovers
 from .autoencoder import encode_all, latent_scale, load_autoencoder, save_autoencoder, train_autoencoder
-from .checkpoint import checkpoint_step, find_checkpoint, latest_checkpoint, list_checkpoints
+from .checkpoint import (
+    check_checkpoint,
+    checkpoint_step,
+    find_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger
 from .jobs import ScratchJob
 from .loop import Trainer, shuffled_batches
@@ -260,6 +266,9 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, from
     """Continue a run folder from its latest checkpoint, or the older one ``from_checkpoint``
     (``overrides`` may extend ``run.steps``)."""
     cfg = load_run_config(run_dir, overrides)
-    if from_checkpoint:
-        find_checkpoint(Path(run_dir) / "checkpoints", from_checkpoint)  # refuse an unknown name before any work
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    # refuse an unknown name or a damaged checkpoint before any work (and before anything is written)
+    ckpt = find_checkpoint(ckpt_dir, from_checkpoint) if from_checkpoint else latest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        check_checkpoint(ckpt, ema=cfg.train.ema_decay > 0)
     return train(cfg, resume=True, from_checkpoint=from_checkpoint, **kw)

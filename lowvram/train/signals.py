@@ -99,6 +99,35 @@ class GracefulStop:
                 signal.signal(sig, old)
 
 
+@contextmanager
+def forwarded_to(proc: Any) -> Iterator[GracefulStop]:
+    """While ``proc`` (the launcher of ``--processes N``, in its own session so a terminal's Ctrl-C reaches
+    only us) runs: pass it the first SIGINT/SIGTERM, once; it forwards that to each training process."""
+    stop = GracefulStop()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop.signum is None:
+            stop.signum = signum
+            print(f"\n{name}: asking every training process to stop at the next step boundary and save",
+                  file=sys.stderr, flush=True)
+            proc.send_signal(signum)
+        else:
+            print(f"{name} again: still waiting for the training processes to save", file=sys.stderr, flush=True)
+
+    previous: dict[int, Any] = {}
+    try:
+        for sig in HANDLED:
+            previous[sig] = signal.signal(sig, handle)
+    except ValueError:
+        pass
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def critical(stop: Any) -> Any:
     """``stop.critical()`` when the stop callable protects saves (a ``GracefulStop``), else a no-op."""
     guard = getattr(stop, "critical", None)
