@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -65,9 +66,11 @@ def resolve_config(args: argparse.Namespace, check_paths: bool = True) -> tuple[
         flags["memory.force"] = True
     if getattr(args, "allow_pickle", False):
         flags["model.allow_pickle"] = True
+    names = {"model.size": "--model", "model.pretrained": "--model", "memory.vram_gib": "--vram",
+             "data.source": "--data", "memory.force": "--force", "model.allow_pickle": "--allow-pickle"}
     for key, value in flags.items():
         if value is not None:
-            b.set(key, value, "--" + key.split(".")[1].replace("_", "-"))
+            b.set(key, value, names.get(key, "--" + key.split(".")[1].replace("_", "-")))
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise LowvramError(f"--set '{item}' must be written section.key=value", "e.g. --set train.lr=1e-4")
@@ -442,9 +445,20 @@ def _interrupted(args: argparse.Namespace | None, e: KeyboardInterrupt) -> int:
     return exit_code(signum)
 
 
+class _DropOptionalKernelNotice(logging.Filter):
+    """bitsandbytes logs, on import, that an optional 4-bit CPU kernel package is absent: lowvram never uses
+    it, and the line would stand beside (or for) a command's one-line error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     offline_and_quiet()
     args = None
+    notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropOptionalKernelNotice) for f in notice.filters):
+        notice.addFilter(_DropOptionalKernelNotice())
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --processes relaunches
