@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -445,20 +444,9 @@ def _interrupted(args: argparse.Namespace | None, e: KeyboardInterrupt) -> int:
     return exit_code(signum)
 
 
-class _DropOptionalKernelNotice(logging.Filter):
-    """bitsandbytes logs, on import, that an optional 4-bit CPU kernel package is absent: lowvram never uses
-    it, and the line would stand beside (or for) a command's one-line error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     offline_and_quiet()
     args = None
-    notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropOptionalKernelNotice) for f in notice.filters):
-        notice.addFilter(_DropOptionalKernelNotice())
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --processes relaunches
