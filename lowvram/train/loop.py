@@ -356,48 +356,54 @@ class Trainer:
         positions = self.batch_indices()
         self.emit(Event("start", self.step, {"total": r.steps}))
         window_start, window_steps = time.perf_counter(), 0
-        # A stop (Ctrl-C, SIGTERM, the panel's Stop) is honoured only here, between steps: the state saved
-        # is then one step's weights, EMA, optimizer, data position and RNG. An exception inside a step
-        # (a second Ctrl-C) saves nothing; the newest checkpoint on disk stays the resume point.
-        while self.step < r.steps:
-            if any_process(self.world, self.stop()):  # all processes stop together, or none
-                return self.stop_and_save()
-            loss = self.train_step(positions)
-            window_steps += 1
-            if not math.isfinite(loss):
-                self.nonfinite_streak += 1
-                self.emit(Event("nonfinite", self.step, {"loss": loss, "streak": self.nonfinite_streak,
-                                                         "message": f"non-finite loss at step {self.step}; step skipped"}))
-                if self.nonfinite_streak >= r.max_nonfinite:
-                    last = latest_checkpoint(self.ckpt_dir)
-                    raise TrainingDiverged(
-                        f"{self.nonfinite_streak} non-finite losses in a row at step {self.step}; "
-                        f"last good checkpoint: {last or 'none'}",
-                        f"likely causes: {NONFINITE_CAUSES}; fix and resume with --resume {self.run_dir}",
-                    )
-                continue
-            self.nonfinite_streak = 0
-            if self.step % r.log_every == 0 or self.step == r.steps:
-                elapsed = time.perf_counter() - window_start
-                peak, kind = peak_memory_mib(self.device)
-                self.emit(Event("step", self.step, {
-                    "loss": loss,
-                    "lr": self.lr_at(self.step - 1),
-                    "it_s": window_steps / elapsed if elapsed > 0 else 0.0,
-                    "peak_mem_mib": peak,
-                    "mem_kind": kind,
-                    "effective_batch": self.effective_batch,
-                }))
-                window_start, window_steps = time.perf_counter(), 0
-            # validation and samples: the main process only (the others wait in the next step's all-reduce)
-            if main and r.val_every and self.job.has_validation and self.step % r.val_every == 0:
-                self.emit(Event("val", self.step, {"val_loss": self.validate()}))
-            if r.checkpoint_every and self.step % r.checkpoint_every == 0 and self.step < r.steps:
-                self.save()
-            if main and r.sample_every and self.step % r.sample_every == 0 and self.step < r.steps:
-                self.write_samples(f"step-{self.step:08d}")
-            if window_steps == 0:  # it/s measures training only, not the val/sample/checkpoint pauses
-                window_start = time.perf_counter()
+        # A stop (Ctrl-C, SIGTERM, the panel's Stop) is honoured only at the top of the loop, between steps:
+        # the state saved is then one step's weights, EMA, optimizer, data position and RNG.
+        try:
+            while self.step < r.steps:
+                if any_process(self.world, self.stop()):  # all processes stop together, or none
+                    return self.stop_and_save()
+                loss = self.train_step(positions)
+                window_steps += 1
+                if not math.isfinite(loss):
+                    self.nonfinite_streak += 1
+                    self.emit(Event("nonfinite", self.step, {"loss": loss, "streak": self.nonfinite_streak,
+                                                             "message": f"non-finite loss at step {self.step}; step skipped"}))
+                    if self.nonfinite_streak >= r.max_nonfinite:
+                        last = latest_checkpoint(self.ckpt_dir)
+                        raise TrainingDiverged(
+                            f"{self.nonfinite_streak} non-finite losses in a row at step {self.step}; "
+                            f"last good checkpoint: {last or 'none'}",
+                            f"likely causes: {NONFINITE_CAUSES}; fix and resume with --resume {self.run_dir}",
+                        )
+                    continue
+                self.nonfinite_streak = 0
+                if self.step % r.log_every == 0 or self.step == r.steps:
+                    elapsed = time.perf_counter() - window_start
+                    peak, kind = peak_memory_mib(self.device)
+                    self.emit(Event("step", self.step, {
+                        "loss": loss,
+                        "lr": self.lr_at(self.step - 1),
+                        "it_s": window_steps / elapsed if elapsed > 0 else 0.0,
+                        "peak_mem_mib": peak,
+                        "mem_kind": kind,
+                        "effective_batch": self.effective_batch,
+                    }))
+                    window_start, window_steps = time.perf_counter(), 0
+                # validation and samples: the main process only (the others wait in the next step's all-reduce)
+                if main and r.val_every and self.job.has_validation and self.step % r.val_every == 0:
+                    self.emit(Event("val", self.step, {"val_loss": self.validate()}))
+                if r.checkpoint_every and self.step % r.checkpoint_every == 0 and self.step < r.steps:
+                    self.save()
+                if main and r.sample_every and self.step % r.sample_every == 0 and self.step < r.steps:
+                    self.write_samples(f"step-{self.step:08d}")
+                if window_steps == 0:  # it/s measures training only, not the val/sample/checkpoint pauses
+                    window_start = time.perf_counter()
+        except KeyboardInterrupt:
+            # a hard stop inside a step (a second Ctrl-C): the state is mid-step, so nothing is saved and the
+            # newest checkpoint on disk stays the resume point
+            self.emit(Event("warning", self.step, {"message": "interrupted inside a step: nothing saved; newest "
+                                                          f"checkpoint {latest_checkpoint(self.ckpt_dir)}"}))
+            raise
         if self.saved_step != self.step:
             self.save()
         if any_process(self.world, self.stop()):  # the last step is saved; resuming writes samples and model
