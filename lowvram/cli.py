@@ -87,6 +87,7 @@ FIXED_ON_RESUME = ("preset", "config", "data", "model", "task", "out", "seed", "
 # config fields a resume cannot change without breaking the run (its data order, weights, optimizer state)
 FIXED_FIELDS_ON_RESUME = ("run.out", "run.seed", "run.task", "data.", "model.", "lora.", "train.batch_size",
                           "train.grad_accum", "train.optimizer", "train.ema_decay", "memory.fused_backward")
+CHANGEABLE_ON_RESUME = ("data.workers", "data.cache_dir")  # how data is read, not which data
 
 
 def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not eq:
             raise LowvramError(f"--set '{item}' must be written section.key=value", "e.g. --set train.lr=1e-4")
         key = key.strip()
-        if key.startswith(FIXED_FIELDS_ON_RESUME):
+        if key.startswith(FIXED_FIELDS_ON_RESUME) and key not in CHANGEABLE_ON_RESUME:
             raise ConfigError(f"--set {item}: {key} cannot change when a run is resumed (its checkpoints depend on it)",
                               "start a new run with another --out to change it")
         overrides[key] = value.strip()
