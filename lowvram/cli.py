@@ -11,8 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from .config import MODEL_SIZES, TASKS, ConfigBuilder, RunConfig, field_help, load_yaml
-from .errors import LowvramError, TrainingDiverged
+from .errors import ConfigError, LowvramError
 from .runtime_env import offline_and_quiet
+
+
+class UsageError(ConfigError):
+    """A flag argparse refused (unknown, missing, wrong type): one line, like every other error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``UsageError`` line instead of usage text and ``sys.exit``."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
 
 
 # ---- config resolution: preset → --config → flags → --set ---------------------------------------
@@ -27,8 +38,12 @@ def _preset_layer(name: str | None, builder: ConfigBuilder) -> tuple[Any, str | 
     return preset, warn_if_preset_mismatch(preset, info)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Any, str | None]:
-    """Build the RunConfig from the layers, each remembered as the source of its values."""
+def resolve_config(args: argparse.Namespace, check_paths: bool = True) -> tuple[RunConfig, Any, str | None]:
+    """Build the RunConfig from the layers, each remembered as the source of its values; with
+    ``check_paths`` its inputs must exist and its run folder be writable (nothing is written here)."""
+    from .validate import check_config_flags, check_config_paths
+
+    check_config_flags(args)
     b = ConfigBuilder()
     preset, warning = _preset_layer(getattr(args, "preset", None), b)
     if getattr(args, "config", None):
@@ -50,15 +65,58 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Any, str | None
         flags["memory.force"] = True
     if getattr(args, "allow_pickle", False):
         flags["model.allow_pickle"] = True
+    names = {"model.size": "--model", "model.pretrained": "--model", "memory.vram_gib": "--vram",
+             "data.source": "--data", "memory.force": "--force", "model.allow_pickle": "--allow-pickle"}
     for key, value in flags.items():
         if value is not None:
-            b.set(key, value, "--" + key.split(".")[1].replace("_", "-"))
+            b.set(key, value, names.get(key, "--" + key.split(".")[1].replace("_", "-")))
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise LowvramError(f"--set '{item}' must be written section.key=value", "e.g. --set train.lr=1e-4")
         key, value = item.split("=", 1)
         b.set(key.strip(), value.strip(), f"--set {item}")
-    return b.build(), preset, warning
+    cfg = b.build()
+    if check_paths:
+        check_config_paths(cfg, b.source_of)
+    return cfg, preset, warning
+
+
+# flags that name a new run's inputs: a resumed run keeps its own (config.yaml in the run folder)
+FIXED_ON_RESUME = ("preset", "config", "data", "model", "task", "out", "seed", "vram", "tokenizer", "force",
+                   "allow_pickle")
+# config fields a resume cannot change without breaking the run (its data order, weights, optimizer state)
+FIXED_FIELDS_ON_RESUME = ("run.out", "run.seed", "run.task", "data.", "model.", "lora.", "train.batch_size",
+                          "train.grad_accum", "train.optimizer", "train.ema_decay", "memory.fused_backward")
+CHANGEABLE_ON_RESUME = ("data.workers", "data.cache_dir")  # how data is read, not which data
+
+
+def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``--resume`` may change (``--steps``, ``--device``, ``--set`` of the other fields); refuse
+    the rest by name rather than ignore it."""
+    for name in FIXED_ON_RESUME:
+        value = getattr(args, name, None)
+        if value not in (None, False):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {value!r} cannot be used with --resume: the run continues with the settings in "
+                f"{Path(args.resume) / 'config.yaml'}",
+                f"drop {flag} (with --resume only --steps, --device and --set of training settings apply), "
+                "or start a new run with another --out")
+    overrides: dict[str, Any] = {}
+    if args.steps is not None:
+        overrides["run.steps"] = args.steps
+    if args.device is not None:
+        overrides["run.device"] = args.device
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise LowvramError(f"--set '{item}' must be written section.key=value", "e.g. --set train.lr=1e-4")
+        key = key.strip()
+        if key.startswith(FIXED_FIELDS_ON_RESUME) and key not in CHANGEABLE_ON_RESUME:
+            raise ConfigError(f"--set {item}: {key} cannot change when a run is resumed (its checkpoints depend on it)",
+                              "start a new run with another --out to change it")
+        overrides[key] = value.strip()
+    return overrides
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -79,12 +137,25 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 # ---- subcommands ---------------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import launched_as_main, relaunch
+def resume_command(run_dir: str | Path) -> str:
+    return f"lowvram train --resume {run_dir}"
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import launched, launched_as_main, relaunch
+    from .train.signals import GracefulStop, exit_code
+    from .validate import check_config_flags, check_device, check_run_dir
+
+    if args.from_checkpoint is not None and args.resume is None:
+        raise ConfigError("--from-checkpoint needs --resume RUN", "e.g. lowvram train --resume RUN --from-checkpoint step-00000400")
+    if args.resume is not None:
+        check_run_dir("--resume", args.resume)
+        check_config_flags(args)
+        check_device("--device", args.device)
     if args.processes is not None and args.processes > 1:
         import torch
 
+        check_config_flags(args)
         # this process only launches the N training processes and passes on their exit code
         return relaunch(args.processes, args.argv, cpu=args.device == "cpu" or not torch.cuda.is_available())
     from .train.run import resume, train
@@ -94,12 +165,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         # one voice: the other processes' progress lines (data, caches) would repeat the main one's;
         # errors still reach stderr from every process
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — lives as long as the process
+    # under a launcher each process gets the launcher's one forwarded signal; repeats are the launcher's job
+    graceful = GracefulStop(ignore_repeats=launched(), announce=main_process)
     if args.resume:
-        overrides = {"run.steps": args.steps} if args.steps else {}
-        for item in args.set or []:
-            key, _, value = item.partition("=")
-            overrides[key.strip()] = value.strip()
-        result = resume(args.resume, overrides, progress=not args.no_progress)
+        overrides = resume_overrides(args)
+        args.run_dir = args.resume
+        with graceful.installed():
+            result = resume(args.resume, overrides, progress=not args.no_progress, stop=graceful,
+                            from_checkpoint=args.from_checkpoint)
     else:
         from .memory.run_plan import plan_or_refuse
 
@@ -109,12 +182,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         lines = plan_or_refuse(cfg, preset.card).lines()  # every process plans alike (the plan is deterministic)
         if main_process:
             print("\n".join(lines))
-        result = train(cfg, progress=not args.no_progress)
+        args.run_dir = cfg.run.out
+        with graceful.installed():
+            result = train(cfg, progress=not args.no_progress, stop=graceful)
+    code = exit_code(graceful.signum) if graceful.signum and result.status == "stopped" else 0
     if not main_process:
-        return 0
-    print(f"{result.status}: {result.step} steps; run folder {result.run_dir}")
+        return code
     if result.status == "stopped":
-        print(f"resume with: lowvram train --resume {result.run_dir}")
+        from .train.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(result.run_dir / "checkpoints")
+        cause = f"stopped by {graceful.name}" if graceful.signum else "stopped"
+        print(f"{cause} at step {result.step}: checkpoint {ckpt}; run folder {result.run_dir}")
+        if graceful.repeated:
+            print(f"a second {graceful.name} came while the checkpoint was written: it was finished, not cut")
+        print(f"resume with: {resume_command(result.run_dir)}")
+        return code
+    print(f"{result.status}: {result.step} steps; run folder {result.run_dir}")
+    if graceful.signum:
+        print(f"({graceful.name} came after the last step: the run finished)")
     return 0
 
 
@@ -122,6 +208,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import yaml
 
     from .train.setup import resolve_defaults
+    from .validate import check_config_flags
+
+    check_config_flags(args)
 
     cfg, preset, warning = resolve_config(args)
     resolve_defaults(cfg)
@@ -142,6 +231,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .runs import load_run_model
     from .sample import make_grid
     from .train.run import load_run_config
+    from .validate import check_sample_args
+
+    check_sample_args(args)
 
     saved = load_run_config(args.run).sample
     rescale = saved.guidance_rescale
@@ -155,13 +247,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(args.cfg))
     out = Path(args.out or Path(args.run) / "samples" / f"sample-seed{args.seed}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    grid.save(tmp, format="JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else out.suffix[1:].upper())
+    os.replace(tmp, out)
     print(f"wrote {out} ({len(prompts)} prompts x guidance {', '.join(map(str, args.cfg))})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate_run import evaluate_run
+    from .validate import check_sample_args
+
+    check_sample_args(args)
 
     report = evaluate_run(args.run, samples_per_prompt=args.samples, cfg_scale=args.cfg, steps=args.steps,
                           sampler=args.sampler, seed=args.seed, device=args.device, which=args.which)
@@ -188,9 +285,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from .train.finetune import train_finetune
     from .train.setup import resolve_defaults, resolve_device
 
-    cfg, _preset, _warning = resolve_config(args)
+    cfg, _preset, _warning = resolve_config(args, check_paths=False)
+    if not cfg.model.pretrained or cfg.data.source == "builtin":
+        raise ConfigError("lowvram cache needs a checkpoint (--model PATH) and a folder of images (--data DIR)",
+                          "e.g. lowvram cache --model sd15.safetensors --data my_images")
     if cfg.run.task not in ("lora", "full"):
         cfg.run.task = "lora"  # caching needs the pretrained VAE and text encoder a fine-tune uses
+    from .validate import check_config_paths
+
+    check_config_paths(cfg, lambda key: "flags")
     resolve_defaults(cfg)
     cfg.train.batch_size = 1  # no training batches are drawn; any dataset size can be cached
     out = Path(cfg.run.out)
@@ -202,6 +305,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_cli
+    from .validate import check_export_args
+
+    check_export_args(args)
 
     for path in export_cli(args.run, args.format, args.merge, args.out, args.dtype):
         print(f"wrote {path}")
@@ -210,14 +316,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .memory.report import profile_command
+    from .validate import check_profile_args
+
+    check_profile_args(args)
 
     print(profile_command(args.preset, args.workload, args.vram, args.json, args.update_presets))
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from .validate import check_ui_args
     from .webui.auth import resolve_auth
 
+    check_ui_args(args)
     resolve_auth(args.host, args.auth)  # refuse a reachable panel without a password before loading Gradio
     from .webui.app import serve
 
@@ -247,7 +358,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowvram", description="Train diffusion models on 4-8 GB GPUs.")
+    parser = Parser(prog="lowvram", description="Train diffusion models on 4-8 GB GPUs.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"lowvram {__version__}")
@@ -257,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["train"]
     _add_config_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest checkpoint.")
+    p.add_argument("--from-checkpoint", metavar="step-N",
+                   help="With --resume: continue from this older checkpoint (e.g. when the newest is damaged); "
+                        "the newer ones are set aside as step-N.abandoned.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar (metrics.jsonl is still written).")
     p.add_argument("--processes", type=int, metavar="N",
                    help="Train on N processes of this machine (one per GPU; on the CPU, gloo): the effective batch "
@@ -310,23 +424,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace | None, e: KeyboardInterrupt) -> int:
+    """A stop that saved nothing (a second Ctrl-C, or one before the handlers were in place)."""
+    from .train.signals import exit_code
+
+    signum = getattr(e, "signum", 2)
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None or getattr(args, "command", None) != "train":
+        print("interrupted: nothing was saved", file=sys.stderr)
+        return exit_code(signum)
+    from .train.checkpoint import latest_checkpoint
+
+    try:
+        ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    except LowvramError:
+        ckpt = None
+    kept = f"the newest checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+    print(f"interrupted without saving: {kept}; run folder {run_dir}; resume with: {resume_command(run_dir)}",
+          file=sys.stderr)
+    return exit_code(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     offline_and_quiet()
-    args = build_parser().parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --processes relaunches
-    handler = COMMANDS[args.command][0]
+    args = None
     try:
-        return handler(args)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        args = build_parser().parse_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --processes relaunches
+        return COMMANDS[args.command][0](args)
     except LowvramError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: the latest state was checkpointed; resume with `lowvram train --resume RUN_DIR`",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(args, e)
+    except Exception as e:  # only storage failures (disk full, read-only) become one line; the rest is a bug
+        from .fsutil import storage_error
+
+        err = storage_error(e, getattr(args, "run_dir", None))
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -377,23 +378,67 @@ class ConfigBuilder:
             setattr(getattr(cfg, section), key, value)
         problems = list(self.problems) + validate(cfg, self.source_of)
         if problems:
+            # one line however many: each problem names its field and source, separated by "; "
             err = ConfigError(
-                f"invalid configuration: {problems[0]}" if len(problems) == 1
-                else "invalid configuration:\n  - " + "\n  - ".join(problems),
+                "invalid configuration: " + "; ".join(problems),
                 "lowvram train --help documents each field" if len(problems) == 1
-                else "fix the values above (lowvram train --help documents each field)",
+                else f"fix these {len(problems)} values (lowvram train --help documents each field)",
             )
             err.problems = problems  # each names its field and source; callers may list them their own way
             raise err
         return cfg
 
 
+# Largest values that can be meant (beyond them a run exhausts memory or never ends): what `validate` allows.
+UPPER_BOUNDS: dict[str, float] = {
+    "run.steps": 10**8, "run.checkpoint_every": 10**8, "run.sample_every": 10**8, "run.val_every": 10**8,
+    "run.log_every": 10**8, "run.keep_checkpoints": 10**4, "run.max_nonfinite": 10**6, "run.seed": 2**32 - 1,
+    "model.timesteps": 10**5, "data.resolution": 16384, "data.num_images": 200_000, "data.workers": 256,
+    "data.bucket_step": 1024, "data.bucket_max_ratio": 100.0, "data.keep_tokens": 10**4, "data.min_size": 16384,
+    "data.max_pixels": 2**40, "train.batch_size": 65536, "train.grad_accum": 65536, "train.warmup_steps": 10**8,
+    "train.weight_decay": 10.0, "train.grad_clip": 10**6, "train.snr_gamma": 10**4, "train.prior_loss_weight": 10**4,
+    "train.autoencoder_steps": 10**8, "train.kl_weight": 10**3, "sample.steps": 10**4, "sample.seed": 2**32 - 1,
+    "sample.guidance": 100.0, "sample.guidance_rescale": 1.0, "memory.attention_chunk": 2**24,
+    "memory.vram_gib": 4096.0, "lora.rank": 4096, "lora.alpha": 10**5,
+}
+TEXT_LIMIT = 4096  # characters of one text value (captions prefixes, prompts, paths)
+ITEMS_LIMIT = 256  # entries of one list value (prompts, guidance scales)
+
+
+def _number_problems(cfg: RunConfig) -> list[tuple[str, Any, str]]:
+    """Non-finite floats, values above ``UPPER_BOUNDS``, overlong texts and lists: (field, value, expected)."""
+    out: list[tuple[str, Any, str]] = []
+    for dotted, _f in all_fields():
+        section, key = dotted.split(".", 1)
+        value = getattr(getattr(cfg, section), key)
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) > ITEMS_LIMIT:
+            out.append((dotted, f"<{len(value)} items>", f"at most {ITEMS_LIMIT} items"))
+            continue
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                out.append((dotted, v, "a finite number"))
+            elif isinstance(v, int | float) and not isinstance(v, bool) and dotted in UPPER_BOUNDS \
+                    and v > UPPER_BOUNDS[dotted]:
+                out.append((dotted, v, f"at most {UPPER_BOUNDS[dotted]:g}"))
+            elif isinstance(v, str) and len(v) > TEXT_LIMIT:
+                out.append((dotted, v[:40] + "...", f"at most {TEXT_LIMIT} characters"))
+    return out
+
+
 def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
     """Range and choice checks; each message names the field, the expectation and the source."""
     problems: list[str] = []
+    reported: set[str] = set()
 
     def bad(dotted: str, value: Any, expected: str) -> None:
+        if dotted in reported:  # one problem per field: a NaN is not also "out of range"
+            return
+        reported.add(dotted)
         problems.append(f"{dotted} = {value!r} (from {source_of(dotted)}): expected {expected}")
+
+    for dotted, value, expected in _number_problems(cfg):
+        bad(dotted, value, expected)
 
     for dotted, f in all_fields():
         section, key = dotted.split(".", 1)
@@ -405,7 +450,7 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
             bad(dotted, value, "one of " + ", ".join(choices) + hint)
     positive = ["run.steps", "train.batch_size", "train.grad_accum", "model.timesteps", "data.resolution",
                 "sample.steps", "lora.rank", "memory.attention_chunk", "data.num_images", "train.autoencoder_steps",
-                "data.bucket_step", "data.max_pixels"]
+                "data.bucket_step", "data.max_pixels", "run.log_every", "data.min_size", "lora.alpha"]
     for dotted in positive:
         s, k = dotted.split(".")
         v = getattr(getattr(cfg, s), k)
@@ -413,7 +458,8 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
             bad(dotted, v, "a number above 0")
     non_negative = ["run.checkpoint_every", "run.sample_every", "run.val_every", "run.log_every",
                     "train.warmup_steps", "train.weight_decay", "train.grad_clip", "run.keep_checkpoints",
-                    "data.workers", "run.seed", "train.prior_loss_weight"]
+                    "data.workers", "run.seed", "train.prior_loss_weight", "train.snr_gamma", "train.kl_weight",
+                    "sample.seed", "sample.guidance", "data.keep_tokens"]
     for dotted in non_negative:
         s, k = dotted.split(".")
         v = getattr(getattr(cfg, s), k)
@@ -421,6 +467,18 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
             bad(dotted, v, "0 or more")
     if not 0 < cfg.train.lr < 1:
         bad("train.lr", cfg.train.lr, "a learning rate between 0 and 1 (e.g. 2e-4)")
+    if not 0 < cfg.train.autoencoder_lr < 1:
+        bad("train.autoencoder_lr", cfg.train.autoencoder_lr, "a learning rate between 0 and 1 (e.g. 1e-3)")
+    if not 0 <= cfg.sample.guidance_rescale <= 1:
+        bad("sample.guidance_rescale", cfg.sample.guidance_rescale, "a fraction from 0 to 1 (e.g. 0.7)")
+    if not 1 <= cfg.data.bucket_max_ratio:
+        bad("data.bucket_max_ratio", cfg.data.bucket_max_ratio, "1 or more (long side / short side)")
+    if any(w < 0 for w in cfg.sample.cfg_scales) or any(w > 100 for w in cfg.sample.cfg_scales):
+        bad("sample.cfg_scales", cfg.sample.cfg_scales, "guidance scales from 0 to 100")
+    if cfg.run.task not in ("lora", "full") and 0 < cfg.model.timesteps < cfg.sample.steps:
+        bad("sample.steps", cfg.sample.steps, f"at most model.timesteps = {cfg.model.timesteps} sampling steps")
+    if cfg.data.caption_ext not in (".txt", ".caption"):
+        bad("data.caption_ext", cfg.data.caption_ext, "'.txt' or '.caption'")
     for dotted in ("data.caption_dropout", "lora.dropout"):
         s, k = dotted.split(".")
         v = getattr(getattr(cfg, s), k)
@@ -448,14 +506,44 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
     return problems
 
 
+YAML_MAX_BYTES = 1 << 20  # a config is a few KiB; a larger file is not one
+YAML_MAX_ALIASES = 32  # anchors are rare in configs; more is how an alias bomb starts (k**(32/k) <= 65536 items)
+YAML_MAX_DEPTH = 16  # sections nest two levels deep
+
+
+def _check_yaml_shape(text: str) -> str | None:
+    """Why the YAML ``text`` is refused before it is built (alias bomb, absurd nesting), or None."""
+    aliases = depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > YAML_MAX_ALIASES:
+                return f"more than {YAML_MAX_ALIASES} aliases (*name)"
+        elif isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > YAML_MAX_DEPTH:
+                return f"nested more than {YAML_MAX_DEPTH} levels deep"
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
 def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """Read a YAML mapping, turning every failure into a ConfigError naming the file."""
+    """Read a YAML mapping, turning every failure into a ConfigError naming the file.
+
+    Only a regular file of at most 1 MiB is read (a FIFO or device would hang or never end); alias bombs
+    and absurd nesting are refused before the document is built."""
+    from .validate import read_regular_file
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} '{p}' does not exist", "check the path")
+    raw = read_regular_file(p, what, YAML_MAX_BYTES, ConfigError)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8")
+        refused = _check_yaml_shape(text)
+        if refused:
+            raise ConfigError(f"{what} '{p}' is refused: {refused}", "write the values out plainly")
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{what} '{p}' is not valid YAML: {e}".splitlines()[0], "fix the file's syntax") from None
     if data is None:
         return {}

@@ -197,8 +197,14 @@ def relaunch(processes: int, argv: Sequence[str], *, cpu: bool = False) -> int:
     if launched():
         raise ConfigError("--processes given inside a process that accelerate launch / torchrun started",
                           "drop --processes: the launcher already decides the number of processes")
+    from .train.signals import exit_code, forwarded_to
+
     cmd, env = launch_command(processes, strip_processes_flag(argv), cpu=cpu)
-    return subprocess.call(cmd, env=env)
+    # its own session: a terminal's Ctrl-C reaches only this process, which forwards exactly one signal
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    with forwarded_to(proc) as stop:
+        code = proc.wait()
+    return exit_code(stop.signum) if stop.signum else code
 
 
 # ---- DeepSpeed ZeRO ------------------------------------------------------------------------------------

@@ -119,16 +119,26 @@ class TextToImage:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
+        from .models.local import load_local, read_json
+
         folder = Path(folder)
-        desc = json.loads((folder / MODEL_JSON).read_text())
+        desc = read_json(folder / MODEL_JSON, ("sample_shape",))
         dev = torch.device(device)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).to(dev)
-        te = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).to(dev)
-        tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        unet = load_local(UNet2DConditionModel, folder / "unet").to(dev)
+        te = load_local(CLIPTextModel, folder / "text_encoder").to(dev)
+        tok = load_local(AutoTokenizer, folder / "tokenizer", weights=False)
         vae = None
         if desc.get("has_vae"):
-            vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).to(dev)
-        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            vae = load_local(AutoencoderKL, folder / "vae").to(dev)
+        sched = read_json(folder / "scheduler" / "scheduler_config.json")
+        shape = desc["sample_shape"]
+        if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == unet.config.in_channels
+                and (vae is None) == (not desc.get("has_vae"))):
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"'{folder / MODEL_JSON}' says sample_shape {shape!r}, which does not fit "
+                                  f"the UNet's {unet.config.in_channels} input channels",
+                                  "the run's saved model is damaged: train again, or resume the run")
         return cls(
             unet=unet,
             text_encoder=te,

@@ -238,8 +238,8 @@ def load_preset(name_or_path: str | Path) -> Preset:
 
 def _preset_error(path: Path, problems: list[str]) -> PresetError:
     return PresetError(
-        f"preset file '{path}' is invalid:\n  - " + "\n  - ".join(problems),
-        "fix the fields above (the schema is documented at the top of every shipped preset)",
+        f"preset file '{path}' is invalid: " + "; ".join(problems),
+        "fix these fields (the schema is documented at the top of every shipped preset)",
     )
 
 

@@ -24,6 +24,7 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu", whic
 def _from_checkpoint(run_dir: Path, device: torch.device) -> TextToImage:
     from transformers import AutoTokenizer
 
+    from .models.local import load_local
     from .train.autoencoder import load_autoencoder
     from .train.checkpoint import latest_checkpoint, load_checkpoint
     from .train.run import load_run_config
@@ -33,7 +34,7 @@ def _from_checkpoint(run_dir: Path, device: torch.device) -> TextToImage:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise CheckpointError(f"run '{run_dir}' has no final model and no checkpoint", "train it first (lowvram train)")
-    tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer", local_files_only=True)
+    tok = load_local(AutoTokenizer, run_dir / "tokenizer", weights=False)
     vae, scale = None, 1.0
     if cfg.run.task == "latent":
         loaded = load_autoencoder(run_dir)
@@ -43,13 +44,17 @@ def _from_checkpoint(run_dir: Path, device: torch.device) -> TextToImage:
     comps = build_components(cfg, [], device, vae=vae, latent_scale=scale, tokenizer=tok)
     tensors, _ = load_checkpoint(ckpt)
     model = torch.nn.ModuleDict(comps.trainable_modules())
-    model.load_state_dict(tensors["model"])
-    if "ema" in tensors:
-        from .ema import EMA
+    try:
+        model.load_state_dict(tensors["model"])
+        if "ema" in tensors:
+            from .ema import EMA
 
-        ema = EMA(model, decay=cfg.train.ema_decay or 0.999, device=device)
-        ema.load_state_dict(tensors["ema"])
-        ema.copy_to(model)
+            ema = EMA(model, decay=cfg.train.ema_decay or 0.999, device=device)
+            ema.load_state_dict(tensors["ema"])
+            ema.copy_to(model)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not fit the run's model: {str(e).splitlines()[0][:200]}",
+                              "use --which final, or resume the run from another checkpoint") from None
     return TextToImage(
         unet=comps.unet, text_encoder=comps.text_encoder, tokenizer=tok, scheduler_config=comps.scheduler_config,
         sample_shape=comps.sample_shape, vae=comps.vae, latent_scale=scale, device=device,

@@ -56,3 +56,12 @@ def assert_checkpoints_equal(run_a: Path, run_b: Path, step: int, why: str) -> N
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}:{key} differs {why}"
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory) -> Path:
+    """One finished 4-step tiny run for the whole session; tests copy it before changing anything."""
+    from lowvram.train.run import train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    return train(tiny_config(out, run__keep_checkpoints=3), progress=False).run_dir

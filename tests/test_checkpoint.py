@@ -8,20 +8,23 @@ import torch
 from lowvram.errors import CheckpointError
 from lowvram.train import checkpoint as ckpt
 
+POSITION = {"epoch": 0, "batch_in_epoch": 0}
+
 
 def _tensors(v: float) -> dict[str, dict[str, torch.Tensor]]:
-    return {"model": {"w": torch.full((4, 4), v)}, "optimizer": {"state.0.exp_avg": torch.full((4,), v)}}
+    return {"model": {"w": torch.full((4, 4), v)}, "optimizer": {"state.0.exp_avg": torch.full((4,), v)},
+            "rng": {"torch_cpu": torch.get_rng_state()}}
 
 
 def test_save_and_load_round_trip(tmp_path):
-    path = ckpt.save_checkpoint(tmp_path, 5, _tensors(1.5), {"epoch": 2})
+    path = ckpt.save_checkpoint(tmp_path, 5, _tensors(1.5), {"epoch": 2, "batch_in_epoch": 3})
     tensors, meta = ckpt.load_checkpoint(path)
-    assert meta == {"step": 5, "epoch": 2}
+    assert meta == {"step": 5, "epoch": 2, "batch_in_epoch": 3}
     assert torch.equal(tensors["model"]["w"], torch.full((4, 4), 1.5))
 
 
 def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    ckpt.save_checkpoint(tmp_path, 10, _tensors(1.0), {})
+    ckpt.save_checkpoint(tmp_path, 10, _tensors(1.0), POSITION)
     real = ckpt.save_file
     calls = {"n": 0}
 
@@ -42,8 +45,8 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_resaving_a_step_replaces_it_whole(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 3, _tensors(1.0), {})
-    ckpt.save_checkpoint(tmp_path, 3, _tensors(7.0), {"note": "again"})
+    ckpt.save_checkpoint(tmp_path, 3, _tensors(1.0), POSITION)
+    ckpt.save_checkpoint(tmp_path, 3, _tensors(7.0), {**POSITION, "note": "again"})
     tensors, meta = ckpt.load_checkpoint(tmp_path / "step-00000003")
     assert meta["note"] == "again" and torch.equal(tensors["model"]["w"], torch.full((4, 4), 7.0))
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("step-")] == []
@@ -56,7 +59,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 
 
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
-    path = ckpt.save_checkpoint(tmp_path, 1, _tensors(1.0), {})
+    path = ckpt.save_checkpoint(tmp_path, 1, _tensors(1.0), POSITION)
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="damaged"):
         ckpt.load_checkpoint(path)

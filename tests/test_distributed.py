@@ -222,3 +222,38 @@ def test_profiler_shows_what_zero2_takes_off_each_card():
     assert "host memory" in offload.format()
     with pytest.raises(ConfigError, match="averaged over processes"):
         profile_step(wl, base.with_(fused_backward=True, grad_accum=1))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_at_one_step_and_resumes_bitwise(tmp_path):
+    """SIGINT to `lowvram train --processes 2`: it forwards one signal to the launcher, both processes stop at
+    the same step boundary, the main one saves, all exit (130, no hang); the resumed run equals 1 x accum 2."""
+    import signal
+    import time
+
+    from conftest import TINY_RUN
+
+    run = tmp_path / "two"
+    values = {**TINY_RUN, **{k.replace("__", "."): v for k, v in OVERRIDES.items()}, "run.steps": 40}
+    flags = [a for k, v in values.items()
+             for a in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}")]
+    argv = [sys.executable, "-m", "lowvram.cli", "train", "--preset", "cpu", "--out", str(run), "--no-progress",
+            "--processes", "2", *flags]
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not list_checkpoints(run / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert out.count("resume with: lowvram train --resume") == 1 and str(run) in out, out
+    stopped = list_checkpoints(run / "checkpoints")[-1]
+    assert 2 <= int(stopped.name.split("-")[1]) < 40 and not (run / "final").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "lowvram.cli", "train", "--resume", str(run), "--processes", "2",
+                              "--no-progress"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    cfg = load_run_config(run, {"train.grad_accum": 2})
+    cfg.run.out = str(tmp_path / "one")
+    one = train(cfg, progress=False).run_dir
+    assert_checkpoints_equal(run, one, 40, "between 2x1 stopped by Ctrl-C and resumed, and 1x2")

@@ -8,11 +8,14 @@ the ``missing_caption`` rule.
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 MISSING_CAPTION_RULES = ("auto", "empty", "folder", "filename", "skip")
+CAPTION_MAX_BYTES = 64 << 10  # a caption is a sentence or a tag list; the text encoder reads 77 tokens of it
 
 
 @dataclass(frozen=True)
@@ -24,14 +27,23 @@ class CaptionText:
 
 
 def read_caption_file(path: Path) -> CaptionText:
-    """Read one sidecar; never raises for content problems (see the module docstring for the rule)."""
+    """Read one sidecar; never raises for content problems (see the module docstring for the rule).
+
+    Only a regular file is read (a FIFO would block the run, a device never end), and at most
+    ``CAPTION_MAX_BYTES`` of it."""
     try:
-        raw = path.read_bytes()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return CaptionText(None, ("caption_unreadable", f"{path.name} is not a regular file (a pipe or device)"))
+        with open(path, "rb") as f:
+            raw = f.read(CAPTION_MAX_BYTES + 1)
     except FileNotFoundError:
         return CaptionText(None, None)
     except OSError as e:
         return CaptionText(None, ("caption_unreadable", f"{path.name}: {e}"))
     warning = None
+    if len(raw) > CAPTION_MAX_BYTES:
+        raw = raw[:CAPTION_MAX_BYTES]
+        warning = ("caption_too_long", f"{path.name} is over {CAPTION_MAX_BYTES} bytes; only the start is used")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -67,10 +67,9 @@ def caption_from_attributes(attrs: dict[str, int]) -> str:
 
 def read_attributes(path: Path) -> dict[str, dict[str, int]]:
     """Parse ``list_attr_celeba.txt``: count line, 40 names, then ``file v1 … v40`` rows (-1 / 1)."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as e:
-        raise DataError(f"cannot read CelebA attribute file '{path}': {e}", "check the file's permissions") from None
+    from ..validate import read_regular_file
+
+    lines = read_regular_file(path, "CelebA attribute file", 1 << 30, DataError).decode("utf-8", "replace").splitlines()
     lines = [ln for ln in lines if ln.strip()]
     if len(lines) < 2:
         raise DataError(f"CelebA attribute file '{path}' is empty or has no header",
@@ -96,7 +95,9 @@ def read_attributes(path: Path) -> dict[str, dict[str, int]]:
 def read_partition(path: Path) -> dict[str, int]:
     """Parse ``list_eval_partition.txt`` (``file 0|1|2``: train / val / test)."""
     out: dict[str, int] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    from ..validate import read_regular_file
+
+    for line in read_regular_file(path, "CelebA partition file", 1 << 30, DataError).decode("utf-8", "replace").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit():
             out[parts[0]] = int(parts[1])

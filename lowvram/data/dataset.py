@@ -99,7 +99,7 @@ class DataSettings:
         except ValueError:
             problems.append(f"data.background = {self.background!r}: expected a colour name, #rrggbb or r,g,b")
         if problems:
-            raise DataError("invalid data settings:\n  - " + "\n  - ".join(problems), "fix the data.* values above")
+            raise DataError("invalid data settings: " + "; ".join(problems), "fix these data.* values")
 
     def background_rgb(self) -> tuple[int, int, int]:
         text = self.background.strip()

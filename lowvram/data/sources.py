@@ -23,6 +23,8 @@ from .report import BAD_METADATA_ROW, MISSING_FILE, NOT_IN_REPEATS_FOLDER, DataR
 
 FORMATS = ("auto", "folder", "kohya", "metadata", "celeba", "builtin")
 KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
+MAX_REPEATS = 10_000  # kohya's own examples use 1-100; a huge count would expand the epoch past any memory
+METADATA_MAX_BYTES = 1 << 30
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_KEYS = ("text", "caption")
 
@@ -98,7 +100,10 @@ def list_kohya(root: Path, report: DataReport, caption_ext: str = ".txt") -> lis
         if not m:
             report.skip(rel, NOT_IN_REPEATS_FOLDER, "kohya layout: images must sit in <repeats>_<name> folders")
             continue
-        repeats = int(m.group(1))
+        repeats = int(m.group(1)) if len(m.group(1)) <= 9 else MAX_REPEATS + 1
+        if repeats > MAX_REPEATS:
+            raise DataError(f"kohya folder '{root / top}' asks for {m.group(1)} repeats, more than {MAX_REPEATS}",
+                            "rename it to <repeats>_<name> with a repeat count such as 10")
         if repeats < 1:
             report.warn(rel, "zero_repeats", f"folder '{top}' says 0 repeats; using 1")
             repeats = 1
@@ -119,8 +124,10 @@ def _safe_join(root: Path, name: str) -> Path | None:
 
 
 def _metadata_rows(path: Path, report: DataReport) -> list[tuple[int, dict]]:
+    from ..validate import read_regular_file
+
     rows: list[tuple[int, dict]] = []
-    raw = path.read_bytes()
+    raw = read_regular_file(path, "metadata file", METADATA_MAX_BYTES, DataError)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -67,10 +67,11 @@ def latent_scale(vae: torch.nn.Module, images: torch.Tensor) -> float:
 
 def save_autoencoder(vae: torch.nn.Module, scale: float, run_dir: Path) -> Path:
     folder = run_dir / AE_DIR
-    tmp = run_dir / f".{AE_DIR}.tmp"
-    vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / SCALE_JSON).write_text(json.dumps({"latent_scale": scale}))
-    tmp.replace(folder)
+    from ..fsutil import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / SCALE_JSON).write_text(json.dumps({"latent_scale": scale}))
     return folder
 
 
@@ -81,8 +82,10 @@ def load_autoencoder(run_dir: Path) -> tuple[torch.nn.Module, float] | None:
     folder = run_dir / AE_DIR
     if not (folder / SCALE_JSON).is_file():
         return None
-    scale = json.loads((folder / SCALE_JSON).read_text())["latent_scale"]
-    return AutoencoderKL.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False), scale
+    from ..models.local import load_local, read_json
+
+    scale = read_json(folder / SCALE_JSON, ("latent_scale",))["latent_scale"]
+    return load_local(AutoencoderKL, folder).eval().requires_grad_(False), float(scale)
 
 
 @torch.no_grad()

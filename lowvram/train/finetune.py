@@ -492,23 +492,19 @@ class FinetuneJob:
 
     def save_model(self, step: int) -> Path:
         """Full fine-tune: the whole pipeline as a diffusers folder and as one A1111/ComfyUI file."""
-        import shutil
-
+        from ..fsutil import atomic_dir
         from ..lora import _atomic_save
         from ..models.key_names import canonicalize_pipeline_folder
         from ..models.ldm_convert import pipeline_to_ldm
 
         out = self.run_dir / "final"
-        folder, tmp = out / "diffusers", out / "diffusers.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.pipe.save_pretrained(tmp)
-        canonicalize_pipeline_folder(tmp)  # text_model.… keys, loadable by transformers 4.x too
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        sd = pipeline_to_ldm(self.unet, self.c.vae, self.text_encoders(), self.c.family)
-        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata(step).items()
-                if k.startswith("lowvram_") and k != "lowvram_unet_config"}
-        _atomic_save(sd, out / f"{self.lora_name}.safetensors", {**meta, "format": "pt"})
+        with atomic_dir(out) as tmp:  # both files of one step appear together, or neither
+            self.pipe.save_pretrained(tmp / "diffusers")
+            canonicalize_pipeline_folder(tmp / "diffusers")  # text_model.… keys, loadable by transformers 4.x too
+            sd = pipeline_to_ldm(self.unet, self.c.vae, self.text_encoders(), self.c.family)
+            meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata(step).items()
+                    if k.startswith("lowvram_") and k != "lowvram_unet_config"}
+            _atomic_save(sd, tmp / f"{self.lora_name}.safetensors", {**meta, "format": "pt"})
         return out
 
 

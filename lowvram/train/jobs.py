@@ -13,6 +13,7 @@ import torch
 
 from ..config import RunConfig
 from ..diffusion import validation_loss
+from ..fsutil import atomic_dir
 from ..models.tokenizer import encode
 from ..pipeline import TextToImage
 from .setup import Components
@@ -96,4 +97,7 @@ class ScratchJob:
                                     seed=s.seed, negative_prompt=s.negative_prompt, guidance_rescale=s.guidance_rescale)
 
     def save_final(self, step: int) -> Path:
-        return self.pipeline().save(self.run_dir / "final", {"task": self.cfg.run.task, "step": step})
+        final = self.run_dir / "final"
+        with atomic_dir(final) as tmp:  # a killed save never leaves a mix of two steps' files
+            self.pipeline().save(tmp, {"task": self.cfg.run.task, "step": step})
+        return final

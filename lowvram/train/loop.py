@@ -21,9 +21,10 @@ from ..distributed import SINGLE, World, any_process, mean_over_processes, wait,
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..optim import FusedBackward, build_optimizer, optimizer_from_tensors, optimizer_to_tensors
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .events import Event
 from .jobs import Job
+from .signals import critical
 from .step import optimizer_step
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -151,6 +152,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.nonfinite_streak = 0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk that matches this state
         self.ckpt_dir = run_dir / "checkpoints"
 
     @property
@@ -197,6 +199,9 @@ class Trainer:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" not in tensors:
+            raise CheckpointError("checkpoint has no ema.safetensors but the run keeps an EMA",
+                                  "resume from another checkpoint (--from-checkpoint step-N)")
         saved = tensors["model"]
         missing = sorted(set(self.trainable_state()) - set(saved))
         if missing:
@@ -224,21 +229,37 @@ class Trainer:
         right after leaves a complete checkpoint that every process resumes from."""
         path = self.ckpt_dir / f"step-{self.step:08d}"
         if self.world.is_main:
-            tensors, meta = self.state()
-            path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
-            self.emit(Event("checkpoint", self.step, {"path": str(path)}))
+            with critical(self.stop):  # a second Ctrl-C lets this write finish
+                tensors, meta = self.state()
+                path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
+                self.emit(Event("checkpoint", self.step, {"path": str(path)}))
         if barrier:
             wait(self.world)
+        self.saved_step = self.step
         return path
 
-    def resume_latest(self) -> bool:
-        ckpt = latest_checkpoint(self.ckpt_dir)
+    def resume_latest(self, from_checkpoint: str | None = None) -> bool:
+        """Load the newest checkpoint (or the one named ``from_checkpoint``); False when there is none."""
+        ckpt = find_checkpoint(self.ckpt_dir, from_checkpoint) if from_checkpoint else latest_checkpoint(self.ckpt_dir)
         if ckpt is None:
             return False
         tensors, meta = load_checkpoint(ckpt)
-        self.load_state(tensors, meta)
+        try:
+            self.load_state(tensors, meta)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            raise CheckpointError(f"checkpoint '{ckpt}' does not fit this run: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}",
+                                  "resume with the run's own settings, or from another checkpoint "
+                                  "(--from-checkpoint step-N)") from None
+        self.saved_step = self.step
         self.emit(Event("resume", self.step, {"path": str(ckpt)}))
         return True
+
+    def stop_and_save(self) -> str:
+        """A requested stop at a step boundary: checkpoint this step (unless it is on disk already)."""
+        if self.saved_step != self.step:
+            self.save()
+        return "stopped"
 
     # ---- data ------------------------------------------------------------------------------
     def batch_indices(self) -> Iterator[list[int]]:
@@ -335,11 +356,12 @@ class Trainer:
         positions = self.batch_indices()
         self.emit(Event("start", self.step, {"total": r.steps}))
         window_start, window_steps = time.perf_counter(), 0
+        # A stop (Ctrl-C, SIGTERM, the panel's Stop) is honoured only at the top of the loop, between steps:
+        # the state saved is then one step's weights, EMA, optimizer, data position and RNG.
         try:
             while self.step < r.steps:
                 if any_process(self.world, self.stop()):  # all processes stop together, or none
-                    self.save()
-                    return "stopped"
+                    return self.stop_and_save()
                 loss = self.train_step(positions)
                 window_steps += 1
                 if not math.isfinite(loss):
@@ -377,9 +399,15 @@ class Trainer:
                 if window_steps == 0:  # it/s measures training only, not the val/sample/checkpoint pauses
                     window_start = time.perf_counter()
         except KeyboardInterrupt:
-            self.save(barrier=False)  # no collective: the other processes may be interrupted anywhere
+            # a hard stop inside a step (a second Ctrl-C): the state is mid-step, so nothing is saved and the
+            # newest checkpoint on disk stays the resume point
+            self.emit(Event("warning", self.step, {"message": "interrupted inside a step: nothing saved; newest "
+                                                          f"checkpoint {latest_checkpoint(self.ckpt_dir)}"}))
             raise
-        self.save()
+        if self.saved_step != self.step:
+            self.save()
+        if any_process(self.world, self.stop()):  # the last step is saved; resuming writes samples and model
+            return "stopped"
         if main:
             if self.job.has_validation and r.val_every and self.step % r.val_every:
                 self.emit(Event("val", self.step, {"val_loss": self.validate()}))

@@ -14,10 +14,17 @@ from typing import Any
 import torch
 
 from ..config import ConfigBuilder, RunConfig, load_yaml
-from ..distributed import World, check_zero, computed_once, main_first, training_device, world
+from ..distributed import World, check_zero, computed_once, main_first, training_device, wait, world
 from ..errors import CheckpointError, ConfigError
+from ..fsutil import sweep_leftovers
 from .autoencoder import encode_all, latent_scale, load_autoencoder, save_autoencoder, train_autoencoder
-from .checkpoint import latest_checkpoint
+from .checkpoint import (
+    check_checkpoint,
+    checkpoint_step,
+    find_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger
 from .jobs import ScratchJob
 from .loop import Trainer, shuffled_batches
@@ -102,7 +109,7 @@ def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None
         raise CheckpointError(f"'{run_dir}' is not a lowvram run folder (no {CONFIG_NAME})", "point --resume at a run's --out folder")
     b = ConfigBuilder().apply(load_yaml(path, "run config"), f"run config {path}")
     for key, value in (overrides or {}).items():
-        b.set(key, value, "flag")
+        b.set(key, value, f"{key} given with --resume")
     cfg = b.build()
     cfg.run.out = str(run_dir)
     return cfg
@@ -134,8 +141,10 @@ def train(
     stop: Callable[[], bool] | None = None,
     progress: bool = True,
     resume: bool = False,
+    from_checkpoint: str | None = None,
 ) -> RunResult:
-    """Run the job ``cfg`` describes; with ``resume`` continue its run folder's latest checkpoint.
+    """Run the job ``cfg`` describes; with ``resume`` continue its run folder's latest checkpoint (or
+    ``from_checkpoint``, an older one: the newer ones are set aside).
 
     Under ``accelerate launch`` / ``torchrun`` every process calls this; only the main one writes files."""
     resolve_defaults(cfg)
@@ -144,6 +153,12 @@ def train(
     w = world(cpu=device.type == "cpu")
     device = training_device(w, device)
     run_dir = prepare_run_dir(cfg, resume, write=w.is_main)
+    if w.is_main:
+        # what earlier processes left half-written (killed saves) only fills the disk
+        sweep_leftovers(run_dir, run_dir / "checkpoints")
+        if from_checkpoint:
+            set_aside_newer(run_dir / "checkpoints", from_checkpoint)
+    wait(w)
     if cfg.run.task in ("lora", "full"):
         from .finetune import train_finetune
 
@@ -182,7 +197,9 @@ def train(
         if (resume or not w.is_main) and tok_dir.is_dir():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+            from ..models.local import load_local
+
+            tokenizer = load_local(AutoTokenizer, tok_dir, weights=False)
         comps = build_components(cfg, train_data.all_captions or [], device, vae=vae, latent_scale=scale,
                                  tokenizer=tokenizer)
         if w.is_main and not tok_dir.is_dir():
@@ -224,7 +241,34 @@ def fit_autoencoder(cfg: RunConfig, run_dir: Path, data: ImageData, steps: int, 
     return vae, scale
 
 
-def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, **kw: Any) -> RunResult:
-    """Continue a run folder from its latest checkpoint (``overrides`` may extend ``run.steps``)."""
+def set_aside_newer(ckpt_dir: Path, name: str) -> list[Path]:
+    """Resuming from an older checkpoint: rename the newer ones ``step-N.abandoned`` (kept, but never
+    resumed from or pruned into the new line of checkpoints); returns the new names."""
+    chosen = checkpoint_step(find_checkpoint(ckpt_dir, name)) or 0
+    moved = []
+    for p in list_checkpoints(ckpt_dir):
+        if (checkpoint_step(p) or 0) > chosen:
+            target = p.with_name(p.name + ".abandoned")
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            p.rename(target)
+            moved.append(target)
+    if moved:
+        print(f"note: set aside {len(moved)} newer checkpoint(s) as {', '.join(m.name for m in moved)} "
+              "(delete them to free the space)")
+    return moved
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, from_checkpoint: str | None = None,
+           **kw: Any) -> RunResult:
+    """Continue a run folder from its latest checkpoint, or the older one ``from_checkpoint``
+    (``overrides`` may extend ``run.steps``)."""
     cfg = load_run_config(run_dir, overrides)
-    return train(cfg, resume=True, **kw)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    # refuse an unknown name or a damaged checkpoint before any work (and before anything is written)
+    ckpt = find_checkpoint(ckpt_dir, from_checkpoint) if from_checkpoint else latest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        check_checkpoint(ckpt, ema=cfg.train.ema_decay > 0)
+    return train(cfg, resume=True, from_checkpoint=from_checkpoint, **kw)
