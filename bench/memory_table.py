@@ -46,7 +46,8 @@ def row(wid: str) -> dict:
     bound = lower_bound(wl, lean, card)
     return {"workload": wid, "card": CARDS[wid], "ours_bytes": lean.peak_bytes, "bound_bytes": bound.total_bytes,
             "all_off_bytes": off.peak_bytes, "today_bytes": today.peak_bytes, "ours_knobs": lean.knobs,
-            "ours_by_category": lean.by_category, "bound_terms": bound.terms, "notes": lean.notes,
+            "ours_by_category": lean.by_category, "ours_host_bytes": lean.host_bytes, "ours_bus_bytes": lean.bus_bytes,
+            "bound_terms": bound.terms, "notes": lean.notes,
             "seconds": round(time.perf_counter() - t, 1)}
 
 
@@ -62,15 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'':4}{'card':<13}{'ours':>8}{'bound':>8}{'all off':>9}{'today':>8}   (GiB of tensors at the peak)")
+    print(f"{'':4}{'card':<13}{'ours':>8}{'bound':>8}{'all off':>9}{'today':>8}{'ours host':>11}"
+          "   (GiB of tensors at the peak; host: RAM the leanest plan keeps)")
     for r in rows:
         print(f"{r['workload']:<4}{r['card']:<13}{r['ours_bytes'] / GIB:>8.2f}{r['bound_bytes'] / GIB:>8.2f}"
-              f"{r['all_off_bytes'] / GIB:>9.2f}{r['today_bytes'] / GIB:>8.2f}")
+              f"{r['all_off_bytes'] / GIB:>9.2f}{r['today_bytes'] / GIB:>8.2f}"
+              f"{sum(r['ours_host_bytes'].values()) / GIB:>11.2f}")
     for r in rows:
         k = r["ours_knobs"]
         on = [f"{key}={k[key]}" for key in ("precision", "frozen_dtype", "trainable_dtype", "optimizer", "attention",
                                             "attention_chunk", "batch_size", "grad_accum", "gradient_checkpointing",
-                                            "fused_backward", "ema_on_cpu")]
+                                            "fused_backward", "ema_on_cpu", "stream_blocks")]
         print(f"{r['workload']} ours: " + ", ".join(on))
     return 0
 

@@ -56,6 +56,7 @@ def resolve_config(args: argparse.Namespace, check_paths: bool = True) -> tuple[
         "run.seed": getattr(args, "seed", None),
         "run.device": getattr(args, "device", None),
         "memory.vram_gib": getattr(args, "vram", None),
+        "memory.ram_gib": getattr(args, "ram", None),
         "model.tokenizer": getattr(args, "tokenizer", None),
     }
     model = getattr(args, "model", None)
@@ -130,6 +131,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=field_help("run.seed"))
     p.add_argument("--device", help=field_help("run.device"))
     p.add_argument("--vram", type=float, help=field_help("memory.vram_gib"))
+    p.add_argument("--ram", type=float, help=field_help("memory.ram_gib"))
     p.add_argument("--allow-pickle", action="store_true", help=field_help("model.allow_pickle"))
     p.add_argument("--tokenizer", help=field_help("model.tokenizer"))
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -320,7 +322,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     check_profile_args(args)
 
-    print(profile_command(args.preset, args.workload, args.vram, args.json, args.update_presets))
+    print(profile_command(args.preset, args.workload, args.vram, args.json, args.update_presets, ram_gib=args.ram))
     return 0
 
 
@@ -411,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", action="append", choices=("W1", "W2", "W3", "W4"),
                    help="Standard workload (repeatable; default: all four).")
     p.add_argument("--vram", type=float, help="Card memory in GiB (instead of a preset's).")
+    p.add_argument("--ram", type=float, help="Host RAM in GiB to check plans against (default: this machine's).")
     p.add_argument("--json", action="store_true", help="Print JSON: peak_bytes, budget_bytes, fits, lower_bound_bytes, ...")
     p.add_argument("--update-presets", action="store_true",
                    help="Re-profile W1-W4 with each preset's knobs and write its memory_profile table.")

@@ -191,7 +191,12 @@ class MemorySection:
         "needs lowvram[deepspeed] and a CUDA GPU; profiled, not trained yet)."
     )
     offload_optimizer: bool = _f(False, "With zero_stage 2: keep the optimizer state in host memory (DeepSpeed ZeRO-Offload).")
+    stream_blocks: float = _f(
+        0.0, "Fraction (0-1) of the frozen UNet block weights kept in host RAM and copied to the card one block "
+        "ahead of use (LoRA only; costs bus time every step; 0 = off, the planner turns it on when nothing else fits)."
+    )
     vram_gib: float | None = _f(None, "Memory budget in GiB (default: the preset's card).")
+    ram_gib: float | None = _f(None, "Host RAM in GiB the plan is checked against (default: this machine's).")
     force: bool = _f(False, "Train even when the plan does not fit the budget.")
 
 
@@ -499,6 +504,10 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
         bad("model.pretrained", None, f"a local checkpoint path for task '{cfg.run.task}' (--model PATH)")
     if cfg.memory.vram_gib is not None and cfg.memory.vram_gib <= 0:
         bad("memory.vram_gib", cfg.memory.vram_gib, "a positive number of GiB")
+    if not 0.0 <= cfg.memory.stream_blocks <= 1.0:
+        bad("memory.stream_blocks", cfg.memory.stream_blocks, "a fraction from 0 (off) to 1 (every block)")
+    if cfg.memory.ram_gib is not None and cfg.memory.ram_gib <= 0:
+        bad("memory.ram_gib", cfg.memory.ram_gib, "a positive number of GiB")
     if cfg.memory.zero_stage not in (0, 2):
         bad("memory.zero_stage", cfg.memory.zero_stage, "0 (off) or 2 (ZeRO-2)")
     if cfg.memory.offload_optimizer and cfg.memory.zero_stage != 2:

@@ -205,6 +205,19 @@ def test_crashed_lora_run_resumes_bitwise(world, trained, capsys):
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_streamed_lora_run_equals_the_resident_run(world, trained, capsys):
+    """Frozen UNet blocks streamed from host memory (with checkpointing): the same LoRA, bit for bit, and the
+    same preview (drawn through the streaming hooks too)."""
+    resident, streamed = trained("sd1", "folder"), world["tmp"] / "run-streamed"
+    argv = flags(world, world["models"]["sd1"]["folder"], streamed, "memory.stream_blocks=1",
+                 "train.gradient_checkpointing=true")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "streaming" in capsys.readouterr().out
+    a, b = load_file(str(resident / RUN_LORA_FILE)), load_file(str(streamed / RUN_LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert np.array_equal(preview_cell(resident, 1), preview_cell(streamed, 1))
+
+
 def test_v_prediction_comes_from_the_checkpoint_not_the_config_default(tmp_path):
     from lowvram.config import RunConfig
     from lowvram.train.finetune import load_base

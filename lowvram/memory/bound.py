@@ -1,6 +1,7 @@
 """The lower bound: the least memory any plan could train a workload in (definition in docs/memory.md).
 
-    bound = frozen weights at 1 byte/param (fp8)
+    bound = frozen weights at 1 byte/param (fp8); for a LoRA only those outside streamable blocks plus
+            the largest block (the other blocks can stream from host RAM)
           + trainable weights at 2 bytes (bf16, if the card has bf16) else 4
           + one gradient: the largest trainable tensor (fused backward frees each as it arrives)
           + the smallest optimizer state per tensor (factored Adafactor or 8-bit, whichever is less)
@@ -15,7 +16,7 @@ from typing import Any
 from .profiler import MemoryProfile
 from .workloads import Knobs, Workload, build
 
-STATIC = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "ema")
+STATIC = ("frozen_weights", "streamed_weights", "trainable_weights", "gradients", "optimizer_state", "ema")
 
 
 def _state_bytes_min(shape: tuple[int, ...]) -> int:
@@ -50,6 +51,11 @@ def lower_bound(workload: Workload, leanest: MemoryProfile, card: Any = None) ->
     trainable = built.trainable
     ids = {id(p) for p in trainable}
     frozen = sum(p.numel() for p in built.unet.parameters() if id(p) not in ids)
+    if workload.mode == "lora":  # every block can stream: one on the card at a time
+        from ..streaming import stream_units
+
+        blocks = [sum(p.numel() for p in m.parameters() if id(p) not in ids) for _, m in stream_units(built.unet)]
+        frozen -= sum(blocks) - max(blocks, default=0)
     train_bytes = 2 if getattr(card, "bf16", False) else 4
     largest = max((p.numel() for p in trainable), default=0)
     terms = {

@@ -13,7 +13,10 @@ from typing import Any
 
 from ..errors import MemoryPlanError
 from .profiler import GIB, MemoryProfile, card_budget, profile_step
+from .streaming import check_host, streamable_bytes
 from .workloads import Knobs, Workload, fp16_compute_safe
+
+STREAM_STEPS = (0.25, 0.5, 0.75, 1.0)  # fractions of the frozen block bytes the planner tries
 
 
 @dataclass
@@ -113,6 +116,14 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
     if not k.zero_stage and not k.fused_backward and zero_usable(card):
         k = k.with_(zero_stage=2, offload_optimizer=True)
         yield f"DeepSpeed ZeRO-2, optimizer state offloaded to host memory ({k.processes} process(es))", k
+    # Streaming the frozen blocks from host RAM costs bus time on every step (twice the streamed bytes
+    # with checkpointing): last, a quarter of the block bytes at a time. LoRA only: the rest trains.
+    # Not on the CPU, where the "card" is host RAM already.
+    if workload.mode == "lora" and getattr(card, "backend", "cuda") != "cpu":
+        for fraction in STREAM_STEPS:
+            if k.stream_blocks < fraction:
+                k = k.with_(stream_blocks=fraction)
+                yield f"stream {fraction:.0%} of the frozen block weights from host RAM", k
 
 
 def zero_usable(card: Any) -> bool:
@@ -127,13 +138,16 @@ def plan(
     card: Any = None,
     *,
     vram_gib: float | None = None,
+    ram_gib: float | None = None,
     start: Knobs | None = None,
     profile: Callable[..., MemoryProfile] = profile_step,
     log: Callable[[str], None] | None = None,
 ) -> Plan:
-    """The fastest plan for ``workload`` that fits the card's budget (or ``vram_gib``).
+    """The fastest plan for ``workload`` that fits the card's budget (or ``vram_gib``) and the host's RAM
+    (``ram_gib``, default: this machine's).
 
-    Raises MemoryPlanError saying how close the leanest plan came and what would make it fit.
+    Raises MemoryPlanError saying how close the leanest plan came and what would make it fit, or that
+    the plan that fits the card would exhaust host memory (no later knob gives RAM back).
     """
     _, _, _, budget = card_budget(card, vram_gib)
     knobs = start or baseline(workload, card)
@@ -142,8 +156,18 @@ def plan(
     if log:
         log(f"  start: {current.peak_bytes / GIB:.2f} GiB (budget {budget / GIB:.2f} GiB)" if budget else "")
     if budget is None or current.peak_bytes <= budget:
+        check_host(current, ram_gib, card)
         return Plan(knobs, current, steps)
+    unstreamed: MemoryProfile | None = None  # the last profile before streaming, and what each fraction moves
+    streamable: dict[float, int] = {}
     for name, cand in candidates(workload, card, knobs):
+        if cand.stream_blocks > knobs.stream_blocks:
+            if unstreamed is None:
+                unstreamed, streamable = current, streamable_bytes(workload, cand, STREAM_STEPS)
+            # streaming removes at most its host bytes from any instant of the step: skip what cannot fit
+            if unstreamed.peak_bytes - streamable.get(cand.stream_blocks, 0) > budget:
+                knobs = cand
+                continue
         knobs = cand
         nxt = profile(workload, knobs, card=card, vram_gib=vram_gib)
         steps.append(Step(name, current.peak_bytes, nxt.peak_bytes))
@@ -151,12 +175,15 @@ def plan(
             log(f"  + {name}: {nxt.peak_bytes / GIB:.2f} GiB (saved {(current.peak_bytes - nxt.peak_bytes) / GIB:+.2f})")
         current = nxt
         if current.peak_bytes <= budget:
+            check_host(current, ram_gib, card)
             return Plan(knobs, current, steps)
     short = current.peak_bytes - budget
+    unhelpful = (f"; streaming every frozen block would remove at most {max(streamable.values()) / GIB:.2f} GiB"
+                 if streamable and not current.knobs.get("stream_blocks") else "")
     raise MemoryPlanError(
         f"{workload.id} does not fit: the leanest plan needs {current.peak_bytes / GIB:.2f} GiB of tensors, "
         f"the budget is {budget / GIB:.2f} GiB (short by {short / GIB:.2f} GiB) after switching on: "
-        + ", ".join(s.knob for s in steps),
+        + ", ".join(s.knob for s in steps) + unhelpful,
         f"use a card with at least {(current.peak_bytes + current.context_bytes + current.margin_bytes) / GIB:.1f} GiB, "
         "or lower the resolution / LoRA rank / batch yourself (the planner never changes them); "
         "--set memory.force=true trains anyway at your own risk",

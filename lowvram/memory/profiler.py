@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .autocast import MetaAutocast
+from .streaming import parked_models, pinned, pinned_overhead, stream_note
 from .tracker import StorageTracker
 from .workloads import PRECISIONS, Built, Knobs, Workload, build
 
@@ -43,7 +44,9 @@ class MemoryProfile:
     budget_bytes: int | None = None  # vram - context - margin: what tensors may use
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    host_bytes: dict[str, int] = field(default_factory=dict)  # moved off the card (ZeRO offload): not in the peak
+    host_bytes: dict[str, int] = field(default_factory=dict)  # in host RAM (streamed, parked, offloaded): not in the peak
+    bus_bytes: int = 0  # host -> card copies of streamed weights per micro-batch (measured in the step)
+    resident_blocks: int = 0  # most streamed blocks on the card at one instant (the tracker's replay)
 
     @property
     def fits(self) -> bool | None:
@@ -213,12 +216,20 @@ def profile_step(
         notes += built.notes
         trainable = built.trainable
         trainable_ids = {id(p) for p in trainable}
+        streamer = built.streamer
+        on_host: set[int] = set()
+        if streamer is not None:  # its copies are the card's share of the streamed weights
+            streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit) for c in copies]
+            on_host = {id(t) for t in streamer.host_tensors()}
         for mod in [built.unet, *built.frozen_modules.values()] + (
                 [built.train_text_encoder] if built.train_text_encoder is not None else []):
             for p in mod.parameters():
                 tracker.register(p, "trainable_weights" if id(p) in trainable_ids else "frozen_weights")
             for b in mod.buffers():
                 tracker.register(b, "frozen_weights")
+            for t in [*mod.parameters(), *mod.buffers()]:
+                if id(t) in on_host:
+                    tracker.to_host(t)
         # Optimizer state exists before a steady-state step: create it with one zero-gradient step.
         # Per-tensor optimizers give every tensor of one shape the same state and the same temporaries,
         # so only one tensor per (shape, dtype) is stepped; the others get copies of its state.
@@ -274,9 +285,27 @@ def profile_step(
                 p.grad = None
 
         hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in trainable]
-        emulate = MetaAutocast(compute, autocast_device) if emulated else None
-        real = (torch.autocast(torch.device(device).type, dtype=compute)
-                if compute != torch.float32 and not meta else contextlib.nullcontext())
+        def autocast() -> contextlib.ExitStack:
+            """Autocast for one forward: real on CPU tensors, emulated on meta (a fresh cast cache each)."""
+            stack = contextlib.ExitStack()
+            if emulated:
+                stack.enter_context(MetaAutocast(compute, autocast_device))
+            elif compute != torch.float32 and not meta:
+                stack.enter_context(torch.autocast(torch.device(device).type, dtype=compute))
+            return stack
+
+        def step_loss() -> torch.Tensor:
+            if built.step_loss is not None:  # a family with its own objective (FLUX.1: flow matching)
+                return built.step_loss(built, inp)
+            x0, cond = _encode(built, inp, knobs)
+            return compute_loss(built.unet, x0, cond, alphas_cumprod=acp, prediction=built.prediction,
+                                unet_kwargs=built.unet_kwargs or None)
+
+        fetched = 0
+        if streamer is not None:  # profile the steady state: a forward teaches the streamer the blocks' order
+            with torch.no_grad(), autocast():
+                step_loss()
+            fetched = streamer.stats.fetched_bytes
         tracker.reset_peak()
         window = torch.profiler.record_function(STEP_RANGE)  # lets the fidelity check find the step
         window.__enter__()
@@ -284,14 +313,8 @@ def profile_step(
             tracker.phase = "forward"
             # Like the training loop: autocast around the forward only (checkpoint recomputation
             # re-enters it); the emulation's cast cache ends with it, as real autocast's does.
-            with emulate or contextlib.nullcontext(), real:
-                if built.step_loss is not None:  # a family with its own objective (FLUX.1: flow matching)
-                    loss = built.step_loss(built, inp)
-                else:
-                    x0, cond = _encode(built, inp, knobs)
-                    loss = compute_loss(built.unet, x0, cond, alphas_cumprod=acp, prediction=built.prediction,
-                                        unet_kwargs=built.unet_kwargs or None)
-                    del x0, cond
+            with autocast():
+                loss = step_loss()
             tracker.phase = "backward"
             loss.backward()
             del loss
@@ -308,11 +331,26 @@ def profile_step(
             for h in hooks:
                 h.remove()
         result = tracker.result()
+        resident = tracker.residency("streamed_weights")[0] if streamer is not None else 0
+    host: dict[str, int] = {}
+    bus = 0
+    if streamer is not None:
+        bus = streamer.stats.fetched_bytes - fetched
+        host["streamed_weights"] = streamer.host_bytes
+        if pinned(card):
+            host["pinned_rounding"] = pinned_overhead(streamer.host_tensors())
+        notes.append(stream_note(streamer, bus, knobs, card))
+        streamer.close()
+    parked, why = parked_models(workload, knobs)
+    if parked:
+        host["parked_models"] = parked
+    if why:
+        notes.append(why)
     if knobs.fused_backward:
         notes.append("fused backward: no global gradient clipping (each tensor steps as its gradient arrives)")
     if knobs.precision == "fp16":
         notes.append("fp16: GradScaler's scale factors are a few scalars, not counted")
-    peak, by_category, host = result.peak_bytes, result.by_category, {}
+    peak, by_category = result.peak_bytes, result.by_category
     if knobs.zero_stage:
         scale, note = zero_scale(knobs)
         peak, by_category = tracker.scaled_peak(scale)
@@ -320,7 +358,7 @@ def profile_step(
         if knobs.offload_optimizer:
             state = sum(t.untyped_storage().nbytes() for t in _state_tensors(optimizers)) + sum(
                 v.untyped_storage().nbytes() for st in copied_state for v in st.values() if isinstance(v, torch.Tensor))
-            host = {"optimizer_state": -(-state // max(1, knobs.processes))}
+            host["optimizer_state"] = -(-state // max(1, knobs.processes))
     elif knobs.processes > 1:
         notes.append(f"DDP over {knobs.processes} processes: each card holds all of the above (nothing is divided)")
     vram, context, margin, budget = card_budget(card, vram_gib)
@@ -337,4 +375,6 @@ def profile_step(
         seconds=time.perf_counter() - start,
         notes=notes,
         host_bytes=host,
+        bus_bytes=bus,
+        resident_blocks=resident,
     )

@@ -37,6 +37,7 @@ def knobs_from_config(cfg: Any, workload: Workload | None = None, card: Any = No
         cache_text=m.cache_text, offload_frozen=m.offload_frozen, ema_on_cpu=t.ema_on_cpu,
         fused_backward=m.fused_backward and accum == 1,
         zero_stage=getattr(m, "zero_stage", 0), offload_optimizer=getattr(m, "offload_optimizer", False),
+        stream_blocks=float(getattr(m, "stream_blocks", 0.0)),
     )
 
 
@@ -59,13 +60,16 @@ def _summary(p: MemoryProfile, bound: int | None = None) -> dict[str, Any]:
         "margin_bytes": p.margin_bytes,
         "peak_phase": p.peak_phase,
         "knobs": p.knobs,
+        "host_bytes": p.host_bytes,
+        "bus_bytes": p.bus_bytes,
         "notes": p.notes,
         "seconds": round(p.seconds, 2),
     }
 
 
 def profile_workload(workload: Workload, card: Any = None, vram_gib: float | None = None,
-                     knobs: Knobs | None = None, with_plan: bool = True) -> dict[str, Any]:
+                     knobs: Knobs | None = None, with_plan: bool = True,
+                     ram_gib: float | None = None) -> dict[str, Any]:
     """Plan (or profile ``knobs``) for one workload, with its lower bound; a JSON-ready dict."""
     lean_knobs = leanest(workload, card)
     lean = profile_step(workload, lean_knobs, card=card, vram_gib=vram_gib)
@@ -75,7 +79,7 @@ def profile_workload(workload: Workload, card: Any = None, vram_gib: float | Non
         prof = profile_step(workload, knobs, card=card, vram_gib=vram_gib)
     elif with_plan:
         try:
-            chosen: Plan = plan(workload, card, vram_gib=vram_gib)
+            chosen: Plan = plan(workload, card, vram_gib=vram_gib, ram_gib=ram_gib)
             prof = chosen.profile
             steps = [{"knob": s.knob, "peak_bytes": s.peak_after, "saved_bytes": s.saved} for s in chosen.steps]
         except MemoryPlanError as e:
@@ -90,7 +94,7 @@ def profile_workload(workload: Workload, card: Any = None, vram_gib: float | Non
 
 
 def profile_command(preset: str | None = None, workloads: list[str] | None = None, vram_gib: float | None = None,
-                    as_json: bool = False, update_presets: bool = False) -> str:
+                    as_json: bool = False, update_presets: bool = False, ram_gib: float | None = None) -> str:
     """What ``lowvram profile`` prints: a table (or one JSON object per workload) for a card."""
     from ..presets import list_presets, load_preset
 
@@ -102,7 +106,7 @@ def profile_command(preset: str | None = None, workloads: list[str] | None = Non
     if card is None and vram_gib is None:
         raise ConfigError("lowvram profile needs a card to plan against", "give --preset NAME or --vram GiB")
     ids = workloads or list(WORKLOADS)
-    rows = [profile_workload(get_workload(w), card, vram_gib) for w in ids]
+    rows = [profile_workload(get_workload(w), card, vram_gib, ram_gib=ram_gib) for w in ids]
     if as_json:
         return json.dumps(rows[0] if len(rows) == 1 else rows, indent=2)
     return format_rows(rows)
@@ -110,12 +114,13 @@ def profile_command(preset: str | None = None, workloads: list[str] | None = Non
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A people table: peak, lower bound, budget, verdict per workload, then the knobs switched on."""
-    out = [f"{'workload':<9}{'peak GiB':>10}{'bound GiB':>11}{'budget GiB':>12}  verdict"]
+    out = [f"{'workload':<9}{'peak GiB':>10}{'bound GiB':>11}{'budget GiB':>12}{'host GiB':>10}  verdict"]
     for r in rows:
         budget = f"{r['budget_bytes'] / GIB:.2f}" if r["budget_bytes"] else "-"
         verdict = "fits" if r["fits"] else "does not fit" if r["fits"] is False else "-"
+        host = sum(r.get("host_bytes", {}).values()) / GIB
         out.append(f"{r['workload']:<9}{r['peak_bytes'] / GIB:>10.2f}{r['lower_bound_bytes'] / GIB:>11.2f}"
-                   f"{budget:>12}  {verdict}")
+                   f"{budget:>12}{host:>10.2f}  {verdict}")
     for r in rows:
         if r["plan_steps"]:
             out.append(f"{r['workload']} plan:")

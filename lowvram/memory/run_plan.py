@@ -15,6 +15,7 @@ from ..errors import MemoryPlanError
 from .planner import Plan, plan
 from .profiler import GIB, MemoryProfile, profile_step
 from .report import knobs_from_config
+from .streaming import check_host
 from .workloads import Workload
 
 # models/pretrained.py names families by checkpoint; the profiler by published architecture
@@ -114,8 +115,9 @@ def plan_run(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan
         notes.append(f"prior preservation: each micro-batch of {knobs.batch_size} instance image(s) also carries "
                      f"as many class images (profiled at micro-batch {prof.knobs.get('batch_size')})")
     if prof.fits is not False:
+        check_host(prof, cfg.memory.ram_gib, card)
         return RunPlan(prof, notes=notes)
-    chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, start=knobs, profile=profile)
+    chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, ram_gib=cfg.memory.ram_gib, start=knobs, profile=profile)
     # knobs the profiler models but the trainer refuses: a plan that needs one cannot train
     untrained = [name for name, needed in (
         ("DeepSpeed ZeRO-2", chosen.knobs.zero_stage and not cfg.memory.zero_stage),

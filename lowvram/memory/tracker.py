@@ -17,6 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 CATEGORIES = (
     "frozen_weights",
+    "streamed_weights",  # device copies of frozen weights that live in host memory (lowvram.streaming)
     "trainable_weights",
     "gradients",
     "optimizer_state",
@@ -47,6 +48,8 @@ _NONZERO = torch.ops.aten.nonzero.default
 class _Record:
     nbytes: int
     label: str  # a category, or the phase ("forward", "backward", "optimizer") it was born in
+    group: int | None = None  # e.g. the streamed block a copy belongs to
+    host: bool = False  # lives in host memory: not counted on the device
 
 
 @dataclass
@@ -81,6 +84,7 @@ class StorageTracker(TorchDispatchMode):
         self._peak_phase = "setup"
         self._reset_event = -1
         self.phase = "setup"
+        self.host_bytes = 0
 
     # --- recording -------------------------------------------------------------------------------
     def _add(self, storage: torch.UntypedStorage, label: str) -> int | None:
@@ -101,7 +105,7 @@ class StorageTracker(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         rec = self._records.get(key)
-        if rec is None:
+        if rec is None or rec.host:
             return
         self.live -= rec.nbytes
         self._events.append((-key, self.live))
@@ -112,13 +116,28 @@ class StorageTracker(TorchDispatchMode):
             key = self._add(tensor.untyped_storage(), label)
             self._records[key].label = label
 
-    def mark(self, tensor: torch.Tensor, label: str) -> None:
-        """Re-label a tracked tensor's storage (e.g. an op output that became a ``.grad``)."""
+    def mark(self, tensor: torch.Tensor, label: str, group: int | None = None) -> None:
+        """Re-label a tracked tensor's storage (e.g. an op output that became a ``.grad``); ``group``
+        ties it to a unit (a streamed block) for ``residency``."""
         key = self._seen.get(tensor.untyped_storage())
         if key is None:
             self.register(tensor, label)
-        else:
-            self._records[key].label = label
+            key = self._seen.get(tensor.untyped_storage())
+        self._records[key].label = label
+        self._records[key].group = group
+
+    def to_host(self, tensor: torch.Tensor) -> None:
+        """Count a tracked tensor as host memory from now on (a streamed block's weights): off the device."""
+        key = self._seen.get(tensor.untyped_storage())
+        if key is None:
+            key = self._add(tensor.untyped_storage(), "frozen_weights")
+        rec = self._records[key]
+        if rec.host:
+            return
+        rec.host = True
+        self.host_bytes += rec.nbytes
+        self.live -= rec.nbytes
+        self._events.append((-key, self.live))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -166,6 +185,29 @@ class StorageTracker(TorchDispatchMode):
             rec = self._records[key]
             by_cat[category_of(rec.label, relabel)] += rec.nbytes
         return TrackerResult(self.peak, by_cat, self._peak_phase, self.live, storages=len(self._records))
+
+    def residency(self, label: str) -> tuple[int, int]:
+        """(most groups, most bytes) of storages labelled ``label`` alive at one instant since
+        ``reset_peak``, replayed from the log: e.g. how many streamed blocks were ever on the device."""
+        live: set[int] = set()
+        per_group: dict[int | None, int] = {}
+        nbytes = most_groups = most_bytes = 0
+        for i, (key, _running) in enumerate(self._events):
+            rec = self._records[abs(key)]
+            if rec.label == label:
+                if key > 0 and key not in live:
+                    live.add(key)
+                    per_group[rec.group] = per_group.get(rec.group, 0) + 1
+                    nbytes += rec.nbytes
+                elif key < 0 and -key in live:
+                    live.discard(-key)
+                    per_group[rec.group] -= 1
+                    if not per_group[rec.group]:
+                        del per_group[rec.group]
+                    nbytes -= rec.nbytes
+            if i >= self._reset_event:
+                most_groups, most_bytes = max(most_groups, len(per_group)), max(most_bytes, nbytes)
+        return most_groups, most_bytes
 
     def scaled_peak(self, scale: dict[str, float]) -> tuple[int, dict[str, int]]:
         """Replay the log with the bytes of some categories scaled (e.g. gradients x 1/N when ZeRO

@@ -95,6 +95,7 @@ class Knobs:
     processes: int = 1  # data-parallel processes (one card each): not a memory setting, but ZeRO divides by it
     zero_stage: int = 0  # DeepSpeed ZeRO: 0 off, 2 = optimizer state and gradients partitioned over processes
     offload_optimizer: bool = False  # ZeRO-2's optimizer state in host memory (ZeRO-Offload)
+    stream_blocks: float = 0.0  # fraction of the frozen block bytes kept in host RAM and streamed (0 = off)
 
     def with_(self, **changes: Any) -> Knobs:
         return dataclasses.replace(self, **changes)
@@ -109,6 +110,8 @@ class Knobs:
             memory["trainable_dtype"] = self.trainable_dtype
         if self.zero_stage:
             memory.update(zero_stage=self.zero_stage, offload_optimizer=self.offload_optimizer)
+        if self.stream_blocks:
+            memory["stream_blocks"] = self.stream_blocks
         return {"train": train, "memory": memory}
 
 
@@ -127,6 +130,7 @@ class Built:
     notes: list[str] = field(default_factory=list)
     # the family's own loss of one step, (built, inputs) -> loss; None: the UNet diffusion loss (train/step.py)
     step_loss: Callable[[Built, dict[str, torch.Tensor]], torch.Tensor] | None = None
+    streamer: Any = None  # a lowvram.streaming.BlockStreamer when knobs.stream_blocks > 0
 
 
 def attach_lora(unet: nn.Module, rank: int, targets: tuple[str, ...], adapter: str = "lora") -> list[nn.Parameter]:
@@ -247,4 +251,13 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
     for m in frozen.values():
         if hasattr(m, "set_attn_processor"):
             set_attention(m, kernel, knobs.attention_chunk)
-    return Built(unet, trainable, frozen, te_trained, latent, text, unet_kwargs, prediction, notes, step_loss)
+    built = Built(unet, trainable, frozen, te_trained, latent, text, unet_kwargs, prediction, notes, step_loss)
+    if knobs.stream_blocks:
+        if workload.mode != "lora":
+            raise ConfigError("memory.stream_blocks streams frozen weights, and a full or from-scratch job trains "
+                              "every weight", "use memory.stream_blocks=0, or a LoRA")
+        from ..streaming import stream_frozen_blocks
+
+        # last, as in training: the blocks' frozen tensors are final (LoRA attached, storage dtype set)
+        built.streamer = stream_frozen_blocks(unet, device, knobs.stream_blocks, pin=False)
+    return built

@@ -570,8 +570,25 @@ def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str
         comps.unet.requires_grad_(True)
     comps.unet.train()
     notes.append(f"attention: {install_attention([comps.unet], cfg, device)}")
-    comps.unet.to(device)
+    if cfg.memory.stream_blocks:
+        notes.append(stream_unet(comps.unet, cfg, device))
+    else:
+        comps.unet.to(device)
     return notes
+
+
+def stream_unet(unet: nn.Module, cfg: RunConfig, device: torch.device) -> str:
+    """Keep ``memory.stream_blocks`` of the frozen UNet block weights in host RAM, streamed per block;
+    the rest of the UNet (adapters included) goes to ``device``. Returns a note for the log."""
+    from ..streaming import stream_frozen_blocks
+
+    if cfg.run.task != "lora":
+        raise ConfigError("memory.stream_blocks streams frozen weights, and a full fine-tune trains them all",
+                          "use --set memory.stream_blocks=0, or --task lora")
+    streamer = stream_frozen_blocks(unet, device, cfg.memory.stream_blocks)
+    where = "pinned host RAM" if streamer.pinned else "host RAM"
+    return (f"streaming {len(streamer.units)} UNet blocks from {where} "
+            f"({streamer.host_bytes / 2**30:.2f} GiB, {cfg.memory.stream_blocks:.0%} of the block weights)")
 
 
 def default_prompts(ds: Any, n: int = 4) -> list[str]:
@@ -590,6 +607,9 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     from .run import RunResult
 
     world = world or SINGLE
+    if cfg.memory.stream_blocks and world.distributed:
+        raise ConfigError("memory.stream_blocks is not supported with several processes yet (DDP would see "
+                          "UNet tensors in host memory)", "train in one process, or use --set memory.stream_blocks=0")
 
     if cfg.data.source == "builtin":
         raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
