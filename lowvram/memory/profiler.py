@@ -373,7 +373,7 @@ def profile_step(
         vram_bytes=vram,
         budget_bytes=budget,
         seconds=time.perf_counter() - start,
-        notes=notes,
+        notes=list(dict.fromkeys(notes)),  # per-tensor optimizers (fused backward) repeat theirs
         host_bytes=host,
         bus_bytes=bus,
         resident_blocks=resident,
