@@ -17,7 +17,7 @@ from ..models.flux_lora_keys import lora_target_names
 from ..models.pretrained import CONFIGS_DIR
 
 
-def _vae(variant: str, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+def build_vae(variant: str, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     from diffusers import AutoencoderKL
 
     cfg = dict(AutoencoderKL.load_config(CONFIGS_DIR / variant / "vae"))
@@ -58,7 +58,7 @@ def build_flux(workload: Any, knobs: Any, device: str | torch.device, helper_dty
     model = flux.build_transformer(variant, device, workload.unet_overrides)
     frozen: dict[str, nn.Module] = {}
     if not (knobs.cache_latents and knobs.offload_frozen):
-        frozen["vae"] = _vae(variant, device, helper_dtype)
+        frozen["vae"] = build_vae(variant, device, helper_dtype)
     if not (knobs.cache_text and knobs.offload_frozen):
         frozen.update(_text_encoders(variant, device, helper_dtype))
     side = workload.resolution // 8  # FLUX.1's VAE: 8x down, 16 channels

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import MemoryPlanError
-from .workloads import PRECISIONS, Knobs, Workload
+from .workloads import FLUX_MODELS, PRECISIONS, Knobs, Workload
 
 GIB = 2**30
 # Practical host->device copy speed from pinned memory, GB/s: PCIe 3.0 x16 moves ~12 of its nominal 15.8.
@@ -80,7 +80,11 @@ def _module_bytes(model: str, part: str, dtype: torch.dtype) -> int:
     """Parameter bytes of a family's VAE or text encoders in ``dtype`` (built once on meta)."""
     from ..models import scratch, sd_configs
 
-    if model in sd_configs.SD_FAMILIES:
+    if model in FLUX_MODELS:  # the VAE stays for previews; CLIP-L and T5 are dropped once their outputs are cached
+        from .flux_workload import build_vae
+
+        mods = [build_vae(model, "meta", dtype)] if part == "vae" else []
+    elif model in sd_configs.SD_FAMILIES:
         fam = sd_configs.get_family(model)
         mods = [sd_configs.build_sd_vae(fam, "meta", dtype)] if part == "vae" else \
             sd_configs.build_sd_text_encoders(fam, "meta", dtype)
@@ -103,7 +107,7 @@ def parked_models(workload: Workload, knobs: Knobs) -> tuple[int, str | None]:
     if not parts:
         return 0, None
     fam = sd_configs.SD_FAMILIES.get(workload.model)
-    if fam is not None and not _published(workload, fam):
+    if (fam is not None and not _published(workload, fam)) or (workload.model in FLUX_MODELS and workload.unet_overrides):
         return 0, "host RAM of the parked VAE/text encoders not counted (not a published architecture)"
     compute = PRECISIONS[knobs.precision]
     total = 0
