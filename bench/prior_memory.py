@@ -1,7 +1,7 @@
 """Prior preservation's memory cost: W1 (SD 1.5 LoRA r16, 512²) at micro-batch 1 vs 2 with each preset's knobs.
 
-A prior-preservation micro-batch holds one class image per instance image, so it is profiled at twice the
-micro-batch (lowvram/memory/run_plan.py prior_factor). Tensors only, on the meta device (~10 s per preset).
+A prior-preservation micro-batch holds one class image per instance image: the profiler runs the step on
+twice the micro-batch (Workload.prior). Tensors only, on the meta device (~10 s per preset).
 Run: PYTHONPATH=. python bench/prior_memory.py [preset ...]
 """
 
@@ -11,7 +11,7 @@ import sys
 
 from lowvram.config import ConfigBuilder
 from lowvram.memory.profiler import GIB, profile_step
-from lowvram.memory.report import knobs_from_config
+from lowvram.memory.run_plan import knobs_from_config
 from lowvram.memory.workloads import WORKLOADS
 from lowvram.presets import load_preset
 
@@ -25,7 +25,7 @@ def main(presets: list[str]) -> None:
         cfg = (ConfigBuilder().apply(p.config, name).set("run.task", "lora", "bench")
                .set("model.pretrained", "bench", "bench").build())
         k = knobs_from_config(cfg, wl, p.card).with_(grad_accum=1, fused_backward=False)
-        one, two = (profile_step(wl, k.with_(batch_size=b), card=p.card) for b in (1, 2))
+        one, two = (profile_step(wl.with_(prior=prior), k.with_(batch_size=1), card=p.card) for prior in (False, True))
         print(f"| {name} | {one.budget_bytes / GIB:.2f} | {one.peak_bytes / GIB:.2f} | {two.peak_bytes / GIB:.2f} | "
               f"{two.fits} |")
 

@@ -35,7 +35,7 @@ def resolve_attention(kind: str, card: Any = None) -> str:
     ``card`` is a preset's ``card`` mapping or a ``HardwareInfo``; it needs ``flash_attention`` (and
     ``xformers`` if that is asked for). Without a card, ``auto`` means chunked: it is safe everywhere.
     """
-    if kind not in ("auto", "fused_memory", *KINDS):
+    if kind not in ("auto", "fused_memory", "fused_memory_cpu", *KINDS):
         raise ConfigError(f"memory.attention = {kind!r} is not a known kernel", f"use one of auto, {', '.join(KINDS)}")
     if kind != "auto":
         return kind
@@ -167,10 +167,14 @@ class _FusedAttentionMemory(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v):  # noqa: D102
+    def forward(ctx, q, k, v, cpu_threads):  # noqa: D102
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        if cpu_threads:
+            scratch = _cpu_flash_scratch(q, k, cpu_threads, backward=False)
+            del scratch
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cpu_threads = cpu_threads
         return out
 
     @staticmethod
@@ -178,12 +182,30 @@ class _FusedAttentionMemory(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         delta = torch.empty_like(lse)  # rowsum(dO ∘ O), fp32, as the kernels keep it
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if ctx.cpu_threads:
+            scratch = _cpu_flash_scratch(q, k, ctx.cpu_threads, backward=True)
+            del scratch
         del delta
-        return dq, dk, dv
+        return dq, dk, dv, None
+
+
+def _cpu_flash_scratch(q: torch.Tensor, k: torch.Tensor, threads: int, backward: bool) -> torch.Tensor:
+    """The per-thread fp32 buffer of torch's CPU flash attention (aten/src/ATen/native/cpu/
+    FlashAttentionKernel.cpp): query blocks of 32/64/256 rows by key blocks of 512."""
+    q_len, kv_len, head = q.shape[-2], k.shape[-2], q.shape[-1]
+    q_split = min(q_len, 256 if q_len >= 768 else 64 if q_len >= 192 else 32)
+    kv_split = min(kv_len, 512)
+    per_thread = 2 * q_split * kv_split if backward else q_split * kv_split + 2 * q_split + q_split * head
+    return torch.empty((threads, per_thread), dtype=torch.float32, device=q.device)
 
 
 class FusedAttentionMemoryProcessor:
-    """diffusers processor for profiling a flash-capable target on ``meta``: O(N) attention memory."""
+    """diffusers processor for profiling a flash-capable target on ``meta``: O(N) attention memory.
+
+    ``cpu_threads`` > 0: the target is the CPU, whose flash kernel also takes a scratch buffer per thread."""
+
+    def __init__(self, cpu_threads: int = 0) -> None:
+        self.cpu_threads = cpu_threads
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -208,7 +230,7 @@ class FusedAttentionMemoryProcessor:
         query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-        hidden_states = _FusedAttentionMemory.apply(query, key, value)
+        hidden_states = _FusedAttentionMemory.apply(query, key, value, self.cpu_threads)
         hidden_states = hidden_states.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -298,6 +320,8 @@ def make_processor(kind: str, chunk: int = 1024) -> Any:
         return ChunkedAttnProcessor(chunk)
     if kind == "fused_memory":
         return FusedAttentionMemoryProcessor()
+    if kind == "fused_memory_cpu":
+        return FusedAttentionMemoryProcessor(cpu_threads=torch.get_num_threads())
     if kind == "xformers":
         if not xformers_available():
             raise HardwareError(

@@ -10,9 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import MODEL_SIZES, TASKS, ConfigBuilder, RunConfig, field_help, load_yaml
+from .config import MODEL_SIZES, TASKS, RunConfig, field_help
 from .errors import ConfigError, LowvramError
 from .runtime_env import offline_and_quiet
+
+PLAN_FILE_MARK = "# ==> "  # lowvram plan: the line before each file it prints
 
 
 class UsageError(ConfigError):
@@ -27,27 +29,10 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---- config resolution: preset → --config → flags → --set ---------------------------------------
-def _preset_layer(name: str | None, builder: ConfigBuilder) -> tuple[Any, str | None]:
-    """Apply the named preset (or the one recommended for this machine); return it and a warning."""
-    from .hardware import probe, recommend_preset, warn_if_preset_mismatch
-    from .presets import load_preset
+def settings_of(args: argparse.Namespace) -> list[Any]:
+    """The flags and ``--set`` items of a command, in order, each naming itself as the source."""
+    from .api import Setting, parse_set
 
-    info = probe()
-    preset = load_preset(name or recommend_preset(info))
-    builder.apply(preset.config, preset.source)
-    return preset, warn_if_preset_mismatch(preset, info)
-
-
-def resolve_config(args: argparse.Namespace, check_paths: bool = True) -> tuple[RunConfig, Any, str | None]:
-    """Build the RunConfig from the layers, each remembered as the source of its values; with
-    ``check_paths`` its inputs must exist and its run folder be writable (nothing is written here)."""
-    from .validate import check_config_flags, check_config_paths
-
-    check_config_flags(args)
-    b = ConfigBuilder()
-    preset, warning = _preset_layer(getattr(args, "preset", None), b)
-    if getattr(args, "config", None):
-        b.apply(load_yaml(args.config), f"config file {args.config}")
     flags = {
         "data.source": getattr(args, "data", None),
         "run.task": getattr(args, "task", None),
@@ -68,18 +53,36 @@ def resolve_config(args: argparse.Namespace, check_paths: bool = True) -> tuple[
         flags["model.allow_pickle"] = True
     names = {"model.size": "--model", "model.pretrained": "--model", "memory.vram_gib": "--vram",
              "data.source": "--data", "memory.force": "--force", "model.allow_pickle": "--allow-pickle"}
-    for key, value in flags.items():
-        if value is not None:
-            b.set(key, value, names.get(key, "--" + key.split(".")[1].replace("_", "-")))
-    for item in getattr(args, "set", None) or []:
-        if "=" not in item:
-            raise LowvramError(f"--set '{item}' must be written section.key=value", "e.g. --set train.lr=1e-4")
-        key, value = item.split("=", 1)
-        b.set(key.strip(), value.strip(), f"--set {item}")
-    cfg = b.build()
+    out = [Setting(key, value, names.get(key, "--" + key.split(".")[1].replace("_", "-")))
+           for key, value in flags.items() if value is not None]
+    return out + [parse_set(item) for item in getattr(args, "set", None) or []]
+
+
+def resolve_run(args: argparse.Namespace, check_paths: bool = True) -> Any:
+    """The front door's ``resolve`` for a command's --preset, --config, flags and --set; with
+    ``check_paths`` its inputs must exist and its run folder be writable (nothing is written here)."""
+    from .api import resolve
+    from .validate import check_config_flags, check_config_paths
+
+    check_config_flags(args)
+    run = resolve(getattr(args, "preset", None), config_file=getattr(args, "config", None), settings=settings_of(args))
     if check_paths:
-        check_config_paths(cfg, b.source_of)
-    return cfg, preset, warning
+        check_config_paths(run.config, lambda key: run.sources.get(key, "default"))
+    return run
+
+
+def resolve_run_with(args: argparse.Namespace, extra: list[Any]) -> RunConfig:
+    """The command's config with ``extra`` settings after its own (what a command itself decides)."""
+    from .api import resolve
+
+    return resolve(getattr(args, "preset", None), config_file=getattr(args, "config", None),
+                   settings=settings_of(args) + extra).config
+
+
+def resolve_config(args: argparse.Namespace, check_paths: bool = True) -> tuple[RunConfig, Any, str | None]:
+    """Build the RunConfig from the layers, each remembered as the source of its values."""
+    run = resolve_run(args, check_paths)
+    return run.config, run.preset, run.warning
 
 
 # flags that name a new run's inputs: a resumed run keeps its own (config.yaml in the run folder)
@@ -160,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_config_flags(args)
         # this process only launches the N training processes and passes on their exit code
         return relaunch(args.processes, args.argv, cpu=args.device == "cpu" or not torch.cuda.is_available())
-    from .train.run import resume, train
+    from .api import resume
 
     main_process = launched_as_main()
     if not main_process:
@@ -176,17 +179,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = resume(args.resume, overrides, progress=not args.no_progress, stop=graceful,
                             from_checkpoint=args.from_checkpoint)
     else:
-        from .memory.run_plan import plan_or_refuse
+        from . import api
 
-        cfg, preset, warning = resolve_config(args)
-        if warning and main_process:
-            print(f"warning: {warning}", file=sys.stderr)
-        lines = plan_or_refuse(cfg, preset.card).lines()  # every process plans alike (the plan is deterministic)
+        run = resolve_run(args)
+        if run.warning and main_process:
+            print(f"warning: {run.warning}", file=sys.stderr)
+        planned = api.plan(run)  # every process plans alike (the plan is deterministic)
         if main_process:
-            print("\n".join(lines))
-        args.run_dir = cfg.run.out
+            print("\n".join(planned.lines()))
+        args.run_dir = planned.config.run.out
         with graceful.installed():
-            result = train(cfg, progress=not args.no_progress, stop=graceful)
+            result = api.train(planned, progress=not args.no_progress, stop=graceful)
     code = exit_code(graceful.signum) if graceful.signum and result.status == "stopped" else 0
     if not main_process:
         return code
@@ -207,26 +210,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import yaml
+    """Print exactly the files ``lowvram train`` with the same arguments writes before it trains (the config
+    it trains, the plan, each value's source), then the plan in words; exit 2 if training would refuse."""
+    from . import api
 
-    from .train.setup import resolve_defaults
-    from .validate import check_config_flags
-
-    check_config_flags(args)
-
-    cfg, preset, warning = resolve_config(args)
-    resolve_defaults(cfg)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    print("# resolved config")
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-    from .memory.run_plan import plan_run
-
-    card = preset.card
-    print(f"\n# preset: {preset.name} — {preset.description}")
+    run = resolve_run(args)
+    if run.warning:
+        print(f"warning: {run.warning}", file=sys.stderr)
+    planned = api.plan(run, processes=args.processes)
+    for name, text in planned.files().items():
+        print(f"{PLAN_FILE_MARK}{name}")
+        print(text, end="")
+    card = run.preset.card
+    print(f"\n# preset: {run.preset.name} — {run.preset.description}")
     print(f"# card: {card.name}, {card.vram_gib} GiB, backend {card.backend}")
-    print("\n".join(f"# {line}" for line in plan_run(cfg, card, args.processes).lines()))
+    print("\n".join(f"# {line}" for line in planned.lines()))
+    if planned.refusal is not None:
+        print(f"error: lowvram train refuses this config: {planned.refusal[0]} — {planned.refusal[1]}",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def split_plan_output(text: str) -> dict[str, str]:
+    """The files in ``lowvram plan``'s output (name -> text), as ``lowvram train`` writes them."""
+    files: dict[str, str] = {}
+    name = None
+    for line in text.splitlines(keepends=True):
+        if line.startswith(PLAN_FILE_MARK):
+            name = line[len(PLAN_FILE_MARK):].strip()
+            files[name] = ""
+        elif line.startswith("\n") or line.startswith("# preset:"):
+            name = None
+        elif name is not None:
+            files[name] += line
+    return files
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -284,20 +302,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    from .api import Setting
     from .train.finetune import train_finetune
-    from .train.setup import resolve_defaults, resolve_device
+    from .train.setup import resolve_device
 
-    cfg, _preset, _warning = resolve_config(args, check_paths=False)
-    if not cfg.model.pretrained or cfg.data.source == "builtin":
+    run = resolve_run(args, check_paths=False)  # the config as asked, then what caching itself decides
+    if not run.config.model.pretrained or run.config.data.source == "builtin":
         raise ConfigError("lowvram cache needs a checkpoint (--model PATH) and a folder of images (--data DIR)",
                           "e.g. lowvram cache --model sd15.safetensors --data my_images")
-    if cfg.run.task not in ("lora", "full"):
-        cfg.run.task = "lora"  # caching needs the pretrained VAE and text encoder a fine-tune uses
+    task = [] if run.config.run.task in ("lora", "full") else \
+        [Setting("run.task", "lora", "lowvram cache (the pretrained VAE and text encoder of a fine-tune)")]
+    # no training batches are drawn, so any dataset size can be cached
+    one = [Setting("train.batch_size", 1, "lowvram cache (encodes one image at a time)")]
+    cfg = resolve_run_with(args, task + one)
     from .validate import check_config_paths
 
     check_config_paths(cfg, lambda key: "flags")
-    resolve_defaults(cfg)
-    cfg.train.batch_size = 1  # no training batches are drawn; any dataset size can be cached
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     train_finetune(cfg, out, resolve_device(cfg.run.device), lambda event: None, cache_only=True)

@@ -364,19 +364,31 @@ class ConfigBuilder:
     def source_of(self, dotted: str) -> str:
         return self.sources.get(dotted, "default")
 
+    def all_sources(self) -> dict[str, str]:
+        """The source of every field (``default`` where no layer set it), in declaration order."""
+        return {name: self.source_of(name) for name, _ in all_fields()}
+
     def build(self) -> RunConfig:
         """The validated config; raises ``ConfigError`` listing every problem at once.
 
-        The model size's recipe (``lowvram/models/recipes.py``) fills what no layer set.
+        The model size's recipe (``lowvram/models/recipes.py``) fills what no layer set, and values that
+        depend on others (the resolution) are filled here, once: a built config is final.
         """
         from .models.recipes import recipe_for
 
         size = self.values.get("model.size", ModelSection.size)
+        task = self.values.get("run.task", RunSection.task)
         # a fine-tune follows its checkpoint (prediction type, schedule), not a from-scratch recipe
-        from_scratch = self.values.get("run.task", RunSection.task) not in ("lora", "full")
+        from_scratch = task not in ("lora", "full")
         for key, value in (recipe_for(size) if from_scratch else {}).items():
             if key not in self.values:
                 self.set(key, value, f"recipe of model size {size}")
+        if self.values.get("data.resolution") is None and isinstance(size, str) and isinstance(task, str):
+            resolution = default_resolution(task, size)
+            if resolution is not None:
+                self.values["data.resolution"] = resolution
+                self.sources["data.resolution"] = ("default for fine-tunes" if not from_scratch
+                                                   else f"default of model size {size}")
         cfg = RunConfig()
         for dotted, value in self.values.items():
             section, key = dotted.split(".", 1)
@@ -429,6 +441,19 @@ def _number_problems(cfg: RunConfig) -> list[tuple[str, Any, str]]:
             elif isinstance(v, str) and len(v) > TEXT_LIMIT:
                 out.append((dotted, v[:40] + "...", f"at most {TEXT_LIMIT} characters"))
     return out
+
+
+FINETUNE_RESOLUTION = 512  # what lora/full fine-tunes train at unless data.resolution says otherwise
+
+
+def default_resolution(task: str, size: str) -> int | None:
+    """The resolution a run trains at when ``data.resolution`` is not set (None: unknown size)."""
+    if task in ("lora", "full"):
+        return FINETUNE_RESOLUTION
+    from .models.scratch import MODEL_SIZES as SPECS
+
+    spec = SPECS.get(size)
+    return spec.resolution if spec is not None else None
 
 
 def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:

@@ -210,6 +210,11 @@ def fixed_noise(
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def _rows(cond: Any, start: int, stop: int, n: int) -> Any:
+    """Rows ``start:stop`` of a per-item condition (a shared one, or None, is passed whole)."""
+    return cond[start:stop] if isinstance(cond, torch.Tensor) and cond.shape[0] == n else cond
+
+
 @torch.no_grad()
 def validation_loss(
     predict_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
@@ -219,11 +224,13 @@ def validation_loss(
     prediction: str,
     seed: int = 0,
     n_timesteps: int = 8,
+    batch: int | None = None,
 ) -> float:
     """Held-out loss at fixed timesteps with fixed noise, so its value is comparable between runs.
 
     ``predict_fn(noisy, t, cond)`` returns the model output; the whole batch is noised at each of the
-    ``n_timesteps`` evenly spaced timesteps and the MSE is averaged over them.
+    ``n_timesteps`` evenly spaced timesteps and the MSE is averaged over them. ``batch``: the model sees
+    at most this many items at once (the training micro-batch: validation never needs more memory).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x0 = x0_batch.to(_compute_dtype(x0_batch))
@@ -233,6 +240,14 @@ def validation_loss(
         noise = torch.randn(tuple(x0.shape), generator=gen, dtype=torch.float32).to(x0.device, x0.dtype)
         t = torch.full((x0.shape[0],), t_value, dtype=torch.long, device=x0.device)
         noisy = add_noise(x0, noise, t, alphas_cumprod)
-        out = predict_fn(noisy, t, cond)
+        n = x0.shape[0]
+        step = batch or n
+        if step >= n:
+            out = predict_fn(noisy, t, cond)
+        else:
+            parts = [predict_fn(noisy[i:i + step], t[i:i + step], _rows(cond, i, i + step, n))
+                     for i in range(0, n, step)]
+            out = torch.cat(parts)
+            del parts
         total += diffusion_loss(out, target(x0, noise, t, alphas_cumprod, prediction)).item()
     return total / len(steps)

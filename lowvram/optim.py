@@ -397,9 +397,17 @@ class FusedBackward:
     """Steps one optimizer per parameter inside backward, as soon as its gradient is complete, then frees it.
 
     Peak memory then holds a single gradient instead of all of them (kohya's/OneTrainer's "fused back
-    pass"). Limits: no global gradient-norm clipping (``clip_per_param`` clips each tensor's norm), no
-    GradScaler, and a step the loop cannot take back — check the loss is finite *before* ``backward()``.
-    With gradient accumulation, set ``stepping = False`` for every micro-batch but the last.
+    pass"). Limits: no global gradient-norm clipping (``clip_per_param`` clips each tensor's norm), and a
+    step the loop cannot take back — check the loss is finite *before* ``backward()``. With gradient
+    accumulation, set ``stepping = False`` for every micro-batch but the last.
+
+    fp16 overflow protection (``scaler``, an enabled ``GradScaler``): the loss is scaled as usual; each
+    gradient is unscaled when it arrives and checked before its tensor steps. A tensor whose gradient
+    overflowed does not step (its gradient is dropped; no inf/NaN ever reaches a weight or the optimizer
+    state); the tensors whose gradients were finite step as usual, because their steps cannot wait for the
+    rest of backward without keeping every gradient. After backward call ``scaler.update()``: one
+    overflow anywhere halves the scale for the next step, exactly as GradScaler does for a whole step.
+    ``skipped`` counts the tensors skipped since the last ``begin_step()``.
     """
 
     def __init__(
@@ -412,20 +420,35 @@ class FusedBackward:
         eps: float = 1e-8,
         *,
         clip_per_param: float = 0.0,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
-        self.optimizers = [build_optimizer([p], name, lr, weight_decay, betas, eps) for p in self.params]
+        # foreach=False (plain AdamW): the per-tensor update, as the non-fused trainer and the profiler use it
+        self.optimizers = [build_optimizer([p], name, lr, weight_decay, betas, eps, foreach=False)
+                           for p in self.params]
         self.clip_per_param = clip_per_param
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.stepping = True
+        self.skipped = 0
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook(opt))
             for p, opt in zip(self.params, self.optimizers, strict=True)
         ]
 
+    def begin_step(self) -> None:
+        """Reset the count of tensors skipped for an fp16 overflow (call before each optimizer step)."""
+        self.skipped = 0
+
     def _hook(self, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
         def step(param: torch.Tensor) -> None:
             if not self.stepping:
                 return
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)  # in place; records the overflow for scaler.update()
+                if not bool(torch.isfinite(param.grad).all()):
+                    self.skipped += 1
+                    param.grad = None
+                    return
             if self.clip_per_param > 0:
                 torch.nn.utils.clip_grad_norm_([param], self.clip_per_param)
             optimizer.step()

@@ -163,3 +163,30 @@ def store_frozen_weights(model: nn.Module, storage: str, other_dtype: torch.dtyp
                 if not p.requires_grad and p.is_floating_point() and p.dtype != other_dtype:
                     setattr(module, name, nn.Parameter(p.detach().to(other_dtype), requires_grad=False))
     return count
+
+
+def small_params_to_fp32(model: nn.Module) -> None:
+    """Norms, embeddings and biases outside Linear/Conv layers back to fp32 (tiny, and CPU autocast
+    does not cast a norm's weight to its input's dtype)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                setattr(module, name, nn.Parameter(p.detach().float(), requires_grad=False))
+
+
+def store_frozen_unet(unet: nn.Module, storage: str, compute: torch.dtype) -> str:
+    """Keep a LoRA run's frozen UNet weights in ``storage`` the one way training and the profiler share:
+    a plain cast under fp16/bf16 autocast, else per-layer upcast (fp8, or half without autocast).
+    Returns how, for the run's notes. Call after attaching the adapters."""
+    if storage == "fp32":
+        return "fp32"
+    if compute != torch.float32 and storage in ("fp16", "bf16"):
+        cast_frozen_layers(unet, STORAGE_DTYPES[storage])
+        small_params_to_fp32(unet)
+        return f"{storage} (cast, autocast {str(compute).removeprefix('torch.')})"
+    from .adapters import weight_readers
+
+    store_frozen_weights(unet, storage, other_dtype=torch.float32, unscaled=weight_readers(unet))
+    return f"{storage} (stored, upcast per layer)"

@@ -41,6 +41,7 @@ def _from_checkpoint(run_dir: Path, device: torch.device) -> TextToImage:
         if loaded is None:
             raise CheckpointError(f"run '{run_dir}' has no finished autoencoder stage", "resume the run")
         vae, scale = loaded
+        vae = vae.to(device)
     comps = build_components(cfg, [], device, vae=vae, latent_scale=scale, tokenizer=tok)
     tensors, _ = load_checkpoint(ckpt)
     model = torch.nn.ModuleDict(comps.trainable_modules())

@@ -240,3 +240,18 @@ def finetune_argv(model: Path, data: Path, out: Path, sets: dict, *extra: str, s
     for item in [f"{k}={v}" for k, v in sets.items()] + list(extra):
         argv += ["--set", item]
     return argv
+
+
+def tiny_workload(tmp: Path, mode: str = "lora", family: str = "sd1", batch: int = 2, **kw):
+    """A memory Workload of the tiny pipeline ``family`` (its own UNet / VAE / text encoder configs, the real
+    fine-tune path of the profiler) for ``mode`` lora or full at 32 px (16x16 latents)."""
+    from lowvram.memory.run_plan import _text_config
+    from lowvram.memory.workloads import Workload
+
+    pipe = BUILDERS[family](tmp)
+    unet = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
+    vae = {k: v for k, v in dict(pipe.vae.config).items() if not k.startswith("_")}
+    tes = tuple(_text_config(te.config.to_dict()) for te in text_encoders(pipe).values())
+    model = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}[family]
+    return Workload(f"tiny-{family}-{mode}", "test", model, mode, 32, batch, **{"lora_rank": 4, **kw},
+                    unet_overrides=unet, vae_overrides=vae, text_encoder_overrides=tes)

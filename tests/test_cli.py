@@ -23,12 +23,14 @@ def test_plan_prints_the_resolved_config(capsys):
     assert main(["plan", "--preset", "cpu", "--steps", "17", "--set", "train.lr=3e-4"]) == 0
     out = capsys.readouterr().out
     assert "steps: 17" in out and "lr: 0.0003" in out and "preset: cpu" in out
-    assert "# memory: one training step peaks at" in out and "(fits; budget" in out
+    assert "# memory: the run peaks at" in out and "(fits; budget" in out
+    # each value's source, as the run folder keeps it
+    assert "run.steps: --steps" in out and "train.lr: --set train.lr=3e-4" in out
 
 
 def test_train_refuses_a_job_no_plan_fits(capsys, tmp_path):
-    # the cpu preset keeps 1 GiB of margin: 1.01 GiB leaves ~10 MiB for tensors
-    code = main(["train", "--preset", "cpu", "--vram", "1.01", "--out", str(tmp_path / "r"), "--no-progress"])
+    # the cpu preset keeps 0.5 GiB for the process and 1.5 GiB of margin: 2.01 GiB leaves ~10 MiB for tensors
+    code = main(["train", "--preset", "cpu", "--vram", "2.01", "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "GiB" in err and err.startswith("error:")
     assert not (tmp_path / "r" / "checkpoints").exists()

@@ -270,3 +270,36 @@ def test_fused_backward_accumulates_when_not_stepping_and_round_trips():
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(CheckpointError):
         optimizer_from_tensors(build_optimizer(twin.parameters(), "adamw", lr=1e-3), tensors, meta)
+
+
+def test_fused_backward_in_fp16_skips_an_overflowing_tensor_and_backs_off_the_scale():
+    """fp16 with fused backward keeps overflow protection: an injected inf in one gradient skips that tensor's
+    step (no inf/NaN reaches its weight or its optimizer state), the finite ones step, the scale halves;
+    the next clean step steps everything."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    fused = FusedBackward(model.parameters(), "adamw", lr=1e-2, clip_per_param=1.0, scaler=scaler)
+    victim = model[0].weight
+    inject = {"on": True}
+    victim.register_hook(lambda g: g * float("inf") if inject["on"] else g)  # runs before it is accumulated
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(4, 8)
+
+    def step() -> None:
+        fused.begin_step()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        scaler.update()
+
+    step()
+    assert fused.skipped == 1
+    assert torch.equal(victim, before["0.weight"])  # not stepped ...
+    assert not fused.optimizers[0].state.get(victim)  # ... and its optimizer state untouched
+    assert not torch.equal(model[2].weight, before["2.weight"])  # the finite gradients stepped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # every gradient freed, the skipped one too
+    assert scaler.get_scale() == 2.0**9
+    inject["on"] = False
+    step()
+    assert fused.skipped == 0 and not torch.equal(victim, before["0.weight"])
+    assert scaler.get_scale() == 2.0**9  # no overflow: the scale grows only after growth_interval clean steps

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from sd_fixtures import tiny_workload
 
 from lowvram.errors import MemoryPlanError
 from lowvram.memory.bound import lower_bound
 from lowvram.memory.planner import baseline, candidates, plan
 from lowvram.memory.profiler import GIB, profile_step
 from lowvram.memory.report import leanest
-from lowvram.memory.workloads import Workload
 
-_ATTN_16 = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-WL = Workload("tiny-lora", "test", "tiny", "lora", 32, 2, lora_rank=4, unet_overrides=_ATTN_16)
+WL = tiny_workload(Path(tempfile.mkdtemp()), "lora", batch=2, ema=True)
 
 
 def card(vram_bytes: float, **caps) -> SimpleNamespace:

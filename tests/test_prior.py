@@ -225,7 +225,7 @@ def test_class_data_outside_fine_tunes_is_refused():
 def test_prior_run_logs_both_losses_caches_and_reports_class_images(prior_run):
     run, out = prior_run
     assert "latent cache (class images): 5 latents, 0 reused, 5 encoded" in out
-    assert "micro-batch 2" in out  # the memory plan profiles instance + class images
+    assert "profiled at 2 images" in out  # the memory plan profiles instance + class images
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -271,33 +271,29 @@ def test_crashed_prior_run_resumes_bitwise(world, prior_run, capsys):
     assert last["kind"] == "step" and "prior_loss" in last
 
 
-def test_memory_plan_profiles_the_class_images_too(world, monkeypatch):
-    """train.batch_size counts instance images; every profile holds as many class images beside them, and
-    the planner's micro-batch comes back in instance images."""
-    from dataclasses import asdict
+def test_memory_plan_profiles_the_class_images_too(world):
+    """train.batch_size counts instance images; the profile holds as many class images beside them, and the
+    planner's micro-batch comes back in instance images."""
+    from lowvram.memory.run_plan import plan_run
 
-    from lowvram.memory import run_plan
-    from lowvram.memory.profiler import MemoryProfile, card_budget
-
-    seen: list[int] = []
-
-    def fake_profile(wl, knobs, *, card=None, vram_gib=None, **kw):  # peak grows with the micro-batch only
-        seen.append(knobs.batch_size)
-        _, context, margin, budget = card_budget(card, vram_gib)
-        return MemoryProfile(wl.id, asdict(knobs), knobs.batch_size * budget // 3, {"activations": knobs.batch_size},
-                             "backward", context, margin, None, budget)
-
-    monkeypatch.setattr(run_plan, "profile_step", fake_profile)
-
-    def plan(class_data: str):
-        seen.clear()
+    def planned(class_data: str, vram: float | None):
         cfg = data_config(world["data"], class_data)
-        cfg.model.pretrained, cfg.train.batch_size, cfg.memory.vram_gib = str(world["sd1"]), 2, 4.0
-        return run_plan.plan_run(cfg, None), list(seen)
+        cfg.model.pretrained, cfg.train.batch_size, cfg.memory.vram_gib = str(world["sd1"]), 2, vram
+        # every saving before the micro-batch already on: halving it is the planner's next step
+        cfg.memory.frozen_dtype, cfg.train.optimizer, cfg.train.gradient_checkpointing = "fp8", "adamw8bit_portable", True
+        cfg.memory.attention, cfg.train.ema_on_cpu = "chunked", True
+        return plan_run(cfg, None)
 
-    (plain, plain_seen), (prior, prior_seen) = plan(""), plan(str(world["cls"]))
-    assert plain_seen == [2] and plain.plan is None  # 2 images: 2/3 of the budget, fits as configured
-    assert prior_seen[0] == 4 and all(b % 2 == 0 for b in prior_seen)  # 2 + 2 class images: over budget
-    assert prior.overrides["train"]["batch_size"] == 1 and prior.overrides["train"]["grad_accum"] == 2
-    assert prior_seen[-1] == 2  # the plan that fits: 1 instance + 1 class image per micro-batch
-    assert any("prior preservation" in n for n in prior.notes)
+    plain, prior = planned("", None), planned(str(world["cls"]), None)
+    assert prior.record["job"]["prior"] and not plain.record["job"]["prior"]
+    # twice the images in the step: the activations double, the weights do not
+    assert prior.record["by_category"]["activations"] > 1.8 * plain.record["by_category"]["activations"]
+    assert prior.record["by_category"]["frozen_weights"] == plain.record["by_category"]["frozen_weights"]
+    # a card between the two: the plain job fits as configured, the prior one only with 1 + 1 images per micro-batch
+    vram = (plain.peak_bytes + prior.peak_bytes) / 2 / 2**30 + 0.35 + 0.3  # + the default context and margin
+    assert planned("", vram).verdict == "fits"
+    fitted = planned(str(world["cls"]), vram)
+    assert fitted.verdict == "planned" and fitted.config.train.batch_size == 1
+    assert fitted.config.train.grad_accum == 2  # the same instance images per optimizer step
+    assert fitted.sources["train.batch_size"].startswith("planner: micro-batch 1")
+    assert any("prior preservation" in n for n in fitted.record["notes"])

@@ -123,6 +123,36 @@ def test_one_nonfinite_loss_skips_only_that_step(tiny_cfg, monkeypatch):
     assert [r["step"] for r in metrics(result.run_dir) if r["kind"] == "nonfinite"] == [2]
 
 
+def test_fp16_fused_backward_skips_overflowing_gradients_and_keeps_training(tiny_cfg, monkeypatch):
+    """A step whose scaled gradients overflow (injected: a finite loss too big for the loss scale) does not
+    touch the weights; the run says so, halves the scale and trains on."""
+    real = jobs_module.compute_loss
+    calls = {"n": 0}
+
+    def overflowing(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * 1e35 if calls["n"] == 2 else loss  # finite, but x 65536 (the loss scale) is not
+
+    monkeypatch.setattr(jobs_module, "compute_loss", overflowing)
+    seen = []
+    cfg = tiny_cfg(train__precision="fp16", memory__fused_backward=True, run__checkpoint_every=1, run__steps=3,
+                   run__keep_checkpoints=5)
+    result = train(cfg, listeners=[seen.append], progress=False)
+    assert result.status == "done" and result.step == 3
+    warnings = [e for e in seen if e.kind == "warning" and "fp16 overflow" in e.data["message"]]
+    assert len(warnings) == 1 and warnings[0].step == 1 and "loss scale now 32768" in warnings[0].data["message"]
+    from safetensors.torch import load_file
+
+    run = result.run_dir
+    one, two = (load_file(str(run / "checkpoints" / f"step-0000000{i}" / "model.safetensors")) for i in (1, 2))
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the overflowing step changed no weight
+    assert all(torch.isfinite(t).all() for t in two.values())
+    meta = json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert meta["scaler"]["scale"] == 32768.0
+    assert not [r for r in metrics(run) if r["kind"] == "nonfinite"]
+
+
 KILLER = textwrap.dedent(
     """
     import os, signal, sys

@@ -213,16 +213,18 @@ def test_a_crashing_process_is_reported_not_raised(tmp_path):
 
 def test_child_turns_a_config_error_into_an_event(tmp_path):
     import torch
-    from conftest import tiny_config
 
     from lowvram.webui import child
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without a GPU (run.device=cuda must fail)")
-    cfg_path = tmp_path / "config.yaml"
-    tiny_config(tmp_path / "run", run__device="cuda").save(cfg_path)
+    from lowvram import api
+
+    planned = api.plan(api.resolve("cpu", settings=[api.Setting("run.device", "cuda", "test")], config_file=None,
+                                   probe_hardware=False))
+    api.save_plan(planned, tmp_path / "plan")
     events = tmp_path / "events.jsonl"
-    code = child.main(["--config", str(cfg_path), "--events", str(events), "--stop-file", str(tmp_path / "stop")])
+    code = child.main(["--plan", str(tmp_path / "plan"), "--events", str(events), "--stop-file", str(tmp_path / "stop")])
     rows = [json.loads(line) for line in events.read_text().splitlines()]
     assert code == 2
     assert rows[-1]["kind"] == "error" and "run.device" in rows[-1]["data"]["message"]

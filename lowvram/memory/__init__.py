@@ -7,7 +7,8 @@ plan that fits a card, ``profile_command`` is ``lowvram profile``.
 from .bound import LowerBound, lower_bound
 from .planner import Plan, baseline, candidates, plan
 from .profiler import MemoryProfile, card_budget, profile_step
-from .report import check_preset_profile, knobs_from_config, profile_command, update_preset_profile
+from .report import check_preset_profile, profile_command, update_preset_profile
+from .run_plan import knobs_from_config
 from .workloads import WORKLOADS, Knobs, Workload, get_workload
 
 __all__ = [

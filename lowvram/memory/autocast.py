@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
-# Op lists of PyTorch's autocast (aten/src/ATen/autocast_mode.cpp), by Python-level function name.
+# Op lists of PyTorch's autocast by Python-level function name: the documented "Autocast Op Reference"
+# (docs/source/amp.md) plus what aten/src/ATen/autocast_mode.h registers beyond it (upsampling, logsumexp,
+# SDPA, einsum); tests/test_autocast_lists.py holds them to the documented lists and this torch's kernels.
 _CUDA_LOWER = {
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
     "prelu", "addmm", "addmv", "addr", "matmul", "__matmul__", "__rmatmul__", "einsum", "mm", "mv", "linear",
@@ -20,7 +22,8 @@ _CUDA_LOWER = {
 }
 _CUDA_FP32 = {
     "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
-    "sinh", "tan", "pow", "__pow__", "softplus", "layer_norm", "group_norm", "cosine_similarity", "mse_loss",
+    "sinh", "tan", "pow", "__pow__", "__rpow__", "__rtruediv__", "norm", "softplus", "layer_norm", "group_norm",
+    "cosine_similarity", "mse_loss",
     "l1_loss", "smooth_l1_loss", "huber_loss", "nll_loss", "kl_div", "binary_cross_entropy_with_logits",
     "softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum", "logsumexp", "cdist", "dist",
     "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
@@ -34,6 +37,11 @@ _CPU_FP32 = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "nll_loss", 
              "binary_cross_entropy_with_logits"}
 
 POLICIES = {"cuda": (_CUDA_LOWER, _CUDA_FP32), "cpu": (_CPU_LOWER, _CPU_FP32)}
+# ops whose floating inputs are all cast to the widest of them
+PROMOTE = {"cuda": {"addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "grid_sample", "index_put",
+                    "scatter_add", "tensordot"},
+           "cpu": {"cat", "stack", "index_copy"}}
+_WIDTH = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _LOW = (torch.float16, torch.bfloat16)
 
 
@@ -48,7 +56,9 @@ class MetaAutocast(TorchFunctionMode):
     def __init__(self, dtype: torch.dtype, device_type: str = "cuda", cache: bool = True) -> None:
         super().__init__()
         self.dtype = dtype
-        self.lower, self.fp32 = POLICIES["cpu" if device_type == "cpu" else "cuda"]
+        kind = "cpu" if device_type == "cpu" else "cuda"
+        self.lower, self.fp32 = POLICIES[kind]
+        self.promote = PROMOTE[kind]
         self.enabled = True
         self.caching = cache
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -80,6 +90,13 @@ class MetaAutocast(TorchFunctionMode):
                 args, kwargs = tree_map(lambda t: self._cast(t, self.dtype), (args, kwargs))
             elif name in self.fp32:
                 args, kwargs = tree_map(lambda t: self._cast(t, torch.float32), (args, kwargs))
+            elif name in self.promote:
+                floats = [t.dtype for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, torch.Tensor) and t.is_floating_point()]
+                if len(set(floats)) > 1:
+                    widest = max(floats, key=lambda d: _WIDTH.get(d, 2))
+                    args, kwargs = tree_map(lambda t: t.to(widest) if isinstance(t, torch.Tensor) and
+                                            t.is_floating_point() and t.dtype != widest else t, (args, kwargs))
         return func(*args, **kwargs)
 
     def __exit__(self, *exc):

@@ -7,35 +7,69 @@ real peak. Only the model code and training step are shared — the same step, t
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .profiler import STEP_RANGE, MemoryProfile, profile_step
+from .profiler import MemoryProfile, profile_step
+from .stages import STEP_RANGE
 from .workloads import Knobs, Workload
 
 
 def allocator_peak(fn: Any, window: str | None = STEP_RANGE) -> tuple[int, Any]:
     """Run ``fn()`` under the profiler; returns (peak bytes the CPU allocator held, fn's result).
 
-    With ``window`` (a ``record_function`` name), the peak is taken inside that range only (all bytes
-    allocated before it still count): the step, not the model building that precedes it.
+    With ``window`` (a ``record_function`` name, or a prefix ending in ``.`` for every range named so),
+    the peak is taken inside those ranges only (all bytes allocated before them still count): the
+    step, not the model building that precedes it.
     """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     kineto = prof.profiler.kineto_results.events()
     events = sorted((e.start_ns(), e.nbytes()) for e in kineto if e.name() == "[memory]")
-    start, end = 0, None
-    ranges = [e for e in kineto if e.name() == window] if window else []
-    if ranges:
-        start, end = ranges[0].start_ns(), ranges[0].start_ns() + ranges[0].duration_ns()
+
+    def named(name: str) -> bool:
+        return name == window or (window is not None and window.endswith(".") and name.startswith(window))
+
+    merged: list[list[int]] = []  # the windows as disjoint [start, end] intervals, in time order
+    for start, end in sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in kineto if named(e.name())):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
     live = peak = 0
+    j = 0
     for t, nbytes in events:
         live += nbytes
-        if t >= start and (end is None or t <= end):
+        if window is None:
+            peak = max(peak, live)
+            continue
+        while j < len(merged) and merged[j][1] < t:
+            j += 1
+        if j < len(merged) and merged[j][0] <= t:
             peak = max(peak, live)
     return peak, result
+
+
+def run_peak(argv: list[str]) -> tuple[int, int]:
+    """``lowvram <argv>`` (a ``train`` command) in this process: (the allocator's peak inside the run's
+    memory ranges — steps, previews, validation, caching, the autoencoder stage —, exit code)."""
+    import gc
+
+    from ..cli import main
+    from ..train.step import RANGE_PREFIX
+
+    # what earlier work left for the garbage collector must not be freed inside the measured run (the
+    # allocator would report those frees, of bytes it never saw allocated, as negative live bytes)
+    gc.collect()
+    gc.freeze()
+    try:
+        return allocator_peak(lambda: main(argv), window=RANGE_PREFIX)
+    finally:
+        gc.unfreeze()
 
 
 def compare(workload: Workload, knobs: Knobs) -> tuple[MemoryProfile, int, MemoryProfile]:
@@ -44,6 +78,74 @@ def compare(workload: Workload, knobs: Knobs) -> tuple[MemoryProfile, int, Memor
     The prediction uses the CPU autocast op lists so that fp16/bf16 plans compare like for like.
     """
     torch.manual_seed(0)
-    predicted = profile_step(workload, knobs, device="meta", autocast_device="cpu")
-    measured, on_cpu = allocator_peak(lambda: profile_step(workload, knobs, device="cpu"))
+    predicted = profile_step(workload, knobs, card=CPU_CARD, device="meta")
+    measured, on_cpu = allocator_peak(lambda: profile_step(workload, knobs, card=CPU_CARD, device="cpu"))
     return predicted, measured, on_cpu
+
+
+# The CPU as the card: host memory is its memory (nothing offloaded leaves it), CPU autocast rules, and
+# torch's CPU SDPA kernel (flash-style, O(N)).
+CPU_CARD = SimpleNamespace(name="CPU", backend="cpu", arch="any", flash_attention=True, bf16=True, fp16=False,
+                           bitsandbytes=True, xformers=False, context_gib=0.0, margin_gib=0.0)
+
+
+# ---- the run-level check: `lowvram plan`'s prediction vs `lowvram train` on the CPU -------------------------
+
+# Every job kind, as the `--set` items over a short tiny run (tests/test_plan_fidelity.py and
+# bench/plan_fidelity.py): "model" is a tiny checkpoint family or a from-scratch task.
+RUN_CASES: dict[str, dict[str, Any]] = {
+    "scratch pixel (EMA on the card, validation)": {"model": "text2img", "sets": {}},
+    "scratch latent + autoencoder stage (EMA on CPU)": {"model": "latent", "sets": {
+        "train.autoencoder_steps": 2, "train.ema_on_cpu": True}},
+    "LoRA SD1 (EMA on the card)": {"model": "sd1", "sets": {}},
+    "LoRA SD1 + text encoder, fused backward": {"model": "sd1", "sets": {
+        "lora.text_encoder": True, "memory.fused_backward": True}},
+    "LoRA SDXL": {"model": "sdxl", "sets": {}},
+    "LoRA SDXL + text encoders, bf16, fp16 frozen": {"model": "sdxl", "sets": {
+        "lora.text_encoder": True, "train.precision": "bf16", "memory.frozen_dtype": "fp16"}},
+    "full fine-tune SD1, fused backward + accumulation": {"model": "sd1", "task": "full", "sets": {
+        "memory.fused_backward": True, "train.grad_accum": 2, "train.batch_size": 1}},
+    "prior preservation SD1 (EMA on CPU)": {"model": "sd1", "sets": {
+        "data.class_data": "{class_data}", "train.ema_on_cpu": True}},
+}
+
+TINY_RUN_SETS = {  # a short run: 2 steps (the second is the steady state), one preview at the end
+    "run.checkpoint_every": 0, "run.sample_every": 0, "run.tensorboard": False, "run.log_every": 1,
+    "sample.steps": 1, "sample.cfg_scales": "3", "train.warmup_steps": 0,
+}
+
+
+def case_argv(case: dict[str, Any], out: Path, models: dict[str, Path], data: Path, class_data: Path,
+              cache: Path) -> list[str]:
+    """``lowvram train`` arguments of a RUN_CASES entry on the CPU preset (tiny models and images)."""
+    model = case["model"]
+    argv = ["train", "--preset", "cpu", "--steps", "2", "--out", str(out), "--no-progress"]
+    sets: dict[str, Any] = dict(TINY_RUN_SETS)
+    if model in ("text2img", "latent"):
+        argv += ["--task", model, "--model", "tiny"]
+        sets.update({"data.num_images": 24, "data.resolution": 16, "train.batch_size": 4, "run.val_every": 2,
+                     "sample.prompts": "a red circle on a blue background"})
+    else:
+        argv += ["--task", case.get("task", "lora"), "--model", str(models[model]), "--data", str(data)]
+        sets.update({"data.resolution": 32, "train.batch_size": 2, "data.cache_dir": str(cache), "lora.rank": 4,
+                     "sample.prompts": "a photo of sks dog"})
+    sets.update(case["sets"])
+    for key, value in sets.items():
+        text = str(value).format(class_data=class_data) if isinstance(value, str) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        argv += ["--set", f"{key}={text}"]
+    return argv
+
+
+def predict_and_measure(argv: list[str]) -> tuple[int, int, dict[str, Any]]:
+    """(the plan's peak, the allocator's peak of the run, the plan record) of ``lowvram train <argv>`` in this
+    process. The prediction is the plan the run itself made and saved (``plan.yaml``), which is what
+    ``lowvram plan`` prints for the same arguments (tests/test_plan_fields.py holds that)."""
+    from ..cli import build_parser
+    from .run_plan import read_plan
+
+    measured, code = run_peak(argv)
+    if code != 0:
+        raise RuntimeError(f"lowvram {' '.join(argv)} exited with {code}")
+    record = read_plan(build_parser().parse_args(argv).out).record
+    return int(record["peak_bytes"]), measured, record

@@ -26,6 +26,7 @@ class Step:
     knob: str
     peak_before: int
     peak_after: int
+    knobs: Knobs | None = None  # the knobs after this step
 
     @property
     def saved(self) -> int:
@@ -52,11 +53,19 @@ class Plan:
         return "\n".join([head, *lines, self.profile.format()])
 
 
+def fast_precision(card: Any = None) -> str:
+    """The compute precision a card trains fastest in: bf16 or fp16 on a GPU that has it, fp32 on the CPU
+    (bf16 runs there, but slower than fp32 on most CPUs: no AMX / AVX512-BF16); fp16 without a card."""
+    if card is None:
+        return "fp16"
+    if getattr(card, "backend", "cuda") == "cpu":
+        return "fp32"
+    return "bf16" if getattr(card, "bf16", False) else "fp16" if getattr(card, "fp16", False) else "fp32"
+
+
 def baseline(workload: Workload, card: Any = None) -> Knobs:
     """Every saving off: the card's fast precision, fp32 frozen weights, AdamW, SDPA, no caching."""
-    precision = "bf16" if getattr(card, "bf16", False) else "fp16" if getattr(card, "fp16", False) else "fp32"
-    if card is None:
-        precision = "fp16"
+    precision = fast_precision(card)
     if precision == "fp16" and not fp16_compute_safe(workload):
         # FLUX.1's activations overflow fp16: bf16 where unknown, fp32 on a card without bf16 (gfx803, GTX 16xx)
         precision = "bf16" if card is None else "fp32"
@@ -70,10 +79,15 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
     k = start or baseline(workload, card)
     half = "bf16" if getattr(card, "bf16", False) else "fp16"
     bnb = getattr(card, "bitsandbytes", True)
-    steps: list[tuple[str, Callable[[Knobs], Knobs | None]]] = [
+    # a from-scratch job always caches its latents and encodes captions with the text encoder it trains:
+    # only the autoencoder's offload is a knob there
+    cache = ("offload the autoencoder", lambda k: k.with_(offload_frozen=True)
+             if workload.task == "latent" and not k.offload_frozen else None) if workload.from_scratch else \
         ("cache latents + text, offload VAE/text encoder",
          lambda k: k.with_(cache_latents=True, cache_text=True, offload_frozen=True)
-         if not (k.cache_latents and k.cache_text and k.offload_frozen) else None),
+         if not (k.cache_latents and k.cache_text and k.offload_frozen) else None)
+    steps: list[tuple[str, Callable[[Knobs], Knobs | None]]] = [
+        cache,
         (f"frozen weights in {half}",
          lambda k: k.with_(frozen_dtype=half) if workload.mode == "lora" and k.frozen_dtype == "fp32" else None),
         ("frozen weights in fp8 (upcast per layer)",
@@ -108,14 +122,8 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
     if workload.mode != "lora" and k.optimizer != "adafactor":
         k = k.with_(optimizer="adafactor")
         yield "factored optimizer state (Adafactor)", k
-    # bf16 trainable weights are modelled for fine-tunes of a pretrained UNet (W3), not for from-scratch
-    # jobs whose jointly trained text encoder and inputs stay fp32
-    if workload.mode == "full" and getattr(card, "bf16", False) and k.trainable_dtype == "fp32":
-        k = k.with_(trainable_dtype="bf16")
-        yield "bf16 trainable weights", k
-    if not k.zero_stage and not k.fused_backward and zero_usable(card):
-        k = k.with_(zero_stage=2, offload_optimizer=True)
-        yield f"DeepSpeed ZeRO-2, optimizer state offloaded to host memory ({k.processes} process(es))", k
+    # bf16 trainable weights and DeepSpeed ZeRO-2 are profiled when a config asks for them, but the trainer
+    # does not run them yet (run_plan.untrained_knobs): the planner never picks what cannot train.
     # Streaming the frozen blocks from host RAM costs bus time on every step (twice the streamed bytes
     # with checkpointing): last, a quarter of the block bytes at a time. LoRA only: the rest trains.
     # Not on the CPU, where the "card" is host RAM already.
@@ -124,13 +132,6 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
             if k.stream_blocks < fraction:
                 k = k.with_(stream_blocks=fraction)
                 yield f"stream {fraction:.0%} of the frozen block weights from host RAM", k
-
-
-def zero_usable(card: Any) -> bool:
-    """ZeRO is a candidate only with DeepSpeed installed, for a CUDA card (no DeepSpeed for gfx803 / CPU)."""
-    from ..distributed import deepspeed_available
-
-    return getattr(card, "backend", "cuda") == "cuda" and deepspeed_available()
 
 
 def plan(
@@ -142,16 +143,18 @@ def plan(
     start: Knobs | None = None,
     profile: Callable[..., MemoryProfile] = profile_step,
     log: Callable[[str], None] | None = None,
+    first: MemoryProfile | None = None,
 ) -> Plan:
     """The fastest plan for ``workload`` that fits the card's budget (or ``vram_gib``) and the host's RAM
     (``ram_gib``, default: this machine's).
 
-    Raises MemoryPlanError saying how close the leanest plan came and what would make it fit, or that
-    the plan that fits the card would exhaust host memory (no later knob gives RAM back).
+    ``first``: the profile of ``start`` when the caller has it already. Raises MemoryPlanError saying how
+    close the leanest plan came and what would make it fit (``leanest_bytes`` on the error), or that the
+    plan that fits the card would exhaust host memory (no later knob gives RAM back).
     """
     _, _, _, budget = card_budget(card, vram_gib)
     knobs = start or baseline(workload, card)
-    current = profile(workload, knobs, card=card, vram_gib=vram_gib)
+    current = first or profile(workload, knobs, card=card, vram_gib=vram_gib)
     steps: list[Step] = []
     if log:
         log(f"  start: {current.peak_bytes / GIB:.2f} GiB (budget {budget / GIB:.2f} GiB)" if budget else "")
@@ -170,7 +173,7 @@ def plan(
                 continue
         knobs = cand
         nxt = profile(workload, knobs, card=card, vram_gib=vram_gib)
-        steps.append(Step(name, current.peak_bytes, nxt.peak_bytes))
+        steps.append(Step(name, current.peak_bytes, nxt.peak_bytes, knobs))
         if log:
             log(f"  + {name}: {nxt.peak_bytes / GIB:.2f} GiB (saved {(current.peak_bytes - nxt.peak_bytes) / GIB:+.2f})")
         current = nxt
@@ -180,7 +183,7 @@ def plan(
     short = current.peak_bytes - budget
     unhelpful = (f"; streaming every frozen block would remove at most {max(streamable.values()) / GIB:.2f} GiB"
                  if streamable and not current.knobs.get("stream_blocks") else "")
-    raise MemoryPlanError(
+    err = MemoryPlanError(
         f"{workload.id} does not fit: the leanest plan needs {current.peak_bytes / GIB:.2f} GiB of tensors, "
         f"the budget is {budget / GIB:.2f} GiB (short by {short / GIB:.2f} GiB) after switching on: "
         + ", ".join(s.knob for s in steps) + unhelpful,
@@ -188,3 +191,5 @@ def plan(
         "or lower the resolution / LoRA rank / batch yourself (the planner never changes them); "
         "--set memory.force=true trains anyway at your own risk",
     )
+    err.leanest_bytes = current.peak_bytes
+    raise err

@@ -14,31 +14,12 @@ import yaml
 
 from ..errors import ConfigError, MemoryPlanError
 from .bound import lower_bound
-from .planner import Plan, baseline, candidates, plan
-from .profiler import GIB, MemoryProfile, effective_attention, profile_step
+from .planner import baseline, candidates
+from .profiler import GIB, MemoryProfile, profile_step
+from .run_plan import knobs_from_config, plan_job
 from .workloads import WORKLOADS, Knobs, Workload, get_workload
 
 PROFILE_TOLERANCE = 0.01  # a stored peak may differ from a fresh one by 1 % (library updates move bytes)
-
-
-def knobs_from_config(cfg: Any, workload: Workload | None = None, card: Any = None) -> Knobs:
-    """The plan knobs a RunConfig asks for (``auto`` attention resolved for ``card``)."""
-    t, m = cfg.train, cfg.memory
-    batch = t.batch_size
-    accum = t.grad_accum
-    if workload is not None:  # the workload fixes the images per step; the config only the micro-batch
-        batch = min(t.batch_size, workload.batch_size)
-        accum = max(1, workload.batch_size // batch)
-    kind, _ = effective_attention(m.attention, card)
-    return Knobs(
-        precision=t.precision, frozen_dtype=m.frozen_dtype, trainable_dtype=getattr(m, "trainable_dtype", "fp32"),
-        optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing, attention=kind,
-        attention_chunk=m.attention_chunk, batch_size=batch, grad_accum=accum, cache_latents=m.cache_latents,
-        cache_text=m.cache_text, offload_frozen=m.offload_frozen, ema_on_cpu=t.ema_on_cpu,
-        fused_backward=m.fused_backward and accum == 1,
-        zero_stage=getattr(m, "zero_stage", 0), offload_optimizer=getattr(m, "offload_optimizer", False),
-        stream_blocks=float(getattr(m, "stream_blocks", 0.0)),
-    )
 
 
 def leanest(workload: Workload, card: Any = None) -> Knobs:
@@ -67,10 +48,39 @@ def _summary(p: MemoryProfile, bound: int | None = None) -> dict[str, Any]:
     }
 
 
+def preset_start(workload: Workload, preset: Any) -> tuple[Workload, Knobs]:
+    """A standard workload under a preset: the preset's knobs (its micro-batch, accumulation up to the
+    workload's images per step) and its EMA setting; every saving off for a preset without knobs."""
+    if preset is None or not preset.config:
+        return workload, baseline(workload, getattr(preset, "card", None))
+    from ..config import ConfigBuilder
+
+    cfg = ConfigBuilder().apply(preset.config, preset.source).build()
+    wl = workload.with_(ema=workload.ema and cfg.train.ema_decay > 0)
+    return wl, knobs_from_config(cfg, wl, preset.card)
+
+
+def standard_plan(workload: Workload, card: Any, start: Knobs, vram_gib: float | None = None,
+                  ram_gib: float | None = None) -> dict[str, Any]:
+    """The one figure of a standard job on a card: its knobs' profile and, over budget, the planner's first
+    plan that fits from there (``lowvram profile``, the presets' tables and the panel all show this)."""
+    try:
+        prof, chosen = plan_job(workload, start, card, vram_gib, ram_gib)
+    except MemoryPlanError as e:
+        first = profile_step(workload, start, card=card, vram_gib=vram_gib)
+        return {"start": first, "chosen": None, "steps": [{"error": str(e)}],
+                "leanest_bytes": getattr(e, "leanest_bytes", None)}
+    steps = [{"knob": s.knob, "peak_bytes": s.peak_after, "saved_bytes": s.saved} for s in chosen.steps] \
+        if chosen else []
+    return {"start": prof, "chosen": chosen.profile if chosen else prof, "steps": steps, "leanest_bytes": None}
+
+
 def profile_workload(workload: Workload, card: Any = None, vram_gib: float | None = None,
-                     knobs: Knobs | None = None, with_plan: bool = True,
+                     knobs: Knobs | None = None, with_plan: bool = True, start: Knobs | None = None,
                      ram_gib: float | None = None) -> dict[str, Any]:
-    """Plan (or profile ``knobs``) for one workload, with its lower bound; a JSON-ready dict."""
+    """Plan (or profile ``knobs``) for one workload, with its lower bound; a JSON-ready dict.
+
+    ``start``: the knobs to plan from (a preset's); default every saving off."""
     lean_knobs = leanest(workload, card)
     lean = profile_step(workload, lean_knobs, card=card, vram_gib=vram_gib)
     bound = lower_bound(workload, lean, card).total_bytes
@@ -78,13 +88,9 @@ def profile_workload(workload: Workload, card: Any = None, vram_gib: float | Non
     if knobs is not None:
         prof = profile_step(workload, knobs, card=card, vram_gib=vram_gib)
     elif with_plan:
-        try:
-            chosen: Plan = plan(workload, card, vram_gib=vram_gib, ram_gib=ram_gib)
-            prof = chosen.profile
-            steps = [{"knob": s.knob, "peak_bytes": s.peak_after, "saved_bytes": s.saved} for s in chosen.steps]
-        except MemoryPlanError as e:
-            prof = lean
-            steps = [{"error": str(e)}]
+        planned = standard_plan(workload, card, start or baseline(workload, card), vram_gib, ram_gib)
+        prof = planned["chosen"] or lean
+        steps = planned["steps"]
     else:
         prof = lean
     out = _summary(prof, bound)
@@ -95,18 +101,25 @@ def profile_workload(workload: Workload, card: Any = None, vram_gib: float | Non
 
 def profile_command(preset: str | None = None, workloads: list[str] | None = None, vram_gib: float | None = None,
                     as_json: bool = False, update_presets: bool = False, ram_gib: float | None = None) -> str:
-    """What ``lowvram profile`` prints: a table (or one JSON object per workload) for a card."""
+    """What ``lowvram profile`` prints: a table (or one JSON object per workload) for a card.
+
+    With ``--preset`` each workload is planned from the preset's own knobs, so the figure is the one its
+    memory table and ``lowvram plan`` show for the same job; with only ``--vram``, from every saving off."""
     from ..presets import list_presets, load_preset
 
     if update_presets:
         names = [preset] if preset else list_presets()
         lines = [f"{n}: {update_preset_profile(n)}" for n in names]
         return "\n".join(lines)
-    card = load_preset(preset).card if preset else None
+    loaded = load_preset(preset) if preset else None
+    card = loaded.card if loaded else None
     if card is None and vram_gib is None:
         raise ConfigError("lowvram profile needs a card to plan against", "give --preset NAME or --vram GiB")
     ids = workloads or list(WORKLOADS)
-    rows = [profile_workload(get_workload(w), card, vram_gib, ram_gib=ram_gib) for w in ids]
+    rows = []
+    for w in ids:
+        wl, start = preset_start(get_workload(w), loaded)
+        rows.append(profile_workload(wl, card, vram_gib, start=start, ram_gib=ram_gib))
     if as_json:
         return json.dumps(rows[0] if len(rows) == 1 else rows, indent=2)
     return format_rows(rows)
@@ -133,21 +146,20 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 # ---- presets' memory tables ----------------------------------------------------------------------
 
 def preset_table(preset: Any) -> dict[str, Any]:
-    """The ``memory_profile`` of a loaded preset: W1–W4 profiled with the preset's own knobs."""
-    from ..config import ConfigBuilder
-
-    cfg = ConfigBuilder().apply(preset.config, preset.source).build() if preset.config else None
+    """The ``memory_profile`` of a loaded preset: W1–W4 profiled with the preset's own knobs, and where they
+    do not fit, the planner's first plan that fits from there (what ``lowvram train`` would run)."""
     table: dict[str, Any] = {"generated_by": "lowvram profile --update-presets",
                              "budget_gib": None, "workloads": {}}
-    for wid, wl in WORKLOADS.items():
-        knobs = knobs_from_config(cfg, wl, preset.card) if cfg is not None else baseline(wl, preset.card)
-        p = profile_step(wl, knobs, card=preset.card)
+    for wid, workload in WORKLOADS.items():
+        wl, start = preset_start(workload, preset)
+        planned = standard_plan(wl, preset.card, start)
+        p = planned["start"]
         table["budget_gib"] = round(p.budget_bytes / GIB, 3)
         row = {"peak_gib": round(p.peak_bytes / GIB, 3), "fits": bool(p.fits)}
         if not p.fits:
-            # what `lowvram train` can still do on this card: the planner's leanest plan
-            lean = profile_step(wl, leanest(wl, preset.card), card=preset.card)
-            row.update(planned_peak_gib=round(lean.peak_bytes / GIB, 3), fits_with_planner=bool(lean.fits))
+            chosen = planned["chosen"]
+            peak = chosen.peak_bytes if chosen is not None else planned["leanest_bytes"]
+            row.update(planned_peak_gib=round(peak / GIB, 3), fits_with_planner=chosen is not None)
         table["workloads"][wid] = row
     return table
 

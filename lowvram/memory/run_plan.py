@@ -1,155 +1,448 @@
-"""Plan a user's run (a RunConfig) against a card: profile its knobs, and if they don't fit, let the planner
-switch more on. ``lowvram train``, ``lowvram plan`` and the web panel's Plan button all call this.
+"""Plan a user's run (a resolved RunConfig) against a card: the job is derived from the config itself,
+profiled with the config's knobs, and when that does not fit the planner switches more on.
+
+``plan_run`` is what ``lowvram.api.plan`` calls for ``lowvram train``, ``lowvram plan`` and the web panel
+alike. Every config field either reaches the profile (through ``workload_for`` / ``knobs_from_config``)
+or is listed in ``MEMORY_NEUTRAL`` with the reason it allocates nothing on the card; a test walks every
+field of ``RunConfig`` to keep that true.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
-from ..errors import MemoryPlanError
+import yaml
+
+from ..config import RunConfig, all_fields, default_resolution
+from ..errors import ConfigError, LowvramError, MemoryPlanError
 from .planner import Plan, plan
-from .profiler import GIB, MemoryProfile, profile_step
-from .report import knobs_from_config
+from .profiler import GIB, MemoryProfile, effective_attention, profile_step
 from .streaming import check_host
-from .workloads import Workload
+from .workloads import Knobs, Preview, Workload
 
 # models/pretrained.py names families by checkpoint; the profiler by published architecture
 SD_FAMILY_WORKLOAD = {"sd1": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
+PLAN_NAME = "plan.yaml"
+SOURCES_NAME = "config_sources.yaml"
+CONFIG_NAME = "config.yaml"
+VALIDATION_ITEMS = 64  # train.run.VAL_ITEMS: the builtin data's held-out images
+
+# Config fields that allocate nothing on the card, each with the reason. Every other field must change
+# the job (Workload) or the knobs the profile runs with (tests/test_plan_fields.py walks them all).
+MEMORY_NEUTRAL: dict[str, str] = {
+    "run.out": "where files go",
+    "run.seed": "values, not shapes",
+    "run.steps": "how long, not how big: every step is the same step",
+    "run.device": "the plan is for the preset's card; lowvram warns when the machine differs",
+    "run.checkpoint_every": "checkpoints are written between steps from the live tensors, nothing stays",
+    "run.keep_checkpoints": "files on disk",
+    "run.sample_every": "previews are profiled anyway: every run draws the final grid",
+    "run.log_every": "a line of metrics",
+    "run.max_nonfinite": "a counter",
+    "run.tensorboard": "event files on disk",
+    "model.tokenizer": "the tokenizer pads to the text encoder's length, which the profile reads",
+    "model.allow_pickle": "how a file is read, not what is loaded",
+    "model.schedule": "a 1-D table of T numbers",
+    "model.prediction": "epsilon and v have the same shape",
+    "model.timesteps": "a 1-D table of T numbers",
+    "model.zero_terminal_snr": "rescales the same table",
+    "data.format": "how the folder is read",
+    "data.caption_dropout": "which captions are blanked, not how many",
+    "data.flip": "flipped copies are cached on disk, the batch is the same size",
+    "data.workers": "loader processes hold host memory, not card memory",
+    "data.caption_ext": "file names",
+    "data.crop": "the cache keeps centre crops either way (a random crop is not cached)",
+    "data.buckets": "bucket areas never exceed resolution², which the profile uses",
+    "data.bucket_step": "bucket areas never exceed resolution²",
+    "data.bucket_max_ratio": "bucket areas never exceed resolution²",
+    "data.keep_tokens": "caption text; the token count is fixed",
+    "data.caption_prefix": "caption text; the token count is fixed",
+    "data.caption_suffix": "caption text; the token count is fixed",
+    "data.max_pixels": "images are resized to the resolution before training",
+    "data.min_size": "which images are skipped",
+    "data.background": "a colour",
+    "data.celeba_split": "which images",
+    "data.missing_caption": "caption text",
+    "data.cache_dir": "where the cache files go",
+    "data.class_prompt": "caption text of class images",
+    "train.lr": "a number",
+    "train.warmup_steps": "a number",
+    "train.lr_schedule": "a number per step",
+    "train.weight_decay": "applied in place by the optimizer",
+    "train.prior_loss_weight": "a scalar weight",
+    "train.autoencoder_steps": "how long the autoencoder stage runs, not how big",
+    "train.autoencoder_lr": "a number",
+    "train.kl_weight": "a number",
+    "sample.negative_prompt": "the unconditional prompt is encoded anyway (guidance)",
+    "sample.guidance": "used by lowvram sample / eval, not in training",
+    "sample.sampler": "latent-sized scheduler buffers (DPM-Solver++ keeps 2); profiled with DDIM",
+    "sample.steps": "every sampling step is the same step",
+    "sample.seed": "values, not shapes",
+    "sample.guidance_rescale": "latent-sized temporaries",
+    "lora.alpha": "a scale factor, no tensor",
+}
+# Config fields that decide the plan's verdict rather than what is allocated.
+PLAN_SETTINGS: dict[str, str] = {
+    "memory.vram_gib": "the budget the profile is judged against",
+    "memory.force": "train although nothing fits",
+    "memory.ram_gib": "the host RAM the plan's host share (streamed weights, parked models) is judged against",
+}
 
 
-def _checkpoint_unet_config(cfg: RunConfig) -> dict[str, Any]:
-    """The checkpoint's own UNet config when a folder describes it (non-standard or tiny models)."""
-    for folder in (cfg.model.config, cfg.model.pretrained):
-        if folder and (Path(folder) / "unet" / "config.json").is_file():
-            data = json.loads((Path(folder) / "unet" / "config.json").read_text())
+def untrained_knobs(cfg: RunConfig, processes: int = 1) -> list[tuple[str, str]]:
+    """(problem, fix) for each setting the profiler models but the trainer refuses: the one list that both
+    the planner (never picks them) and the front door (refuses a config that sets them) use."""
+    out = []
+    m = cfg.memory
+    if m.trainable_dtype != "fp32":
+        out.append((f"memory.trainable_dtype = {m.trainable_dtype!r} is profiled but not trained yet (bf16 weights "
+                    "need stochastic rounding, which is not implemented)", "use --set memory.trainable_dtype=fp32"))
+    if m.zero_stage or m.offload_optimizer:
+        out.append(("DeepSpeed ZeRO-2 is profiled (`lowvram plan` shows its saving) but lowvram's trainer does not "
+                    "run it yet", "set memory.zero_stage=0 and memory.offload_optimizer=false; see docs/multi-gpu.md"))
+    if m.fused_backward and processes > 1:
+        out.append((f"memory.fused_backward cannot train with {processes} processes: it steps the optimizer inside "
+                    "backward, before the gradients are averaged over the processes",
+                    "use --set memory.fused_backward=false with several processes (or train in one process)"))
+    return out
+
+
+def refuse_untrained(cfg: RunConfig, processes: int = 1) -> None:
+    """Raise the first of ``untrained_knobs`` as a ConfigError (what the trainer says, before it loads)."""
+    refused = untrained_knobs(cfg, processes)
+    if refused:
+        raise ConfigError(*refused[0])
+
+
+# ---- the job, from the config ------------------------------------------------------------------------------
+def _folder_config(folder: str | Path | None, sub: str) -> dict[str, Any]:
+    """``folder/sub/config.json`` (or ``folder/config.json``) without the private keys, or {}."""
+    if not folder:
+        return {}
+    for path in (Path(folder) / sub / "config.json", Path(folder) / "config.json"):
+        if path.is_file():
+            data = json.loads(path.read_text())
             return {k: v for k, v in data.items() if not k.startswith("_")}
     return {}
 
 
-def prior_factor(cfg: RunConfig) -> int:
-    """2 with prior preservation (each micro-batch carries one class image per instance image), else 1."""
-    return 2 if cfg.run.task in ("lora", "full") and getattr(cfg.data, "class_data", "") else 1
+def _checkpoint_configs(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any], tuple[dict[str, Any], ...]]:
+    """The checkpoint's own UNet, VAE and text-encoder configs when a folder describes them (non-standard
+    or tiny models); the family's published configs otherwise."""
+    unet, vae, tes = {}, {}, []
+    for folder in (cfg.model.config, cfg.model.pretrained):
+        if folder and Path(folder).is_dir() and (Path(folder) / "unet" / "config.json").is_file():
+            unet = _folder_config(folder, "unet")
+            vae = _folder_config(folder, "vae")
+            tes = [c for c in (_folder_config(folder, "text_encoder"), _folder_config(folder, "text_encoder_2")) if c]
+            break
+    if cfg.model.vae:
+        vae = _folder_config(cfg.model.vae, "vae") or vae
+    return unet, vae, tuple(_text_config(c) for c in tes)
 
 
-def _profiler(factor: int) -> Callable[..., MemoryProfile]:
-    """``profile_step`` on a micro-batch ``factor`` times the knobs' one: the planner keeps reasoning in
-    instance images (what train.batch_size means), the profile measures what the card really holds."""
-    if factor == 1:
-        return profile_step
+_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "max_position_embeddings", "hidden_act", "projection_dim", "bos_token_id", "eos_token_id",
+              "pad_token_id")
 
-    def profile(wl: Workload, knobs: Any, **kw: Any) -> MemoryProfile:
-        return profile_step(wl, knobs.with_(batch_size=knobs.batch_size * factor), **kw)
 
-    return profile
+def _text_config(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data[k] for k in _TEXT_KEYS if k in data}
+
+
+def preview_of(cfg: RunConfig) -> Preview:
+    """What the run's sample grids draw: how many prompts, whether guided, the largest image (kohya --w/--h)."""
+    s = cfg.sample
+    guided = any(float(w) != 1.0 for w in s.cfg_scales)
+    size = None
+    if cfg.run.task in ("lora", "full") and s.prompts:
+        from ..train.finetune import parse_prompt_line
+
+        res = int(cfg.data.resolution or default_resolution(cfg.run.task, cfg.model.size) or 512)
+        specs = [parse_prompt_line(p) for p in s.prompts]
+        guided = guided or any(p.cfg is not None and p.cfg != 1.0 for p in specs)
+        sizes = [(p.height or res, p.width or res) for p in specs]
+        size = max(sizes, key=lambda hw: hw[0] * hw[1])
+    return Preview(prompts=len(s.prompts) or 4, guided=guided, size=size)
+
+
+def _words(caption: str) -> set[str]:
+    from tokenizers import normalizers, pre_tokenizers
+
+    return {w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(normalizers.Lowercase().normalize_str(caption))}
+
+
+def builtin_vocab_exact(num_images: int) -> int:
+    """``len(build_tokenizer(captions))`` for the builtin data, from the attributes alone (no drawing)."""
+    from ..data.builtin import ShapesDataset, caption_of
+    from ..models.tokenizer import SPECIAL_TOKENS
+
+    ds = ShapesDataset(num_images, 16)
+    words: set[str] = set()
+    seen: set[tuple[str, ...]] = set()
+    for i in range(num_images):
+        attrs = tuple(ds.attributes(i).values())
+        if attrs in seen:
+            continue
+        seen.add(attrs)
+        words |= _words(caption_of(ds.attributes(i)))
+        if len(seen) == 36:  # every combination of the 3 attributes has appeared
+            break
+    return len(SPECIAL_TOKENS) + len(words)
+
+
+TEXT_CACHE_BATCH = 64  # data.cache.TextEmbeddingCache.build encodes this many captions at once
+
+
+def text_cache_batch(cfg: RunConfig) -> int:
+    """How many captions the text cache encodes at once: 64, or fewer when the folders hold fewer images
+    (each has one caption, plus the empty prompt); a count of image files, no image is opened."""
+    import os
+
+    from ..data.images import is_image_name
+
+    count = 1
+    for folder in (cfg.data.source, cfg.data.class_data):
+        if not folder:
+            continue
+        if not Path(folder).is_dir():
+            return TEXT_CACHE_BATCH  # a metadata file or an unknown layout: assume a full batch
+        for _root, _dirs, files in os.walk(folder):
+            count += sum(1 for f in files if is_image_name(f))
+            if count >= TEXT_CACHE_BATCH:
+                return TEXT_CACHE_BATCH
+    return count
 
 
 def workload_for(cfg: RunConfig) -> Workload:
-    """The planner's Workload for this config (a from-scratch size, or the checkpoint's SD family)."""
-    from ..train.setup import resolve_defaults
-
-    resolve_defaults(cfg)
-    res = int(cfg.data.resolution)
+    """The job this config runs, as the profiler needs it: everything that decides what is allocated."""
+    task = cfg.run.task
+    res = int(cfg.data.resolution or default_resolution(task, cfg.model.size) or 32)
     batch = cfg.train.batch_size * cfg.train.grad_accum
-    if cfg.run.task in ("lora", "full"):
+    common = dict(ema=cfg.train.ema_decay > 0, preview=preview_of(cfg), grad_clip=cfg.train.grad_clip,
+                  snr_gamma=cfg.train.snr_gamma)
+    if task in ("lora", "full"):
         from ..models.pretrained import detect_family
 
         family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
-        prior = " + class images (prior preservation)" if prior_factor(cfg) > 1 else ""
-        what = cfg.lora.type if cfg.run.task == "lora" else cfg.run.task
-        return Workload("this job", f"{family} {what}, {res}²{prior}", family, cfg.run.task, res, batch,
-                        lora_rank=cfg.lora.rank, adapter=cfg.lora.type, unet_overrides=_checkpoint_unet_config(cfg))
-    return Workload("this job", f"{cfg.model.size} from scratch, {res}²", cfg.model.size, "scratch", res, batch,
-                    ema=cfg.train.ema_decay > 0)
+        unet, vae, tes = _checkpoint_configs(cfg)
+        prior = task in ("lora", "full") and bool(cfg.data.class_data)
+        extra = " + class images (prior preservation)" if prior else ""
+        lora = task == "lora"
+        what = cfg.lora.type if lora else task
+        return Workload("this job", f"{family} {what}, {res}²{extra}", family, task, res, batch,
+                        lora_rank=cfg.lora.rank, adapter=cfg.lora.type, lora_conv=lora and cfg.lora.conv,
+                        lora_dropout=cfg.lora.dropout if lora else 0.0,
+                        lora_text_encoder=lora and cfg.lora.text_encoder, unet_overrides=unet, vae_overrides=vae,
+                        text_encoder_overrides=tes, text_every_step=cfg.data.shuffle_tags, prior=prior,
+                        text_cache_batch=text_cache_batch(cfg), **common)
+    builtin = cfg.data.source == "builtin"
+    te = _text_config(_folder_config(cfg.model.text_encoder, "text_encoder")) if cfg.model.text_encoder else {}
+    vae = _folder_config(cfg.model.vae, "vae") if cfg.model.vae else {}
+    scratch_task = "text2img" if task == "text2img" else "latent"
+    return Workload(
+        "this job", f"{cfg.model.size} from scratch ({task}), {res}²", cfg.model.size, "scratch", res, batch,
+        task="autoencoder" if task == "autoencoder" else scratch_task,
+        autoencoder_stage=task == "autoencoder" or (task == "latent" and not cfg.model.vae),
+        frozen_text_encoder=bool(cfg.model.text_encoder), text_encoder_overrides=(te,) if te else (),
+        vae_overrides=vae, text_vocab=int(te.get("vocab_size", 0)) or (
+            builtin_vocab_exact(cfg.data.num_images) if builtin else 256),
+        validation_items=VALIDATION_ITEMS if builtin and cfg.run.val_every > 0 else 0,
+        host_images=cfg.data.num_images if builtin else 0, **common,
+        **({"preview": None} if task == "autoencoder" else {}),
+    )
 
 
+def knobs_from_config(cfg: Any, workload: Workload | None = None, card: Any = None) -> Knobs:
+    """The plan knobs a RunConfig asks for (``auto`` attention resolved for ``card``).
+
+    With a standard ``workload`` (W1–W4 under a preset's knobs) the workload fixes the images per step
+    and the config only the micro-batch."""
+    t, m = cfg.train, cfg.memory
+    batch, accum = t.batch_size, t.grad_accum
+    if workload is not None:
+        batch = min(t.batch_size, workload.batch_size)
+        accum = max(1, workload.batch_size // batch)
+    kind, _ = effective_attention(m.attention, card)
+    return Knobs(
+        precision=t.precision, frozen_dtype=m.frozen_dtype, trainable_dtype=m.trainable_dtype,
+        optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing, attention=kind,
+        attention_chunk=m.attention_chunk, batch_size=batch, grad_accum=accum, cache_latents=m.cache_latents,
+        cache_text=m.cache_text, offload_frozen=m.offload_frozen, ema_on_cpu=t.ema_on_cpu,
+        fused_backward=m.fused_backward, zero_stage=m.zero_stage, offload_optimizer=m.offload_optimizer,
+        stream_blocks=float(m.stream_blocks),
+    )
+
+
+def plan_job(wl: Workload, knobs: Knobs, card: Any, vram_gib: float | None = None,
+             ram_gib: float | None = None) -> tuple[MemoryProfile, Plan | None]:
+    """The one way a job is planned (runs, presets' tables, ``lowvram profile``): profile it with its knobs;
+    over budget, the planner's first plan that fits from there (raises MemoryPlanError when none does, or
+    when the plan would exhaust host RAM)."""
+    prof = profile_step(wl, knobs, card=card, vram_gib=vram_gib)
+    if prof.fits is not False:
+        check_host(prof, ram_gib, card)
+        return prof, None
+    return prof, plan(wl, card, vram_gib=vram_gib, ram_gib=ram_gib, start=knobs, first=prof)
+
+
+def plan_inputs(cfg: RunConfig, card: Any = None, processes: int = 1) -> tuple[Workload, Knobs]:
+    """(job, knobs) the profile runs for ``cfg`` on ``card``: all a plan depends on besides the card."""
+    return workload_for(cfg), knobs_from_config(cfg, None, card).with_(processes=processes)
+
+
+# ---- the plan of a run ------------------------------------------------------------------------------------
 @dataclass
 class RunPlan:
-    """The profile of the run as configured, and the planner's plan when that did not fit."""
+    """What a run was decided to be: the config it trains (the resolved one plus the planner's knobs),
+    where each value came from, and the plan record (profile, budget, verdict, the planner's steps)."""
 
-    profile: MemoryProfile | None
-    plan: Plan | None = None
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    config: RunConfig
+    sources: dict[str, str]
+    record: dict[str, Any]
+    profile: MemoryProfile | None = None  # absent when read back from a run folder
+    refusal: tuple[str, str] | None = None  # (problem, fix) when the trainer would refuse this config
+
+    @property
+    def verdict(self) -> str:
+        return str(self.record.get("verdict", ""))
+
+    @property
+    def fits(self) -> bool | None:
+        return self.record.get("fits")
+
+    @property
+    def peak_bytes(self) -> int | None:
+        return self.record.get("peak_bytes")
+
+    def files(self) -> dict[str, str]:
+        """What ``lowvram train`` writes into the run folder (and ``lowvram plan`` prints): name -> text."""
+        return {
+            CONFIG_NAME: yaml.safe_dump(self.config.to_dict(), sort_keys=False),
+            PLAN_NAME: yaml.safe_dump(self.record, sort_keys=False, allow_unicode=True),
+            SOURCES_NAME: yaml.safe_dump(self.sources, sort_keys=False, allow_unicode=True),
+        }
 
     def lines(self) -> list[str]:
-        if self.profile is None:
-            return self.notes
-        p = self.profile
-        verdict = "fits" if p.fits else "does not fit" if p.fits is False else "no budget"
-        out = [f"memory: one training step peaks at {p.peak_bytes / GIB:.2f} GiB of tensors ({verdict}"
-               + (f"; budget {p.budget_bytes / GIB:.2f} GiB, headroom {p.headroom_bytes / GIB:+.2f} GiB)"
-                  if p.budget_bytes is not None else ")")]
-        out += [f"  {cat:<20} {b / GIB:8.3f} GiB" for cat, b in p.by_category.items() if b]
-        out += [f"  {cat:<20} {b / GIB:8.3f} GiB in host memory (not on the card)" for cat, b in p.host_bytes.items()]
-        if self.plan is not None:
-            out.append(f"the planner switched on (fastest plan that fits: {self.plan.profile.peak_bytes / GIB:.2f} GiB):")
-            out += [f"  + {s.knob}: {s.peak_after / GIB:.2f} GiB (saved {s.saved / GIB:+.2f})" for s in self.plan.steps]
-        return out + [f"note: {n}" for n in self.notes + p.notes]
+        """The plan for people, a few lines (``lowvram train`` prints them before it starts)."""
+        r = self.record
+        if r.get("peak_bytes") is None:
+            return [f"note: {n}" for n in r.get("notes", [])]
+        budget = r.get("budget_bytes")
+        verdict = {"fits": "fits", "planned": "fits with the planner's knobs", "forced": "does NOT fit (forced)",
+                   "refused": "refused"}.get(r["verdict"], r["verdict"])
+        out = [f"memory: the run peaks at {r['peak_bytes'] / GIB:.2f} GiB of tensors during {r['peak_stage']} "
+               f"({verdict}" + (f"; budget {budget / GIB:.2f} GiB, headroom {(budget - r['peak_bytes']) / GIB:+.2f} GiB)"
+                                if budget is not None else ")")]
+        out += [f"  {cat:<20} {b / GIB:8.3f} GiB" for cat, b in r["by_category"].items() if b]
+        out += [f"  {cat:<20} {b / GIB:8.3f} GiB in host memory (not on the card)" for cat, b in r["host_bytes"].items()]
+        if len(r.get("stages", {})) > 1:
+            out.append("  stages: " + ", ".join(f"{s} {b / GIB:.2f}" for s, b in r["stages"].items()) + " GiB")
+        if r.get("planner_steps"):
+            out.append("the planner switched on (fastest plan that fits):")
+            out += [f"  + {s['knob']}: {s['peak_bytes'] / GIB:.2f} GiB (saved {s['saved_bytes'] / GIB:+.2f})"
+                    for s in r["planner_steps"]]
+            out.append("  settings changed: " + ", ".join(f"{k}={v}" for k, v in r.get("changed", {}).items()))
+        if self.refusal is not None or r.get("refused"):
+            out.append(f"refused: {r.get('refused')}")
+        return out + [f"note: {n}" for n in r.get("notes", [])]
 
 
-def plan_run(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan:
-    """Profile ``cfg`` on ``card``; when it does not fit, plan (raises MemoryPlanError if nothing fits).
+def _card_record(card: Any, preset: str | None) -> dict[str, Any]:
+    if card is None:
+        return {"preset": preset}
+    keys = ("name", "backend", "arch", "vram_gib", "context_gib", "margin_gib")
+    return {"preset": preset, **{k: getattr(card, k) for k in keys if hasattr(card, k)}}
 
-    ``processes``: data-parallel processes, one card each (default: what the launcher started)."""
-    if cfg.run.task == "autoencoder":
-        return RunPlan(None, notes=["the autoencoder stage is small and is not planned"])
-    from ..distributed import process_count
 
-    wl = workload_for(cfg)
-    knobs = knobs_from_config(cfg, wl, card).with_(processes=processes or process_count())
-    profile = _profiler(prior_factor(cfg))
+def _changed(before: Knobs, after: Knobs) -> dict[str, Any]:
+    old = before.as_config()
+    return {f"{sec}.{k}": v for sec, body in after.as_config().items() for k, v in body.items()
+            if old.get(sec, {}).get(k) != v}
+
+
+def _profile_record(p: MemoryProfile) -> dict[str, Any]:
+    return {"peak_bytes": p.peak_bytes, "peak_gib": round(p.peak_bytes / GIB, 3), "peak_stage": p.peak_phase,
+            "budget_bytes": p.budget_bytes, "fits": p.fits, "by_category": dict(p.by_category),
+            "host_bytes": dict(p.host_bytes), "stages": dict(p.stages), "knobs": dict(p.knobs)}
+
+
+def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, str] | None = None,
+             preset: str | None = None) -> RunPlan:
+    """Profile ``cfg`` on ``card``; when it does not fit, let the planner switch knobs on (raises
+    MemoryPlanError when nothing fits, unless ``memory.force``). ``cfg`` is never changed: the plan
+    carries its own copy with the planner's settings, their sources saying so."""
+    sources = dict(sources or {name: "default" for name, _ in all_fields()})
+    card_rec = _card_record(card, preset)
+    refusal = (untrained_knobs(cfg, processes) or [None])[0]
+    wl, knobs = plan_inputs(cfg, card, processes)
+    job = {k: v for k, v in asdict(wl).items() if k not in ("id", "unet_overrides", "vae_overrides",
+                                                          "text_encoder_overrides", "lora_targets")}
+    base = {"card": card_rec, "job": job}
     try:
-        prof = profile(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        # a checkpoint whose layout the profiler's family configs do not describe (e.g. a custom SDXL)
-        return RunPlan(None, notes=[f"warning: memory not profiled for this model ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0]}); training without a plan"])
-    notes = ["pixel-space jobs are profiled with the latent UNet of the same size (an estimate)"] \
-        if cfg.run.task == "text2img" else []
-    if prior_factor(cfg) > 1:
-        notes.append(f"prior preservation: each micro-batch of {knobs.batch_size} instance image(s) also carries "
-                     f"as many class images (profiled at micro-batch {prof.knobs.get('batch_size')})")
-    if prof.fits is not False:
-        check_host(prof, cfg.memory.ram_gib, card)
-        return RunPlan(prof, notes=notes)
-    chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, ram_gib=cfg.memory.ram_gib, start=knobs, profile=profile)
-    # knobs the profiler models but the trainer refuses: a plan that needs one cannot train
-    untrained = [name for name, needed in (
-        ("DeepSpeed ZeRO-2", chosen.knobs.zero_stage and not cfg.memory.zero_stage),
-        (f"{chosen.knobs.trainable_dtype} trainable weights", chosen.knobs.trainable_dtype != "fp32"),
-    ) if needed]
-    if untrained:
-        raise MemoryPlanError(
-            f"this job fits only with {untrained[0]} ({chosen.profile.peak_bytes / GIB:.2f} GiB a card), which "
-            "lowvram profiles but does not train yet",
-            "use a card with more memory, a LoRA instead of a full fine-tune, or a smaller batch/resolution",
-        )
-    before = knobs.as_config()
-    overrides = {sec: {k: v for k, v in body.items() if before.get(sec, {}).get(k) != v}
-                 for sec, body in chosen.knobs.as_config().items()}
-    return RunPlan(prof, chosen, {s: b for s, b in overrides.items() if b}, notes)
-
-
-def apply_plan(cfg: RunConfig, rp: RunPlan) -> RunConfig:
-    """Write the planner's knob settings into ``cfg`` (in place)."""
-    for section, body in rp.overrides.items():
-        for key, value in body.items():
-            setattr(getattr(cfg, section), key, value)
-    return cfg
-
-
-def plan_or_refuse(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan:
-    """What ``lowvram train`` does first: fit the run to the card or refuse it (unless memory.force)."""
-    try:
-        rp = plan_run(cfg, card, processes)
-    except MemoryPlanError:
-        if cfg.memory.force:
-            return RunPlan(None, notes=["no plan fits the card; training anyway because memory.force is set"])
+        prof = profile_step(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
+    except LowvramError:
         raise
-    apply_plan(cfg, rp)
-    return rp
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if not (wl.unet_overrides or wl.vae_overrides or wl.text_encoder_overrides):
+            raise  # the published layouts always profile: anything else is a bug to see, not to hide
+        # a checkpoint whose own configs the profiler cannot build (e.g. a custom SDXL variant)
+        note = (f"warning: memory not profiled for this model ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "training without a plan")
+        return RunPlan(copy.deepcopy(cfg), sources, {**base, "verdict": "not profiled", "peak_bytes": None,
+                                                     "notes": [note]}, refusal=refusal)
+    notes = list(prof.notes)
+    if wl.prior:
+        notes.append(f"prior preservation: each micro-batch of {knobs.batch_size} instance image(s) also carries "
+                     f"as many class images (profiled at {2 * knobs.batch_size} images)")
+    if wl.from_scratch and cfg.data.source != "builtin" and not wl.frozen_text_encoder:
+        notes.append("the text encoder's vocabulary is built from the captions: profiled at 256 words")
+    if prof.fits is not False and refusal is None and not cfg.memory.force:
+        check_host(prof, cfg.memory.ram_gib, card)
+    record = {**base, "verdict": "fits" if prof.fits is not False else "does not fit", **_profile_record(prof),
+              "planner_steps": [], "changed": {}, "notes": notes}
+    planned = copy.deepcopy(cfg)
+    if prof.fits is False and refusal is None:
+        try:
+            chosen: Plan = plan(wl, card, vram_gib=cfg.memory.vram_gib, ram_gib=cfg.memory.ram_gib, start=knobs,
+                                first=prof)
+        except MemoryPlanError:
+            if not cfg.memory.force:
+                raise
+            record.update(verdict="forced")
+            notes.append("no plan fits the card; training anyway because memory.force is set")
+        else:
+            changed = _changed(knobs, chosen.knobs)
+            for dotted, value in changed.items():
+                section, key = dotted.split(".")
+                setattr(getattr(planned, section), key, value)
+            for dotted in changed:  # each changed value's source: the planner step that first set it
+                sec, k = dotted.split(".")
+                step = next((s.knob for s in chosen.steps if s.knobs.as_config()[sec].get(k) == changed[dotted]),
+                            "plan")
+                sources[dotted] = f"planner: {step}"
+            record.update(_profile_record(chosen.profile), verdict="planned", changed=changed,
+                          planner_steps=[{"knob": s.knob, "peak_bytes": s.peak_after, "saved_bytes": s.saved}
+                                         for s in chosen.steps])
+            record["notes"] = notes + [n for n in chosen.profile.notes if n not in notes]
+            prof = chosen.profile
+    if refusal is not None:
+        record.update(verdict="refused", refused=f"{refusal[0]} — {refusal[1]}")
+    return RunPlan(planned, sources, record, prof, refusal)
+
+
+def read_plan(folder: str | Path) -> RunPlan:
+    """The plan a run folder (or the panel's job folder) holds: config, sources and plan record."""
+    from ..config import ConfigBuilder, load_yaml
+
+    folder = Path(folder)
+    b = ConfigBuilder().apply(load_yaml(folder / CONFIG_NAME, "run config"), f"run config {folder / CONFIG_NAME}")
+    cfg = b.build()
+    sources = load_yaml(folder / SOURCES_NAME, "config sources") if (folder / SOURCES_NAME).is_file() else \
+        b.all_sources()
+    record = load_yaml(folder / PLAN_NAME, "plan") if (folder / PLAN_NAME).is_file() else {}
+    return RunPlan(cfg, {str(k): str(v) for k, v in sources.items()}, record)

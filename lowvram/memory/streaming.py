@@ -9,14 +9,13 @@ at a nominal bus speed: an estimate, stated as one.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
 import torch
 
 from ..errors import MemoryPlanError
-from .workloads import FLUX_MODELS, PRECISIONS, Knobs, Workload
+from .workloads import Knobs, Workload
 
 GIB = 2**30
 # Practical host->device copy speed from pinned memory, GB/s: PCIe 3.0 x16 moves ~12 of its nominal 15.8.
@@ -64,58 +63,6 @@ def host_budget(ram_gib: float | None = None) -> tuple[int | None, int | None]:
 def host_need(profile: Any) -> int:
     """Bytes a plan keeps in host RAM (streamed weights, parked models, offloaded optimizer state)."""
     return sum(profile.host_bytes.values())
-
-
-def _published(workload: Workload, family: Any) -> bool:
-    """Whether the workload's UNet is the family's published one (so its VAE/text encoders are too)."""
-    def norm(v: Any) -> Any:
-        return list(v) if isinstance(v, list | tuple) else v
-
-    return all(norm(family.unet.get(k)) == norm(v) for k, v in workload.unet_overrides.items()
-               if k in ("block_out_channels", "cross_attention_dim", "layers_per_block"))
-
-
-@functools.lru_cache(maxsize=16)
-def _module_bytes(model: str, part: str, dtype: torch.dtype) -> int:
-    """Parameter bytes of a family's VAE or text encoders in ``dtype`` (built once on meta)."""
-    from ..models import scratch, sd_configs
-
-    if model in FLUX_MODELS:  # the VAE stays for previews; CLIP-L and T5 are dropped once their outputs are cached
-        from .flux_workload import build_vae
-
-        mods = [build_vae(model, "meta", dtype)] if part == "vae" else []
-    elif model in sd_configs.SD_FAMILIES:
-        fam = sd_configs.get_family(model)
-        mods = [sd_configs.build_sd_vae(fam, "meta", dtype)] if part == "vae" else \
-            sd_configs.build_sd_text_encoders(fam, "meta", dtype)
-    else:
-        spec = scratch.get_spec(model)
-        if part == "vae":
-            mods = [scratch.build_vae(spec, device="meta", dtype=dtype)] if spec.vae is not None else []
-        else:
-            mods = [scratch.build_text_encoder(spec, vocab_size=256, device="meta", dtype=dtype)]
-    return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
-
-
-def parked_models(workload: Workload, knobs: Knobs) -> tuple[int, str | None]:
-    """Bytes of the VAE / frozen text encoders kept in host RAM after caching (as the trainer keeps them:
-    in the compute dtype; SDXL's VAE in fp32 under fp16), and a note when they could not be counted."""
-    from ..models import sd_configs
-
-    parts = [p for p, cached in (("vae", knobs.cache_latents), ("text", knobs.cache_text))
-             if cached and knobs.offload_frozen and not (p == "text" and workload.mode == "scratch")]
-    if not parts:
-        return 0, None
-    fam = sd_configs.SD_FAMILIES.get(workload.model)
-    if (fam is not None and not _published(workload, fam)) or (workload.model in FLUX_MODELS and workload.unet_overrides):
-        return 0, "host RAM of the parked VAE/text encoders not counted (not a published architecture)"
-    compute = PRECISIONS[knobs.precision]
-    total = 0
-    for part in parts:
-        dtype = torch.float32 if (part == "vae" and fam is not None and fam.is_sdxl and compute == torch.float16) \
-            else compute
-        total += _module_bytes(workload.model, part, dtype)
-    return total, None
 
 
 def streamable_bytes(workload: Workload, knobs: Knobs, fractions: tuple[float, ...]) -> dict[float, int]:

@@ -1,8 +1,10 @@
-"""The standard workloads (W1–W6) and the plan knobs, and how to build a workload's models for a plan.
+"""The jobs whose memory is planned (W1–W6 and any user's run) and the plan knobs, and how to build a job's
+models for a plan.
 
-A ``Workload`` is the job (model, LoRA or full or from scratch, resolution, batch); ``Knobs`` are the
-memory settings a plan turns. ``build`` creates the real model classes on any device (``meta`` for the
-profiler, ``cpu`` for the fidelity test) with the knobs applied the way training applies them.
+A ``Workload`` is the job as training runs it (model, LoRA or full or from scratch, resolution, batch,
+what stays on the card, previews, EMA ...); ``Knobs`` are the memory settings a plan turns. ``build``
+creates the real model classes on any device (``meta`` for the profiler, ``cpu`` for the fidelity test)
+with the knobs applied through the training code's own helpers.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..attention import set_attention
 from ..errors import ConfigError
-from ..quant import STORAGE_DTYPES, cast_frozen_layers, store_frozen_weights
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Adapted modules of the W1/W2 LoRA: attention projections + feed-forward (+ the 1x1 proj in/out).
@@ -33,36 +33,70 @@ FLUX_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "at
 
 
 @dataclass(frozen=True)
+class Preview:
+    """The sample grids a run draws with the trained weights (at least once, at the end)."""
+
+    prompts: int = 4  # rows of the grid; a from-scratch job samples them as one batch
+    guided: bool = True  # some guidance scale is not 1: [unconditional, conditional] run as one batch
+    size: tuple[int, int] | None = None  # largest (height, width) in pixels; None: the training resolution
+
+
+@dataclass(frozen=True)
 class Workload:
-    """A training job whose memory is planned: which model, what is trained, at what size."""
+    """A training job whose memory is planned: which model, what is trained, at what size, and everything
+    else that decides what is allocated on the card (``run_plan.workload_for`` derives it from a config)."""
 
     id: str
     description: str
     model: str  # an SD family (sd15, sd2, sdxl), a FLUX.1 variant (flux-dev) or a from-scratch size (tiny, ...)
     mode: str  # lora | full | scratch
     resolution: int  # image side in pixels
-    batch_size: int
+    batch_size: int  # images per optimizer step (the knobs split it into micro-batch x accumulation)
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
     adapter: str = "lora"  # lora.type: lora, loha, lokr, dora (their weights and forward temporaries differ)
-    ema: bool = False  # keep an EMA copy of the trained weights (from-scratch recipes sample from it)
+    lora_conv: bool = False  # LoCon: the 3x3 convolutions too
+    lora_dropout: float = 0.0  # dropout on the LoRA branch keeps a dropped copy of each adapted input
+    lora_text_encoder: bool = False  # LoRA on the text encoder(s) too: they stay on the card, with grad
+    ema: bool = False  # an fp32 EMA copy of the trained weights (train.ema_decay > 0)
     text_vocab: int = 256  # from-scratch tokenizers are built from the captions: a few hundred words
-    unet_overrides: dict[str, Any] = field(default_factory=dict)  # tests: shrink a real config
+    unet_overrides: dict[str, Any] = field(default_factory=dict)  # a checkpoint's own UNet config (tests: tiny)
+    vae_overrides: dict[str, Any] = field(default_factory=dict)  # a checkpoint's own VAE config
+    text_encoder_overrides: tuple[dict[str, Any], ...] = ()  # a checkpoint's own text encoder config(s)
+    task: str = "latent"  # from scratch: "latent" (UNet on autoencoder latents) or "text2img" (pixels)
+    autoencoder_stage: bool = False  # from scratch, latent: train the autoencoder first (no model.vae)
+    frozen_text_encoder: bool = False  # from scratch: a pretrained text encoder, frozen, encoding every step
+    text_every_step: bool = False  # captions change every draw (data.shuffle_tags): encoded when drawn
+    prior: bool = False  # prior preservation: every instance image has a class image beside it
+    preview: Preview | None = field(default_factory=Preview)
+    validation_items: int = 0  # held-out images validated (builtin data), in micro-batches
+    host_images: int = 0  # images the run keeps in memory as fp32 pixels (builtin data); latents alike
+    grad_clip: float = 1.0
+    snr_gamma: float = 0.0
+    text_cache_batch: int = 64  # captions the text cache encodes at once (at most 64; fewer in a small dataset)
 
     def with_(self, **changes: Any) -> Workload:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def from_scratch(self) -> bool:
+        return self.mode == "scratch"
+
 
 WORKLOADS: dict[str, Workload] = {
-    "W1": Workload("W1", "SD 1.5 UNet, LoRA rank 16 on attention + feed-forward, 512², batch 1", "sd15", "lora", 512, 1),
-    "W2": Workload("W2", "SDXL UNet, LoRA rank 16 (UNet only), 1024², batch 1", "sdxl", "lora", 1024, 1),
-    "W3": Workload("W3", "SD 1.5 UNet, full fine-tune, 512², batch 1", "sd15", "full", 512, 1),
+    # The fine-tunes keep the config's defaults: an EMA of the trained weights (train.ema_decay 0.999) and
+    # sample previews of 4 captions at guidance scales 1-7 (folder data: no validation set).
+    "W1": Workload("W1", "SD 1.5 UNet, LoRA rank 16 on attention + feed-forward, 512², batch 1", "sd15", "lora", 512,
+                   1, ema=True),
+    "W2": Workload("W2", "SDXL UNet, LoRA rank 16 (UNet only), 1024², batch 1", "sdxl", "lora", 1024, 1, ema=True),
+    "W3": Workload("W3", "SD 1.5 UNet, full fine-tune, 512², batch 1", "sd15", "full", 512, 1, ema=True),
     "W4": Workload("W4", "from scratch: celeba64 latent text-to-image (UNet 64/128/256, text 77x512), batch 16",
                    "celeba64", "scratch", 64, 16, ema=True),
+    # FLUX.1 is planned but not trained yet: the steady-state step alone (no cache stage, no previews, no EMA)
     "W5": Workload("W5", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 512², batch 1",
-                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS),
+                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS, preview=None),
     "W6": Workload("W6", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 1024², batch 1",
-                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS),
+                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS, preview=None),
 }
 
 
@@ -117,27 +151,42 @@ class Knobs:
 
 @dataclass
 class Built:
-    """A workload's models on a device, with the knobs applied, and the shapes of one step's inputs."""
+    """A job's models on a device, with the knobs applied, and the shapes of one step's inputs."""
 
     unet: nn.Module
     trainable: list[nn.Parameter]
-    frozen_modules: dict[str, nn.Module]  # resident on the card besides the UNet (VAE, text encoders)
-    train_text_encoder: nn.Module | None
-    latent_shape: tuple[int, int, int]
-    text_shape: tuple[int, int]  # (tokens, width) of the cross-attention context
-    unet_kwargs: dict[str, Any]
+    trained: dict[str, nn.Module]  # what the trainer's EMA and optimizer see, by name (unet, text_encoder, ...)
+    vae: nn.Module | None  # frozen autoencoder (fine-tunes, latent from-scratch jobs)
+    text_encoders: list[nn.Module]  # frozen or trained (``text_trained``)
+    text_trained: bool
+    latent_shape: tuple[int, int, int]  # (C, H, W) the UNet denoises at the training resolution
+    text_tokens: int
+    sdxl: bool = False
     prediction: str = "epsilon"
+    vae_factor: int = 8
     notes: list[str] = field(default_factory=list)
     # the family's own loss of one step, (built, inputs) -> loss; None: the UNet diffusion loss (train/step.py)
     step_loss: Callable[[Built, dict[str, torch.Tensor]], torch.Tensor] | None = None
     streamer: Any = None  # a lowvram.streaming.BlockStreamer when knobs.stream_blocks > 0
 
+    def unet_kwargs(self, batch: int, device: str | torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """SDXL's pooled embedding and size ids, as the fine-tune passes them (``added_cond_kwargs``)."""
+        if not self.sdxl:
+            return {}
+        pooled = int(self.unet.config.projection_class_embeddings_input_dim) - 6 * int(
+            self.unet.config.addition_time_embed_dim)
+        return {"added_cond_kwargs": {"text_embeds": torch.empty(batch, pooled, device=device, dtype=dtype),
+                                      "time_ids": torch.empty(batch, 6, device=device, dtype=dtype)}}
 
-def attach_lora(unet: nn.Module, rank: int, targets: tuple[str, ...], adapter: str = "lora") -> list[nn.Parameter]:
-    """The adapter (``adapter``: lora, loha, lokr, dora) on ``targets`` as training attaches it; returns its parameters."""
+
+def attach_lora(unet: nn.Module, rank: int, targets: tuple[str, ...], dropout: float = 0.0,
+                conv: bool = False, adapter: str = "lora") -> list[nn.Parameter]:
+    """The adapter (``adapter``: lora, loha, lokr, dora) on ``targets`` (+ 3x3 convs) through lowvram.lora,
+    as training attaches it; returns its parameters."""
     from ..lora import attach_lora as project_attach
 
-    return list(project_attach(unet, rank=rank, alpha=float(rank), target_modules=list(targets), adapter=adapter))
+    return list(project_attach(unet, rank=rank, alpha=float(rank), dropout=dropout, conv=conv,
+                               target_modules=list(targets), adapter=adapter))
 
 
 def fp16_compute_safe(workload: Workload) -> bool:
@@ -151,107 +200,128 @@ def _is_family(name: str) -> bool:
     return name in SD_FAMILIES
 
 
-def _frozen_dtype(knobs: Knobs, fallback_fp8: torch.dtype) -> torch.dtype:
-    """Dtype of frozen helper models (VAE, text encoders): fp8 storage applies to the UNet only."""
-    return fallback_fp8 if knobs.frozen_dtype == "fp8" else STORAGE_DTYPES[knobs.frozen_dtype]
+def _build_family(workload: Workload, knobs: Knobs, device: str | torch.device, notes: list[str]) -> Built:
+    """An SD checkpoint's UNet, VAE and text encoder(s) in the dtypes the fine-tune loads them with."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from ..models import sd_configs
+    from ..quant import store_frozen_unet
+    from ..train.finetune import helper_dtypes
 
-def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
-          recompute_context: Callable[[], Any] | None = None) -> Built:
-    """The workload's models on ``device`` with ``knobs`` applied (LoRA, dtypes, checkpointing, attention).
-
-    ``recompute_context`` (profiler only) is entered around gradient-checkpoint recomputation, where
-    real autocast is re-entered by torch but the profiler's meta emulation must be re-entered by hand.
-    """
+    fam = sd_configs.get_family(workload.model)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**{**fam.unet, **workload.unet_overrides})
+        vae = AutoencoderKL(**{**fam.vae, **workload.vae_overrides})
+        te_configs = workload.text_encoder_overrides or fam.text_encoders
+        encoders = []
+        for i, te_cfg in enumerate(te_configs):
+            cls = CLIPTextModelWithProjection if (fam.is_sdxl and i == 1) else CLIPTextModel
+            encoders.append(cls(CLIPTextConfig(**te_cfg)))
     compute = PRECISIONS[knobs.precision]
-    half = compute if compute != torch.float32 else torch.float16
-    notes: list[str] = []
-    te_trained: nn.Module | None = None
-    frozen: dict[str, nn.Module] = {}
-    targets, step_loss = workload.lora_targets, None
-    if workload.model in FLUX_MODELS:
-        from .flux_workload import build_flux
-
-        unet, frozen, latent, text, unet_kwargs, targets, step_loss = build_flux(
-            workload, knobs, device, _frozen_dtype(knobs, half))
-        prediction = "flow"
-    elif _is_family(workload.model):
-        from ..models import sd_configs
-
-        fam = sd_configs.get_family(workload.model)
-        with torch.device(device):
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel(**{**fam.unet, **workload.unet_overrides})
-        latent = fam.latent_shape(workload.resolution)
-        text = (fam.text_tokens, int(unet.config.cross_attention_dim))
-        unet_kwargs = fam.unet_kwargs(knobs.batch_size, device, torch.float32) if fam.is_sdxl else {}
-        prediction = fam.prediction
-        if not (knobs.cache_latents and knobs.offload_frozen):
-            # SDXL's VAE overflows in fp16: it stays fp32 unless bf16 is the compute dtype.
-            vae_dtype = torch.float32 if (fam.is_sdxl and compute != torch.bfloat16) else _frozen_dtype(knobs, half)
-            frozen["vae"] = sd_configs.build_sd_vae(fam, device, vae_dtype).requires_grad_(False)
-        if not (knobs.cache_text and knobs.offload_frozen):
-            for i, te in enumerate(sd_configs.build_sd_text_encoders(fam, device, _frozen_dtype(knobs, half))):
-                frozen[f"text_encoder{i + 1 if i else ''}"] = te.requires_grad_(False)
-    else:
-        from ..models import scratch
-
-        spec = scratch.get_spec(workload.model)
-        spec = dataclasses.replace(spec, resolution=workload.resolution, unet={**spec.unet, **workload.unet_overrides})
-        unet = scratch.build_unet(spec, device=device, task="latent")
-        latent = (spec.latent_channels, spec.latent_resolution, spec.latent_resolution)
-        text = (spec.text_max_length, int(spec.text_encoder["hidden_size"]))
-        if workload.mode == "scratch":  # the small text encoder trains jointly with the UNet
-            te_trained = scratch.build_text_encoder(spec, vocab_size=workload.text_vocab, device=device)
-        elif not (knobs.cache_text and knobs.offload_frozen):
-            frozen["text_encoder"] = scratch.build_text_encoder(
-                spec, vocab_size=workload.text_vocab, device=device, dtype=_frozen_dtype(knobs, half)).requires_grad_(False)
-        unet_kwargs, prediction = {}, "epsilon"
-        if not (knobs.cache_latents and knobs.offload_frozen) and spec.vae is not None:
-            frozen["vae"] = scratch.build_vae(spec, device=device, dtype=_frozen_dtype(knobs, half)).requires_grad_(False)
+    te_dtype, vae_dtype = helper_dtypes(knobs.precision, fam.is_sdxl, bool(vae.config.force_upcast))
+    # nn.Module.to: diffusers' own .to(dtype) warns about an empty list of fp32 modules on every cast
+    vae = nn.Module.to(vae, vae_dtype).requires_grad_(False)
+    encoders = [te.to(te_dtype).requires_grad_(False) for te in encoders]
+    trained: dict[str, nn.Module] = {"unet": unet}
+    text_trained = workload.mode == "lora" and workload.lora_text_encoder
     if workload.mode == "lora":
-        trainable = attach_lora(unet, workload.lora_rank, targets, workload.adapter)
-        # fp16/bf16 frozen weights under autocast are a plain cast; fp8 (or half without autocast)
-        # needs per-layer upcast, which StoredLinear/StoredConv2d do.
-        if knobs.frozen_dtype != "fp32":
-            if compute != torch.float32 and knobs.frozen_dtype in ("fp16", "bf16"):
-                cast_frozen_layers(unet, STORAGE_DTYPES[knobs.frozen_dtype])
-            else:
-                from ..adapters import weight_readers
+        trainable = attach_lora(unet, workload.lora_rank, workload.lora_targets, workload.lora_dropout,
+                                workload.lora_conv, workload.adapter)
+        if text_trained:
+            from ..lora import attach_text_lora
 
-                store_frozen_weights(unet, knobs.frozen_dtype, unscaled=weight_readers(unet))
+            for name, te in zip(("text_encoder", "text_encoder_2"), encoders, strict=False):
+                trainable += attach_text_lora(te, workload.lora_rank, float(workload.lora_rank), workload.lora_dropout)
+                trained[name] = te
+        notes.append(f"frozen UNet weights: {store_frozen_unet(unet, knobs.frozen_dtype, compute)}")
     else:
         unet.requires_grad_(True)
         trainable = list(unet.parameters())
-        if te_trained is not None:
-            te_trained.requires_grad_(True)
-            trainable += list(te_trained.parameters())
-        if knobs.trainable_dtype == "bf16":
-            for p in trainable:
-                p.data = p.data.to(torch.bfloat16)
-        elif knobs.trainable_dtype != "fp32":
-            raise ConfigError(f"trainable_dtype {knobs.trainable_dtype!r} is not supported", "use fp32 or bf16")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = workload.resolution // factor
+    latent = (int(unet.config.in_channels), side, side)
+    tokens = int(encoders[0].config.max_position_embeddings)
+    return Built(unet, trainable, trained, vae, encoders, text_trained, latent, tokens, fam.is_sdxl, fam.prediction,
+                 factor, notes)
+
+
+def _build_scratch(workload: Workload, device: str | torch.device) -> Built:
+    """A from-scratch size as ``train.setup.build_components`` builds it (fp32; the text encoder trains)."""
+    from ..models import scratch
+
+    spec = scratch.get_spec(workload.model)
+    spec = dataclasses.replace(spec, resolution=workload.resolution, unet={**spec.unet, **workload.unet_overrides})
+    te_cfg = {**spec.text_encoder, **(workload.text_encoder_overrides[0] if workload.text_encoder_overrides else {})}
+    spec = dataclasses.replace(spec, text_encoder=te_cfg)
+    te = scratch.build_text_encoder(spec, vocab_size=workload.text_vocab, device=device)
+    # cross-attention follows the text encoder (a pretrained one may be wider than the size's own)
+    spec = dataclasses.replace(spec, unet={**spec.unet, "cross_attention_dim": te.config.hidden_size})
+    latent = workload.task == "latent"
+    unet = scratch.build_unet(spec, device=device, task="latent" if latent else "text2img")
+    vae = None
+    if latent:
+        vae_spec = dataclasses.replace(spec, vae={**spec.vae, **workload.vae_overrides}) if spec.vae else spec
+        vae = scratch.build_vae(vae_spec, device=device).requires_grad_(False)
+    cfg = scratch.unet_config(spec, "latent" if latent else "text2img")
+    shape = (int(cfg["in_channels"]), int(cfg["sample_size"]), int(cfg["sample_size"]))
+    unet.requires_grad_(True)
+    trainable = list(unet.parameters())
+    trained: dict[str, nn.Module] = {"unet": unet}
+    if workload.frozen_text_encoder:
+        te.requires_grad_(False)
+    else:
+        te.requires_grad_(True)
+        trainable += list(te.parameters())
+        trained["text_encoder"] = te
+    factor = workload.resolution // shape[1] if latent else 1
+    return Built(unet, trainable, trained, vae, [te], not workload.frozen_text_encoder, shape,
+                 int(te.config.max_position_embeddings), vae_factor=max(1, factor))
+
+
+def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
+          recompute_context: Callable[[], Any] | None = None, helper_kernel: str = "sdpa",
+          cpu_card: bool = False) -> Built:
+    """The job's models on ``device`` with ``knobs`` applied (LoRA, dtypes, checkpointing, attention).
+
+    ``recompute_context`` (profiler only) is entered around gradient-checkpoint recomputation, where
+    real autocast is re-entered by torch but the profiler's meta emulation must be re-entered by hand.
+    ``helper_kernel``: what the VAE's SDPA processor really runs on the card (``math`` without flash);
+    ``cpu_card``: the target is the CPU (its flash kernel's per-thread scratch is modelled too).
+    """
+    from ..train.step import enable_checkpointing
+
+    notes: list[str] = []
+    if workload.model in FLUX_MODELS:
+        from .flux_workload import build_flux
+
+        built = build_flux(workload, knobs, device, PRECISIONS[knobs.precision])
+    elif _is_family(workload.model):
+        built = _build_family(workload, knobs, device, notes)
+    elif workload.mode == "scratch":
+        built = _build_scratch(workload, device)
+    else:
+        raise ConfigError(f"a {workload.mode} fine-tune needs a Stable Diffusion family, not '{workload.model}'",
+                          "use model sd15, sd2 or sdxl (with unet_overrides for a small test model)")
+    if knobs.trainable_dtype == "bf16" and workload.mode != "lora":
+        for p in built.trainable:
+            p.data = p.data.to(torch.bfloat16)
+    elif knobs.trainable_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"trainable_dtype {knobs.trainable_dtype!r} is not supported", "use fp32 or bf16")
     if knobs.gradient_checkpointing:
-        if recompute_context is None:
-            unet.enable_gradient_checkpointing()
-            if te_trained is not None:
-                te_trained.gradient_checkpointing_enable()
-        else:
-            kw = {"use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), recompute_context())}
-            unet.enable_gradient_checkpointing(lambda module, *args: checkpoint(module.__call__, *args, **kw))
-            if te_trained is not None:
-                te_trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        ctx = None if recompute_context is None else (lambda: (contextlib.nullcontext(), recompute_context()))
+        enable_checkpointing(built.trained.values(), ctx)
     kernel = knobs.attention
+    fused = "fused_memory_cpu" if cpu_card else "fused_memory"
     if str(device) == "meta" and kernel in ("sdpa", "xformers"):
         # meta has no fused kernel: model what the card's flash / memory-efficient kernel allocates.
-        kernel = "fused_memory"
+        kernel = fused
         notes.append(f"attention {knobs.attention}: modelled as a fused O(N) kernel (output + fp32 logsumexp)")
-    set_attention(unet, kernel, knobs.attention_chunk)
-    for m in frozen.values():
-        if hasattr(m, "set_attn_processor"):
-            set_attention(m, kernel, knobs.attention_chunk)
-    built = Built(unet, trainable, frozen, te_trained, latent, text, unet_kwargs, prediction, notes, step_loss)
+    set_attention(built.unet, kernel, knobs.attention_chunk)
+    if built.vae is not None:
+        # training keeps diffusers' SDPA processor in the VAE: the card's fused kernel, or math without one
+        set_attention(built.vae, fused if helper_kernel == "sdpa" and str(device) == "meta" else helper_kernel)
+    built.notes = list(dict.fromkeys(notes + built.notes))  # the family builder writes into ``notes`` too
     if knobs.stream_blocks:
         if workload.mode != "lora":
             raise ConfigError("memory.stream_blocks streams frozen weights, and a full or from-scratch job trains "
@@ -259,5 +329,5 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
         from ..streaming import stream_frozen_blocks
 
         # last, as in training: the blocks' frozen tensors are final (LoRA attached, storage dtype set)
-        built.streamer = stream_frozen_blocks(unet, device, knobs.stream_blocks, pin=False)
+        built.streamer = stream_frozen_blocks(built.unet, device, knobs.stream_blocks, pin=False)
     return built

@@ -15,6 +15,7 @@ import torch
 from ..config import RunConfig
 from ..models import scratch
 from .events import Event
+from .step import phase_range
 
 AE_DIR = "autoencoder"
 SCALE_JSON = "latent_scale.json"
@@ -37,32 +38,39 @@ def train_autoencoder(
     spec = scratch.MODEL_SIZES[cfg.model.size]
     torch.manual_seed(cfg.run.seed)
     vae = scratch.build_vae(spec).to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.autoencoder_lr)
+    # foreach=False: the per-tensor loop, no multi-tensor temporaries (what the memory profile assumes)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.autoencoder_lr, foreach=False)
     gen = torch.Generator().manual_seed(cfg.run.seed + 17)
     bs = cfg.train.batch_size
     emit(Event("start", 0, {"stage": "autoencoder", "total": steps}))
     for step in range(1, steps + 1):
         idx = torch.randint(0, num_items, (bs,), generator=gen).tolist()
-        x = images(idx).to(device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=None)
-        recon = vae.decode(z).sample
-        rec_loss = torch.nn.functional.mse_loss(recon.float(), x.float())
-        loss = rec_loss + cfg.train.kl_weight * kl_divergence(posterior.mean, posterior.logvar)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        with phase_range("autoencoder"):
+            x = images(idx).to(device)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.sample(generator=None)
+            recon = vae.decode(z).sample
+            rec_loss = torch.nn.functional.mse_loss(recon.float(), x.float())
+            loss = rec_loss + cfg.train.kl_weight * kl_divergence(posterior.mean, posterior.logvar)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            # freed at once: not alive through the next forward, nor (after the last step) the whole run
+            opt.zero_grad(set_to_none=True)
+            del x, posterior, z, recon
         if step % cfg.run.log_every == 0 or step == steps:
             emit(Event("step", step, {"stage": "autoencoder", "loss": loss.item(), "recon_mse": rec_loss.item()}))
     return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def latent_scale(vae: torch.nn.Module, images: torch.Tensor) -> float:
-    """1 / std of the latents, so the diffusion model sees unit-variance inputs (SD's 0.18215 idea)."""
-    z = vae.encode(images).latent_dist.mean
-    return float(1.0 / z.float().std().clamp_min(1e-6))
+def latent_scale(vae: torch.nn.Module, images: torch.Tensor, batch: int | None = None) -> float:
+    """1 / std of the latents, so the diffusion model sees unit-variance inputs (SD's 0.18215 idea).
+
+    ``batch``: images encoded at once (the training micro-batch: this stage never needs more memory)."""
+    step = batch or len(images)
+    z = torch.cat([vae.encode(images[i:i + step]).latent_dist.mean.float() for i in range(0, len(images), step)])
+    return float(1.0 / z.std().clamp_min(1e-6))
 
 
 def save_autoencoder(vae: torch.nn.Module, scale: float, run_dir: Path) -> Path:

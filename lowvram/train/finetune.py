@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from .events import Event
 from .loop import AUTOCAST, Trainer
-from .step import compute_loss
+from .step import compute_loss, phase_range
 
 SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
 LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
@@ -96,33 +96,18 @@ def load_base(cfg: RunConfig) -> Any:
                            prediction=resolve_prediction(cfg))
 
 
-def _small_params_to_fp32(model: nn.Module) -> None:
-    """Norms, embeddings and biases outside Linear/Conv layers back to fp32 (tiny, and CPU autocast
-    does not cast a norm's weight to its input's dtype)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv2d):
-            continue
-        for name, p in list(module.named_parameters(recurse=False)):
-            if not p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-                setattr(module, name, nn.Parameter(p.detach().float(), requires_grad=False))
-
-
 def store_frozen_unet(unet: nn.Module, cfg: RunConfig) -> str:
-    """Keep the frozen UNet weights in ``memory.frozen_dtype`` exactly as the memory profiler models it:
-    a plain cast under fp16/bf16 autocast, else per-layer upcast (fp8, or half without autocast)."""
-    from ..quant import STORAGE_DTYPES, cast_frozen_layers, store_frozen_weights
+    """Keep the frozen UNet weights in ``memory.frozen_dtype`` exactly as the memory profiler models it."""
+    from ..quant import store_frozen_unet as store
 
-    frozen = cfg.memory.frozen_dtype
-    if frozen == "fp32":
-        return "fp32"
-    if compute_dtype(cfg) != torch.float32 and frozen in ("fp16", "bf16"):
-        cast_frozen_layers(unet, STORAGE_DTYPES[frozen])
-        _small_params_to_fp32(unet)
-        return f"{frozen} (cast, autocast {cfg.train.precision})"
-    from ..adapters import weight_readers
+    return store(unet, cfg.memory.frozen_dtype, compute_dtype(cfg))
 
-    store_frozen_weights(unet, frozen, other_dtype=torch.float32, unscaled=weight_readers(unet))
-    return f"{frozen} (stored, upcast per layer)"
+
+def helper_dtypes(precision: str, sdxl: bool, vae_force_upcast: bool) -> tuple[torch.dtype, torch.dtype]:
+    """(text encoders, VAE) dtype of a fine-tune's frozen helpers: the compute dtype, except SDXL's VAE,
+    which overflows in fp16 and stays fp32 there. The memory profiler builds them the same way."""
+    dt = AUTOCAST.get(precision, torch.float32)
+    return dt, torch.float32 if sdxl and dt == torch.float16 and vae_force_upcast else dt
 
 
 def install_attention(models: list[nn.Module], cfg: RunConfig, device: torch.device) -> str:
@@ -233,7 +218,7 @@ class FinetuneJob:
 
         One micro-batch holds both halves (diffusers' DreamBooth layout) rather than alternating instance
         and class micro-batches: every optimizer step then sees instance + weight x prior exactly, also
-        at grad_accum 1, and the memory planner profiles the doubled micro-batch (run_plan.prior_factor);
+        at grad_accum 1, and the memory planner profiles the doubled micro-batch (Workload.prior);
         with gradient checkpointing the second image adds little to a LoRA step's peak.
         """
         out = self.images(self.data.dataset, self.data.latents, idx)
@@ -532,13 +517,24 @@ def build_caches(cfg: RunConfig, job: FinetuneJob) -> None:
             captions |= dataset_captions(job.data.prior.dataset)
         job.data.text = text.build(captions)
         print(f"text cache {text.store.root}: {text.stats.needed} captions, {text.stats.hits} reused")
-    # tag shuffling makes new captions every draw: they are encoded when drawn, so the encoders stay
-    needs_text = not job.train_text and (job.data.text is None or cfg.data.shuffle_tags)
-    needs_vae = job.data.latents is None or (job.data.prior is not None and job.data.prior_latents is None)
-    if cfg.memory.offload_frozen and not (needs_text or needs_vae):
+    cached_text = job.data.text is not None
+    cached_latents = job.data.latents is not None and (job.data.prior is None or job.data.prior_latents is not None)
+    if not frozen_stay_on_device(cfg.memory.offload_frozen, cached_latents, cached_text, job.train_text,
+                                 cfg.data.shuffle_tags):
         for m in job.frozen:
             m.to("cpu")
         job.frozen_on_device = False
+
+
+def frozen_stay_on_device(offload: bool, cached_latents: bool, cached_text: bool, train_text: bool,
+                          shuffle_tags: bool) -> bool:
+    """Whether the frozen VAE and text encoders stay on the device while training (the profiler asks too).
+
+    They leave it only together, and only when nothing encodes during training: latents and captions
+    cached, no text-encoder LoRA, and no tag shuffling (it makes new captions every draw, encoded when drawn).
+    """
+    needs_text = not train_text and (not cached_text or shuffle_tags)
+    return not offload or needs_text or not cached_latents
 
 
 def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str]:
@@ -546,14 +542,13 @@ def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str
     from ..lora import attach_lora, attach_text_lora
 
     notes = []
-    dt = compute_dtype(cfg)
+    dt, vae_dt = helper_dtypes(cfg.train.precision, comps.family == "sdxl", bool(comps.vae.config.force_upcast))
     for name in ("text_encoder", "text_encoder_2"):
         te = getattr(comps, name, None)
         if te is not None and te.dtype != dt:
             te.to(dt)
-    vae_dt = torch.float32 if comps.family == "sdxl" and dt == torch.float16 and comps.vae.config.force_upcast else dt
     if comps.vae.dtype != vae_dt:
-        comps.vae.to(vae_dt)
+        nn.Module.to(comps.vae, vae_dt)  # diffusers' own .to(dtype) warns about an empty list of fp32 modules
     torch.manual_seed(cfg.run.seed)  # LoRA's random init: the same run gives the same adapter
     if cfg.run.task == "lora":
         lo = cfg.lora
@@ -570,11 +565,7 @@ def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str
         comps.unet.requires_grad_(True)
     comps.unet.train()
     notes.append(f"attention: {install_attention([comps.unet], cfg, device)}")
-    if cfg.memory.stream_blocks:
-        notes.append(stream_unet(comps.unet, cfg, device))
-    else:
-        comps.unet.to(device)
-    return notes
+    return notes  # the UNet stays where it loaded until the caches are built (train_finetune moves it)
 
 
 def stream_unet(unet: nn.Module, cfg: RunConfig, device: torch.device) -> str:
@@ -629,11 +620,15 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     notes = prepare_models(cfg, comps, device)
     prompts = cfg.sample.prompts or default_prompts(ds)
     job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches, prior=prior), prompts)
-    with main_first(world):
-        build_caches(cfg, job)
+    with main_first(world), phase_range("cache"):
+        build_caches(cfg, job)  # the UNet is not on the card yet: caching needs only the VAE and text encoders
     if cache_only:
         ds.write_report(run_dir)
         return RunResult(run_dir, "cached", 0)
+    if cfg.memory.stream_blocks:
+        notes.append(stream_unet(comps.unet, cfg, device))
+    else:
+        comps.unet.to(device)
     print(f"{cfg.run.task} fine-tune of {comps.family} ({comps.prediction_type}) from {cfg.model.pretrained}; "
           + "; ".join(notes))
 

@@ -6,6 +6,8 @@ from-scratch run is a :class:`ScratchJob`; a LoRA or full fine-tune brings its o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,14 +89,30 @@ class ScratchJob:
                 return self.c.unet(noisy, t, encoder_hidden_states=c).sample
 
             return validation_loss(predict, self.val_batch["x0"].to(self.device), cond,
-                                   self.c.alphas_cumprod.to(self.device), self.cfg.model.prediction, seed=0)
+                                   self.c.alphas_cumprod.to(self.device), self.cfg.model.prediction, seed=0,
+                                   batch=self.cfg.train.batch_size)
         finally:
             self.c.unet.train()
 
+    @contextmanager
+    def vae_on_device(self) -> Iterator[None]:
+        """An offloaded autoencoder (memory.offload_frozen) visits the card to decode samples."""
+        vae = self.c.vae
+        if vae is None or next(vae.parameters()).device == self.device:
+            yield
+            return
+        vae.to(self.device)
+        try:
+            yield
+        finally:
+            vae.to("cpu")
+
     def preview(self) -> Any:
         s = self.cfg.sample
-        return self.pipeline().grid(self.sample_prompts, list(s.cfg_scales), steps=s.steps, sampler=s.sampler,
-                                    seed=s.seed, negative_prompt=s.negative_prompt, guidance_rescale=s.guidance_rescale)
+        with self.vae_on_device():
+            return self.pipeline().grid(self.sample_prompts, list(s.cfg_scales), steps=s.steps, sampler=s.sampler,
+                                        seed=s.seed, negative_prompt=s.negative_prompt,
+                                        guidance_rescale=s.guidance_rescale)
 
     def save_final(self, step: int) -> Path:
         final = self.run_dir / "final"

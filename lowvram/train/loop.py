@@ -19,13 +19,13 @@ import torch
 from ..config import RunConfig
 from ..distributed import SINGLE, World, any_process, mean_over_processes, wait, wrap_ddp
 from ..ema import EMA
-from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..errors import CheckpointError, TrainingDiverged
 from ..optim import FusedBackward, build_optimizer, optimizer_from_tensors, optimizer_to_tensors
 from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .events import Event
 from .jobs import Job
 from .signals import critical
-from .step import optimizer_step
+from .step import enable_checkpointing, optimizer_step, phase_range
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NONFINITE_CAUSES = (
@@ -118,34 +118,25 @@ class Trainer:
         self.emit = emit if world.is_main else _ignore
         t = cfg.train
         self.model = torch.nn.ModuleDict(job.trainable_modules())
-        if t.gradient_checkpointing:
-            job.unet.enable_gradient_checkpointing()
+        if t.gradient_checkpointing:  # everything trained: the UNet and a jointly trained text encoder
+            enable_checkpointing(self.model.values())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.memory.trainable_dtype != "fp32":
-            raise ConfigError(
-                f"memory.trainable_dtype = {cfg.memory.trainable_dtype!r} is profiled but not trained yet "
-                "(bf16 weights need stochastic rounding, which is not implemented)",
-                "use --set memory.trainable_dtype=fp32",
-            )
+        from ..memory.run_plan import refuse_untrained
+
+        refuse_untrained(cfg, world.num_processes)  # what lowvram profiles but does not train: one list
         self.fused = cfg.memory.fused_backward
-        if self.fused and world.distributed:
-            raise ConfigError(
-                f"memory.fused_backward cannot train with {world.num_processes} processes: it steps the optimizer "
-                "inside backward, before the gradients are averaged over the processes",
-                "use --set memory.fused_backward=false with several processes (or train in one process)",
-            )
         # DDP broadcasts the main process's trainable weights, so every process (and its EMA) starts equal
         self.ddp = wrap_ddp(JobLoss(self.model, job), world) if world.distributed else None
+        # fp16 trains with loss scaling; with fused backward each tensor is checked before it steps (optim.py)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         if self.fused:
             # the optimizer steps inside backward, one parameter at a time, and frees each gradient at once
             self.optimizer: Any = FusedBackward(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                                clip_per_param=t.grad_clip)
+                                                clip_per_param=t.grad_clip, scaler=self.scaler)
         else:
             # foreach=False: the multi-tensor AdamW path keeps a temporary copy of the state (the profiler assumes none)
             self.optimizer = build_optimizer(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                              foreach=False)
-        # a fused step cannot be taken back, so there is no GradScaler to skip overflowing steps with it
-        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and not self.fused)
         ema_device = "cpu" if t.ema_on_cpu else device
         self.ema = EMA(self.model, decay=t.ema_decay, device=ema_device) if t.ema_decay > 0 else None
         self.step = 0
@@ -283,6 +274,10 @@ class Trainer:
     def train_step(self, positions: Iterator[list[int]]) -> float:
         """Accumulate ``grad_accum`` micro-batches and step; returns the mean loss over all processes'
         micro-batches (may be non-finite: then every process skips the step)."""
+        with phase_range("train_step"):
+            return self._train_step(positions)
+
+    def _train_step(self, positions: Iterator[list[int]]) -> float:
         t = self.cfg.train
         w = self.world
         autocast = (
@@ -291,6 +286,8 @@ class Trainer:
         total = 0.0
         finite = True
         self.set_lr(self.lr_at(self.step))
+        if self.fused:
+            self.optimizer.begin_step()
         for micro in range(t.grad_accum):
             if self.fused:  # accumulate the first micro-batches' gradients, step on the last one's
                 self.optimizer.stepping = micro == t.grad_accum - 1
@@ -312,6 +309,12 @@ class Trainer:
         if finite:
             if not self.fused:
                 optimizer_step(self.optimizer, self.params, grad_clip=t.grad_clip, scaler=self.scaler)
+            elif self.scaler.is_enabled():
+                self.scaler.update()  # an overflow in any tensor halves the scale for the next step
+                if self.optimizer.skipped:
+                    self.emit(Event("warning", self.step, {"message": (
+                        f"fp16 overflow in {self.optimizer.skipped} gradient tensor(s) at step {self.step}: "
+                        f"they did not step; loss scale now {self.scaler.get_scale():g}")}))
             if self.ema is not None:
                 self.ema.update(self.model)
         else:
@@ -328,13 +331,13 @@ class Trainer:
         return self.ema.swapped(self.model) if self.ema is not None else nullcontext()
 
     def validate(self) -> float | None:
-        with self.ema_weights():
+        with phase_range("validation"), self.ema_weights():
             return self.job.validate()
 
     def write_samples(self, name: str) -> Path:
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        with self.ema_weights():
+        with phase_range("preview"), self.ema_weights():
             grid = self.job.preview()
         tmp = out.with_suffix(".tmp.png")
         grid.save(tmp)

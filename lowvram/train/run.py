@@ -6,7 +6,7 @@ process-global, so two runs in a row in one process do not interfere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger
 from .jobs import ScratchJob
 from .loop import Trainer, shuffled_batches
 from .setup import build_components, load_vae, resolve_defaults, resolve_device
+from .step import phase_range
 
 CONFIG_NAME = "config.yaml"
 VAL_ITEMS = 64
@@ -88,8 +89,10 @@ def open_images(cfg: RunConfig, split: str, run_dir: Path | None = None) -> Imag
     return ImageData(pixels, captions, n, cfg.sample.prompts or caps[:4], epoch_batches, caps)
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True) -> Path:
-    """Check the run folder (every process, so all refuse alike); ``write``: create it, save the config."""
+def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True,
+                    record: Mapping[str, str] | None = None) -> Path:
+    """Check the run folder (every process, so all refuse alike); ``write``: create it, save the config
+    (``record``: the plan's files, config.yaml among them, written as they are)."""
     run_dir = Path(cfg.run.out)
     if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
         raise ConfigError(
@@ -98,7 +101,13 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True) -> Path:
         )
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / CONFIG_NAME)
+        if record:
+            for name, text in record.items():
+                tmp = run_dir / f".{name}.tmp"
+                tmp.write_text(text, encoding="utf-8")
+                tmp.replace(run_dir / name)
+        else:
+            cfg.save(run_dir / CONFIG_NAME)
     return run_dir
 
 
@@ -108,11 +117,10 @@ def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None
     if not path.is_file():
         raise CheckpointError(f"'{run_dir}' is not a lowvram run folder (no {CONFIG_NAME})", "point --resume at a run's --out folder")
     b = ConfigBuilder().apply(load_yaml(path, "run config"), f"run config {path}")
+    b.set("run.out", str(run_dir), "the run folder resumed")  # the folder may have moved since
     for key, value in (overrides or {}).items():
         b.set(key, value, f"{key} given with --resume")
-    cfg = b.build()
-    cfg.run.out = str(run_dir)
-    return cfg
+    return b.build()
 
 
 def make_emitter(run_dir: Path, cfg: RunConfig, listeners: Iterable[Listener], progress: bool,
@@ -142,17 +150,19 @@ def train(
     progress: bool = True,
     resume: bool = False,
     from_checkpoint: str | None = None,
+    record: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Run the job ``cfg`` describes; with ``resume`` continue its run folder's latest checkpoint (or
     ``from_checkpoint``, an older one: the newer ones are set aside).
 
-    Under ``accelerate launch`` / ``torchrun`` every process calls this; only the main one writes files."""
+    ``record``: the plan's files to keep in the run folder (``lowvram.api.train`` passes them). Under
+    ``accelerate launch`` / ``torchrun`` every process calls this; only the main one writes files."""
     resolve_defaults(cfg)
     device = resolve_device(cfg.run.device)
     check_zero(cfg.memory.zero_stage, cfg.memory.offload_optimizer, device)
     w = world(cpu=device.type == "cpu")
     device = training_device(w, device)
-    run_dir = prepare_run_dir(cfg, resume, write=w.is_main)
+    run_dir = prepare_run_dir(cfg, resume, write=w.is_main, record=record)
     if w.is_main:
         # what earlier processes left half-written (killed saves) only fills the disk
         sweep_leftovers(run_dir, run_dir / "checkpoints")
@@ -182,14 +192,19 @@ def train(
             vae, scale = latent_stage(cfg, run_dir, train_data, device, emit)
         # the latent cache is encoded once, by the main process, and read by the others
         shared = run_dir / "cache"
-        latents = computed_once(w, shared / "train_latents.safetensors",
-                                lambda: encode_all(vae, train_data.pixels, len(train_data), scale, device))
+        with phase_range("cache"):
+            latents = computed_once(w, shared / "train_latents.safetensors",
+                                    lambda: encode_all(vae, train_data.pixels, len(train_data), scale, device,
+                                                       cfg.train.batch_size))
+            if val_x0 is not None:
+                val_x0 = computed_once(w, shared / "val_latents.safetensors",
+                                       lambda: encode_all(vae, val_data.pixels, len(val_data), scale, device,
+                                                          cfg.train.batch_size))
         n = len(train_data)
         x0_of = lambda idx: latents[[i % n for i in idx]]  # noqa: E731 — the cache is a tensor lookup
-        if val_x0 is not None:
-            val_x0 = computed_once(w, shared / "val_latents.safetensors",
-                                   lambda: encode_all(vae, val_data.pixels, len(val_data), scale, device))
-        vae = vae.to(device)
+        # the latents are cached: the autoencoder only decodes previews, so it waits in host memory
+        # with memory.offload_frozen (the job brings it to the card for each preview)
+        vae = vae.to("cpu" if cfg.memory.offload_frozen else device)
 
     tokenizer = None
     tok_dir = run_dir / "tokenizer"
@@ -236,7 +251,8 @@ def fit_autoencoder(cfg: RunConfig, run_dir: Path, data: ImageData, steps: int, 
                     emit: Callable[[Event], None]) -> tuple[torch.nn.Module, float]:
     """Train the autoencoder stage, measure its latent scale on up to 256 images, and save both."""
     vae = train_autoencoder(cfg, data.pixels, len(data), steps, device, emit)
-    scale = latent_scale(vae, data.pixels(list(range(min(256, len(data))))).to(device))
+    with phase_range("cache"):
+        scale = latent_scale(vae, data.pixels(list(range(min(256, len(data))))).to(device), cfg.train.batch_size)
     save_autoencoder(vae, scale, run_dir)
     return vae, scale
 

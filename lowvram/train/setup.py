@@ -54,9 +54,12 @@ def model_spec(cfg: RunConfig) -> scratch.ModelSpec:
 
 
 def resolve_defaults(cfg: RunConfig) -> RunConfig:
-    """Fill values that depend on other values (resolution from the model size), in place."""
+    """Fill values that depend on other values (resolution from the model size) in a RunConfig made by
+    hand; a built one (ConfigBuilder, lowvram.api.resolve) has them already and is left as it is."""
     if cfg.data.resolution is None:
-        cfg.data.resolution = model_spec(cfg).resolution if cfg.run.task not in ("lora", "full") else 512
+        from ..config import default_resolution
+
+        cfg.data.resolution = default_resolution(cfg.run.task, cfg.model.size) or model_spec(cfg).resolution
     return cfg
 
 
@@ -107,7 +110,7 @@ def build_components(
         unet=unet.to(device),
         text_encoder=text_encoder.to(device).requires_grad_(train_te),
         tokenizer=tokenizer,
-        vae=vae.to(device).requires_grad_(False).eval() if vae is not None else None,
+        vae=vae.requires_grad_(False).eval() if vae is not None else None,  # where the caller put it
         scheduler_config=sched,
         alphas_cumprod=acp,
         sample_shape=shape,

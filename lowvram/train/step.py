@@ -6,12 +6,14 @@ training does. Keep them free of logging and bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from ..diffusion import add_noise, diffusion_loss, min_snr_weights, target
+
+RANGE_PREFIX = "lowvram.run."
 
 
 def compute_loss(
@@ -76,3 +78,30 @@ def optimizer_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stepped
+
+
+def phase_range(name: str) -> Any:
+    """A ``torch.profiler`` range around a part of the run that holds memory on the card (a training step,
+    previews, validation, cache encoding): the memory fidelity check reads the allocator's peak inside them.
+    Costs next to nothing when no profiler is running."""
+    return torch.profiler.record_function(f"{RANGE_PREFIX}{name}")
+
+
+def enable_checkpointing(modules: Iterable[torch.nn.Module],
+                         context_fn: Callable[[], tuple[Any, Any]] | None = None) -> None:
+    """Gradient checkpointing (non-reentrant) on every trained module that has it: diffusers UNets and
+    transformers text encoders. ``context_fn`` is torch.utils.checkpoint's (the memory profiler re-enters
+    its autocast emulation during recomputation, as torch re-enters real autocast)."""
+    from torch.utils.checkpoint import checkpoint
+
+    kw: dict[str, Any] = {"use_reentrant": False}
+    if context_fn is not None:
+        kw["context_fn"] = context_fn
+    for module in modules:
+        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
+            func = None if context_fn is None else (lambda m, *args: checkpoint(m.__call__, *args, **kw))
+            module.enable_gradient_checkpointing(func)
+        elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers 4.x
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)

@@ -146,16 +146,19 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
         # .input (a person's change), not .change: restoring a running job's form must not reset its knobs
         preset.input(on_preset, [preset, task, model], [card, lr, batch, accum, rank])
 
-        def on_task(task_v: str, model_v: str, data_v: str) -> tuple[Any, ...]:
+        def on_task(task_v: str, model_v: str, data_v: str, preset_v: str) -> tuple[Any, ...]:
             if task_v in ("lora", "full") and model_v in cb.MODEL_SIZES:
                 model_v = ""
             elif task_v in cb.FROM_SCRATCH and model_v not in cb.MODEL_SIZES:
                 model_v = "tiny"
-            res = cb.default_resolution(task_v, model_v)
+            try:
+                res = cb.default_resolution(task_v, model_v, preset_v)
+            except LowvramError:
+                res = gr.skip()
             return model_v, cb.check_model(model_v, task_v).markdown(), res, gr.update(
                 interactive=task_v == "lora")
 
-        task.input(on_task, [task, model, data], [model, model_check, resolution, rank])
+        task.input(on_task, [task, model, data, preset], [model, model_check, resolution, rank])
         data.change(lambda v: cb.check_data(v).markdown(), data, data_check)
         model.change(lambda v, t: cb.check_model(v, t).markdown(), [model, task], model_check)
         out.change(lambda v: cb.check_out_live(state, v).markdown(), out, out_check)

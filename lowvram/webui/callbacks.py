@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MODEL_SIZES, ConfigBuilder, RunConfig
+from ..config import MODEL_SIZES, RunConfig
 from ..errors import ConfigError, LowvramError
 from .jobs import JobManager, JobStatus
 from .tail import JsonlTail
@@ -153,6 +153,11 @@ def memory_table(profile: dict[str, Any] | None) -> list[str]:
         peak = f"{row['peak_gib']:.2f} GiB" if isinstance(row.get("peak_gib"), int | float) else "?"
         fits = row.get("fits")
         verdict = "✓ fits" if fits else "✗ does not fit" if fits is False else "?"
+        if fits is False and isinstance(row.get("planned_peak_gib"), int | float):
+            # the figure lowvram train / plan / profile give this job: the planner's plan from the preset's knobs
+            planned = f"{row['planned_peak_gib']:.2f} GiB"
+            verdict = (f"✓ fits with the planner's knobs ({planned})" if row.get("fits_with_planner")
+                       else f"✗ does not fit (leanest plan {planned})")
         rows.append(f"| {wid} | {job} | {peak} | {verdict} |")
     head = f"Memory table (budget {budget:.2f} GiB):" if isinstance(budget, int | float) else "Memory table:"
     return [head, "", *rows]
@@ -168,22 +173,19 @@ def preset_knobs(name: str, task: str, model: str) -> dict[str, Any]:
         "batch_size": int(p.knob("train.batch_size")),
         "grad_accum": int(p.knob("train.grad_accum")),
         "rank": int(p.knob("lora.rank")),
-        "resolution": default_resolution(task, model, p.knob("data.resolution")),
+        "resolution": default_resolution(task, model, name),
     }
 
 
-def default_resolution(task: str, model: str, configured: Any = None) -> int:
-    """The resolution a run would use: the configured one, else the model size's (512 for checkpoints)."""
+def default_resolution(task: str, model: str, preset: str = "cpu") -> int | None:
+    """The resolution the front door resolves for this task and model under ``preset`` (a blank field)."""
+    from ..config import default_resolution as default_of
+    from ..presets import load_preset
+
+    configured = load_preset(preset).knob("data.resolution")
     if configured:
         return int(configured)
-    if task in ("lora", "full"):
-        return 512
-    from ..models.scratch import get_spec
-
-    try:
-        return get_spec(model).resolution
-    except LowvramError:
-        return 32
+    return default_of(task, model if model in MODEL_SIZES else "tiny")
 
 
 # ---- checking fields as they are entered --------------------------------------------------------------
@@ -267,37 +269,50 @@ def _whole(value: Any) -> Any:
     return value
 
 
-def build_config(form: Form) -> RunConfig:
-    """preset → form fields → extra ``section.key=value`` lines, like ``lowvram train``; ConfigError lists every bad field."""
-    from ..presets import load_preset
+def form_settings(form: Form) -> tuple[list[Any], list[str]]:
+    """The form as the front door's settings (each field named as its source), and the lines of the extra
+    settings box that cannot be read."""
+    from ..api import Setting
 
-    b = ConfigBuilder()
-    preset = load_preset(form.preset)
-    b.apply(preset.config, preset.source)
-    b.set("run.task", form.task, "panel: Job")
-    b.set("data.source", (form.data or "").strip() or "builtin", "panel: Data")
-    b.set("run.out", (form.out or "").strip(), "panel: Output folder")
+    out = [Setting("run.task", form.task, "panel: Job"),
+           Setting("data.source", (form.data or "").strip() or "builtin", "panel: Data"),
+           Setting("run.out", (form.out or "").strip(), "panel: Output folder")]
     model = (form.model or "").strip()
     if model:
-        b.set("model.size" if model in MODEL_SIZES else "model.pretrained", model, "panel: Model")
+        out.append(Setting("model.size" if model in MODEL_SIZES else "model.pretrained", model, "panel: Model"))
     for attr, (key, label) in FORM_FIELDS.items():
         value = _whole(getattr(form, attr))
         if key == "data.resolution" and value in (None, ""):
             continue  # blank: the model's own resolution
-        b.set(key, value, f"panel: {label}")
+        out.append(Setting(key, value, f"panel: {label}"))
     if form.task == "lora":
-        b.set("lora.rank", _whole(form.rank), "panel: LoRA rank")
+        out.append(Setting("lora.rank", _whole(form.rank), "panel: LoRA rank"))
+    problems = []
     for n, line in enumerate((form.extra or "").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         if "=" not in line:
-            b.problems.append(f"panel: extra settings line {n} '{line}' must be written section.key=value "
-                              "(e.g. train.lr=1e-4)")
+            problems.append(f"panel: extra settings line {n} '{line}' must be written section.key=value "
+                            "(e.g. train.lr=1e-4)")
             continue
         key, value = line.split("=", 1)
-        b.set(key.strip(), value.strip(), f"panel: extra settings line {n}")
-    return b.build()
+        out.append(Setting(key.strip(), value.strip(), f"panel: extra settings line {n}"))
+    return out, problems
+
+
+def resolve_form(form: Form) -> Any:
+    """preset → form fields → extra ``section.key=value`` lines, through the front door ``lowvram.api.resolve``
+    (like ``lowvram train``); ConfigError lists every bad field."""
+    from ..api import resolve
+
+    settings, problems = form_settings(form)
+    return resolve(form.preset, settings=settings, problems=problems, probe_hardware=False)
+
+
+def build_config(form: Form) -> RunConfig:
+    """The resolved config of the form (see ``resolve_form``)."""
+    return resolve_form(form).config
 
 
 def validate_form(form: Form, *, for_resume: bool = False) -> tuple[RunConfig | None, list[str]]:
@@ -369,59 +384,50 @@ def config_yaml(cfg: RunConfig) -> str:
 
 # ---- plan ---------------------------------------------------------------------------------------------
 def plan_report(form: Form) -> str:
-    """Markdown: the memory plan for the form's job on the preset's card, then the resolved config."""
+    """Markdown: the memory plan for the form's job on the preset's card, then the config it would train."""
     cfg, problems = validate_form(form, for_resume=True)
     if cfg is None:
         return "### Cannot plan yet\n\n" + _problem_list(problems)
-    from ..presets import load_preset
+    from .. import api
 
-    preset = load_preset(form.preset)
-    parts = [f"### Plan for {TASK_LABELS[cfg.run.task].lower()} on {html.escape(preset.card.describe())}", ""]
-    parts += memory_plan(cfg, preset)
+    run = resolve_form(form)
+    parts = [f"### Plan for {TASK_LABELS[cfg.run.task].lower()} on {html.escape(run.preset.card.describe())}", ""]
+    try:
+        planned = api.plan(run, processes=1)
+    except LowvramError as e:
+        return "\n".join(parts + [f"✗ {html.escape(_text(e))}", "", "<details><summary>Resolved config</summary>",
+                                   "", "```yaml", config_yaml(cfg), "```", "</details>"])
+    parts += plan_markdown(planned)
     parts += ["", "<details><summary>Resolved config (what the job will run)</summary>", "",
-              "```yaml", config_yaml(cfg), "```", "</details>"]
+              "```yaml", config_yaml(planned.config), "```", "</details>"]
     return "\n".join(parts)
 
 
-def memory_plan(cfg: RunConfig, preset: Any) -> list[str]:
-    """Profile the config's knobs against the card; if they do not fit, what the planner would switch on."""
-    try:
-        from ..memory.planner import plan
-        from ..memory.profiler import GIB, profile_step
-        from ..memory.report import knobs_from_config
-        from ..memory.run_plan import workload_for
-    except ImportError as e:
-        return [f"*The memory planner is not available ({e}); the card's budget is shown above.*"]
-    if cfg.run.task == "autoencoder":
-        return ["The autoencoder stage is small and is not planned; the card's budget is shown above."]
-    try:
-        wl = workload_for(cfg)
-        knobs = knobs_from_config(cfg, wl, preset.card)
-        prof = profile_step(wl, knobs, card=preset.card, vram_gib=cfg.memory.vram_gib)
-    except LowvramError as e:
-        return [f"✗ {_text(e)}"]
-    verdict = "✓ fits" if prof.fits else "✗ does not fit" if prof.fits is False else "no budget given"
-    lines = [f"**{verdict}**: one training step peaks at **{prof.peak_bytes / GIB:.2f} GiB** of tensors "
-             f"(during {prof.peak_phase})"
-             + (f"; budget {prof.budget_bytes / GIB:.2f} GiB, headroom {prof.headroom_bytes / GIB:+.2f} GiB."
-                if prof.budget_bytes is not None else "."), "",
+def plan_markdown(planned: Any) -> list[str]:
+    """The front door's plan as the panel shows it: verdict, peak, parts, the planner's knobs, notes."""
+    from ..memory.profiler import GIB
+
+    r = planned.record
+    if r.get("peak_bytes") is None:
+        return [f"note: {html.escape(n, quote=False)}" for n in r.get("notes", [])]
+    budget = r.get("budget_bytes")
+    verdict = {"fits": "✓ fits", "planned": "✓ fits with the planner's knobs", "forced": "✗ does not fit (forced)",
+               "refused": "✗ refused"}.get(r["verdict"], r["verdict"])
+    lines = [f"**{verdict}**: the run peaks at **{r['peak_bytes'] / GIB:.2f} GiB** of tensors "
+             f"(during {r['peak_stage']})"
+             + (f"; budget {budget / GIB:.2f} GiB, headroom {(budget - r['peak_bytes']) / GIB:+.2f} GiB."
+                if budget is not None else "."), "",
              "| part | GiB |", "|---|---|"]
-    lines += [f"| {cat} | {b / GIB:.3f} |" for cat, b in prof.by_category.items() if b]
-    lines += [f"\nnote: {html.escape(n, quote=False)}" for n in prof.notes]
-    if cfg.run.task == "text2img":
-        lines.append("\nnote: pixel-space jobs are profiled with the latent UNet of the same size (an estimate).")
-    if prof.fits is False:
-        try:
-            p = plan(wl, preset.card, vram_gib=cfg.memory.vram_gib, start=knobs)
-            lines += ["", "**The planner would switch on** (fastest plan that fits):", ""]
-            lines += [f"- {s.knob}: {s.peak_after / GIB:.2f} GiB" for s in p.steps]
-            before = knobs.as_config()
-            changed = [f"{sec}.{k}={v}" for sec, body in p.knobs.as_config().items() for k, v in body.items()
-                       if before.get(sec, {}).get(k) != v]
-            if changed:
-                lines += ["", "as settings for the extra settings box: `" + "`, `".join(changed) + "`"]
-        except LowvramError as e:
-            lines += ["", f"✗ {_text(e)}"]
+    lines += [f"| {cat} | {b / GIB:.3f} |" for cat, b in r["by_category"].items() if b]
+    lines += [f"| {cat} (host memory) | {b / GIB:.3f} |" for cat, b in r.get("host_bytes", {}).items() if b]
+    if r.get("planner_steps"):
+        lines += ["", "**The planner switched on** (fastest plan that fits):", ""]
+        lines += [f"- {s['knob']}: {s['peak_bytes'] / GIB:.2f} GiB" for s in r["planner_steps"]]
+        lines += ["", "settings the job will run with: `" + "`, `".join(f"{k}={v}" for k, v in r["changed"].items())
+                  + "`"]
+    if r.get("refused"):
+        lines += ["", f"✗ {html.escape(r['refused'])}"]
+    lines += [f"\nnote: {html.escape(n, quote=False)}" for n in r.get("notes", [])]
     return lines
 
 
@@ -431,20 +437,21 @@ def _problem_list(problems: list[str]) -> str:
 
 # ---- job control --------------------------------------------------------------------------------------
 def start_job(state: PanelState, form: Form) -> str:
-    """Validate the form and start its job; the message says what happened (or every problem)."""
+    """Validate the form, plan it (the front door: fit the run to the card or refuse it, as ``lowvram train``
+    does) and start exactly that plan in a new process; the message says what happened (or every problem)."""
     cfg, problems = validate_form(form)
     if cfg is None:
         return "### Not started\n\n" + _problem_list(problems)
-    try:
-        from ..memory.run_plan import plan_or_refuse
-        from ..presets import load_preset
+    from .. import api
 
-        # the CLI's rule: fit the run to the card (switching knobs on) or refuse it, before a child starts
-        plan_or_refuse(cfg, load_preset(form.preset).card)
+    try:
+        planned = api.plan(resolve_form(form), processes=1)
+        if planned.refusal is not None:
+            raise ConfigError(*planned.refusal)
     except LowvramError as e:
         return "### Not started\n\n" + _problem_list([_text(e)])
     try:
-        job = state.manager.start(cfg)
+        job = state.manager.start(planned)
     except LowvramError as e:
         return f"✗ {html.escape(_text(e))}"
     state.job_form = form

@@ -54,9 +54,8 @@ def stop_requested(stop_file: Path, parent_pid: int) -> Callable[[], bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigBuilder, load_yaml
+    from .. import api
     from ..errors import LowvramError
-    from ..train.run import resume, train
 
     events = EventWriter(args.events)
     stop = stop_requested(Path(args.stop_file), os.getppid())
@@ -64,10 +63,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             overrides = {"run.steps": args.steps} if args.steps else {}
-            result = resume(args.resume, overrides, listeners=[events], stop=stop, progress=False)
-        else:
-            cfg = ConfigBuilder().apply(load_yaml(args.config, "panel config"), "web panel").build()
-            result = train(cfg, listeners=[events], stop=stop, progress=False)
+            result = api.resume(args.resume, overrides, listeners=[events], stop=stop, progress=False)
+        else:  # the plan the panel made: its config, its sources and its record go into the run folder
+            result = api.train(api.read_plan(args.plan), listeners=[events], stop=stop, progress=False)
     except LowvramError as e:
         events.write("error", 0, {"message": str(e), "type": type(e).__name__})
         print(f"error: {e}", file=sys.stderr)
@@ -85,14 +83,15 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowvram.webui.child", description=__doc__)
-    p.add_argument("--config", help="Resolved RunConfig YAML of a new run.")
+    p.add_argument("--plan", help="Folder with the plan of a new run (lowvram.api.save_plan): config.yaml, plan.yaml, "
+                                  "config_sources.yaml.")
     p.add_argument("--resume", metavar="RUN_DIR", help="Continue this run folder instead.")
     p.add_argument("--steps", type=int, help="With --resume: the new total of steps.")
     p.add_argument("--events", required=True, help="JSON-lines file the events are appended to.")
     p.add_argument("--stop-file", required=True, help="Stop gracefully (checkpoint) once this file exists.")
     args = p.parse_args(argv)
-    if not args.config and not args.resume:
-        p.error("give --config or --resume")
+    if not args.plan and not args.resume:
+        p.error("give --plan or --resume")
     return run(args)
 
 

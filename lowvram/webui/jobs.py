@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
 from ..errors import LowvramError
 from .tail import JsonlTail
 
@@ -229,7 +228,7 @@ class JobManager:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def _launch(self, extra: Sequence[str], run_dir: str, task: str, cfg: RunConfig | None) -> Job:
+    def _launch(self, extra: Sequence[str], run_dir: str, task: str, planned: Any = None) -> Job:
         with self._lock:
             if self.job is not None and self.job.poll().active:
                 raise LowvramError(
@@ -241,16 +240,18 @@ class JobManager:
             job_dir.mkdir(parents=True, exist_ok=True)
             argv = [self.python, "-m", "lowvram.webui.child", "--events", str(job_dir / "events.jsonl"),
                     "--stop-file", str(job_dir / "stop")]
-            if cfg is not None:
-                cfg.save(job_dir / "config.yaml")
-                argv += ["--config", str(job_dir / "config.yaml")]
+            if planned is not None:  # the front door's plan: the child trains exactly it
+                from ..api import save_plan
+
+                save_plan(planned, job_dir / "plan")
+                argv += ["--plan", str(job_dir / "plan")]
             argv += list(extra)
             self.job = Job(job_dir, argv, run_dir, task, self._child_env())
             return self.job
 
-    def start(self, cfg: RunConfig) -> Job:
-        """Train ``cfg`` (validated already) in a new process."""
-        return self._launch([], cfg.run.out, cfg.run.task, cfg)
+    def start(self, planned: Any) -> Job:
+        """Train a plan of ``lowvram.api.plan`` (config, sources, plan record) in a new process."""
+        return self._launch([], planned.config.run.out, planned.config.run.task, planned)
 
     def resume(self, run_dir: str | Path, steps: int | None = None) -> Job:
         """Continue ``run_dir`` from its latest checkpoint, to ``steps`` in total if given."""
