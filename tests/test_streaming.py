@@ -24,7 +24,7 @@ from lowvram.memory.profiler import GIB, profile_step
 from lowvram.memory.report import leanest
 from lowvram.memory.streaming import HOST_RESERVE_GIB
 from lowvram.memory.tracker import StorageTracker
-from lowvram.memory.workloads import Knobs, Workload
+from lowvram.memory.workloads import Knobs
 from lowvram.quant import store_frozen_weights
 from lowvram.streaming import BlockStreamer, select_units, stream_units, unit_bytes
 

@@ -17,7 +17,7 @@ from .bound import lower_bound
 from .planner import baseline, candidates
 from .profiler import GIB, MemoryProfile, profile_step
 from .run_plan import knobs_from_config, plan_job
-from .workloads import WORKLOADS, Knobs, Workload, get_workload
+from .workloads import TABLE_WORKLOADS, WORKLOADS, Knobs, Workload, get_workload
 
 PROFILE_TOLERANCE = 0.01  # a stored peak may differ from a fresh one by 1 % (library updates move bytes)
 
@@ -150,7 +150,8 @@ def preset_table(preset: Any) -> dict[str, Any]:
     do not fit, the planner's first plan that fits from there (what ``lowvram train`` would run)."""
     table: dict[str, Any] = {"generated_by": "lowvram profile --update-presets",
                              "budget_gib": None, "workloads": {}}
-    for wid, workload in WORKLOADS.items():
+    for wid in TABLE_WORKLOADS:
+        workload = WORKLOADS[wid]
         wl, start = preset_start(workload, preset)
         planned = standard_plan(wl, preset.card, start)
         p = planned["start"]

@@ -98,6 +98,9 @@ WORKLOADS: dict[str, Workload] = {
     "W6": Workload("W6", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 1024², batch 1",
                    "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS, preview=None),
 }
+# The jobs the presets' memory tables show: the ones lowvram trains (FLUX.1 is planned, not trained yet:
+# `lowvram profile --workload W5` profiles it)
+TABLE_WORKLOADS = ("W1", "W2", "W3", "W4")
 
 
 def get_workload(name: str) -> Workload:
