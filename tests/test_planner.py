@@ -92,3 +92,27 @@ def test_lower_bound_is_below_every_plan(extremes):
     bound = lower_bound(WL, lean, c)
     assert 0 < bound.total_bytes <= lean_peak
     assert bound.terms["frozen_weights"] > 0 and bound.terms["activations"] > 0
+
+
+@pytest.mark.parametrize("wid", ["W1", "W3", "W4"])
+@pytest.mark.parametrize("preset", ["rtx3070-8gb", "rx570", "cpu"])
+def test_planner_never_switches_on_what_the_trainer_refuses(wid, preset, monkeypatch):
+    """Every plan the planner can reach (its candidates, in order) is a config `lowvram train` runs: no bf16
+    trainable weights, no ZeRO (profiled on request, refused by the trainer), even on a bf16 CUDA card with
+    DeepSpeed installed. A preset's table can then only say "fits" for a plan that trains."""
+    from lowvram import distributed
+    from lowvram.config import RunConfig
+    from lowvram.memory.run_plan import untrained_knobs
+    from lowvram.memory.workloads import WORKLOADS
+    from lowvram.presets import load_preset
+
+    monkeypatch.setattr(distributed, "deepspeed_available", lambda: True)
+    card = load_preset(preset).card
+    steps = list(candidates(WORKLOADS[wid], card))
+    assert steps  # the planner has something to switch on for every job
+    for name, knobs in steps:
+        cfg = RunConfig()
+        for section, body in knobs.as_config().items():
+            for key, value in body.items():
+                setattr(getattr(cfg, section), key, value)
+        assert untrained_knobs(cfg) == [], name
