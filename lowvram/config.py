@@ -127,6 +127,13 @@ class DataSection:
         "empty: off."
     )
     class_prompt: str = _f("", "Caption of class images that have no caption file (e.g. 'a photo of a dog').")
+    masked_loss: str = _f(
+        "auto", "Loss masks: auto uses mask files where they exist (<name>-masklabel.png beside an image, or the "
+        "same name under data.mask_dir); alpha also masks images without one by their transparency; off: none.",
+        ("auto", "alpha", "off"),
+    )
+    mask_dir: str = _f("", "Folder of loss masks named like the images (same relative path and stem); white trains, black not.")
+    unmasked_weight: float = _f(0.0, "Loss weight of masked-out (black) pixels, 0-1; 0: they do not count at all.")
 
 
 @dataclass
@@ -484,6 +491,8 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
         bad("sample.steps", cfg.sample.steps, f"at most model.timesteps = {cfg.model.timesteps} sampling steps")
     if cfg.data.caption_ext not in (".txt", ".caption"):
         bad("data.caption_ext", cfg.data.caption_ext, "'.txt' or '.caption'")
+    if not 0 <= cfg.data.unmasked_weight <= 1:
+        bad("data.unmasked_weight", cfg.data.unmasked_weight, "a weight from 0 to 1")
     for dotted in ("data.caption_dropout", "lora.dropout"):
         s, k = dotted.split(".")
         v = getattr(getattr(cfg, s), k)

@@ -99,6 +99,15 @@ def _sd_scheduler(prediction: str = "epsilon") -> DDIMScheduler:
     )
 
 
+def tiny_latent_unet(seed: int = 0) -> UNet2DConditionModel:
+    """A two-block UNet on 4-channel 8x8 latents with 8-wide cross-attention: for loss and gradient tests."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
 def tiny_sd1(tmp: Path, seed: int = 0, clip_vocab: bool = False) -> StableDiffusionPipeline:
     """SD 1.x layout: CLIP-L-like text encoder, conv proj_in, cross-attention width = text width (32).
 

@@ -239,22 +239,31 @@ class FinetuneJob:
         out = self.images(self.data.dataset, self.data.latents, idx)
         if self.data.prior is not None:
             extra = self.images(self.data.prior.dataset, self.data.prior_latents, self.data.prior.pairs(idx))
+            if "loss_weights" in out or "loss_weights" in extra:  # an unmasked half weighs 1 everywhere
+                for part in (out, extra):
+                    part.setdefault("loss_weights", torch.ones(len(part["captions"]), 1, *part["x0"].shape[-2:]))
             out = {k: torch.cat([v, extra[k]]) if isinstance(v, torch.Tensor) else v + extra[k] for k, v in out.items()}
         out["n_instance"] = len(idx)
         return out
 
     def images(self, ds: Any, latents: Any, idx: list[int]) -> dict[str, Any]:
         """Latents (cached or encoded now), captions and SDXL size conditioning of ``ds``'s stream indices."""
+        from ..data.masks import batch_weights
+
         plans = [ds.plan(i) for i in idx]
         if latents is not None:
-            x0 = torch.stack([latents[i]["latents"] for i in idx]).float()
+            items = [latents[i] for i in idx]
+            x0 = torch.stack([it["latents"] for it in items]).float()
         else:
             from ..data.cache import encode_latents
 
-            pixels = torch.stack([ds[i]["pixel_values"] for i in idx])
+            items = [ds[i] for i in idx]
             with self.frozen_models_on_device():
-                x0 = encode_latents(self.c.vae, pixels).float()
+                x0 = encode_latents(self.c.vae, torch.stack([it["pixel_values"] for it in items])).float()
         out: dict[str, Any] = {"x0": x0, "captions": [p.caption for p in plans]}
+        weights = batch_weights([it.get("mask") for it in items], x0.shape[-2:], self.cfg.data.unmasked_weight)
+        if weights is not None:  # masked loss: at least one image of the batch has a loss mask
+            out["loss_weights"] = weights
         if self.sdxl:
             target = (x0.shape[-2] * self.vae_factor(), x0.shape[-1] * self.vae_factor())
             records = getattr(ds, "records", None)
@@ -323,7 +332,7 @@ class FinetuneJob:
         prior = batch.get("n_instance", len(batch["captions"])) < len(batch["captions"])
         loss = compute_loss(self.unet, batch["x0"].to(self.device), cond["embeds"], alphas_cumprod=self.alphas_cumprod,
                             prediction=self.prediction, generator=gen, unet_kwargs=kwargs,
-                            snr_gamma=self.cfg.train.snr_gamma, reduce=not prior)
+                            snr_gamma=self.cfg.train.snr_gamma, reduce=not prior, loss_weights=batch.get("loss_weights"))
         if not prior:
             return loss
         total, instance, prior_loss = prior_preservation_loss(loss, batch["n_instance"], self.cfg.train.prior_loss_weight)

@@ -55,6 +55,7 @@ class ImageData:
     sample_prompts: list[str]
     epoch_batches: Callable[[int], list[list[int]]] | None = None
     all_captions: list[str] | None = None
+    masks: Callable[[list[int]], torch.Tensor] | None = None  # loss masks [B, 1, H, W] (masked loss), if any
 
     def __len__(self) -> int:
         return self.size
@@ -84,8 +85,12 @@ def open_images(cfg: RunConfig, split: str, run_dir: Path | None = None) -> Imag
     def captions(idx: list[int]) -> list[str]:
         return [ds.plan(i).caption for i in idx]
 
+    def masks(idx: list[int]) -> torch.Tensor:
+        return torch.stack([ds.mask(i) for i in idx])
+
     caps = captions(list(range(n)))
-    return ImageData(pixels, captions, n, cfg.sample.prompts or caps[:4], epoch_batches, caps)
+    return ImageData(pixels, captions, n, cfg.sample.prompts or caps[:4], epoch_batches, caps,
+                     masks if ds.has_masks else None)
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True) -> Path:
@@ -206,7 +211,7 @@ def train(
             comps.tokenizer.save_pretrained(tok_dir)
 
     def data(idx: list[int]) -> dict[str, Any]:
-        return {"x0": x0_of(idx), "captions": train_data.captions(idx)}
+        return with_loss_weights(cfg, train_data, idx, {"x0": x0_of(idx), "captions": train_data.captions(idx)})
 
     val_batch = {"x0": val_x0, "captions": val_data.all_captions} if val_data is not None else None
     prompts = cfg.sample.prompts or train_data.sample_prompts[:4]
@@ -217,6 +222,15 @@ def train(
         trainer.resume_latest()
     status = trainer.fit()
     return RunResult(run_dir, status, trainer.step)
+
+
+def with_loss_weights(cfg: RunConfig, data: ImageData, idx: list[int], batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with the loss weights of its images' masks on the UNet's grid, when the data has masks."""
+    if data.masks is not None:
+        from ..data.masks import batch_weights
+
+        batch["loss_weights"] = batch_weights(list(data.masks(idx)), batch["x0"].shape[-2:], cfg.data.unmasked_weight)
+    return batch
 
 
 def latent_stage(cfg: RunConfig, run_dir: Path, data: ImageData, device: torch.device,
