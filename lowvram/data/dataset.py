@@ -76,6 +76,8 @@ class DataSettings:
         run = getattr(cfg, "run", None)
         values = {f: getattr(data, f) for f in cls.__dataclass_fields__ if hasattr(data, f)}
         values = {k: v for k, v in values.items() if v is not None}  # None: "use the default"
+        if "builtin_exclude" in values:
+            values["builtin_exclude"] = tuple(values["builtin_exclude"])
         if resolution is not None:
             values["resolution"] = resolution
         if run is not None and hasattr(run, "seed"):
@@ -333,7 +335,8 @@ class BuiltinDataset(_PlannedDataset):
         super().__init__(settings)
         from .builtin import ShapesDataset  # lazy: only runs on the builtin source pay for it
 
-        self.base = ShapesDataset(settings.num_images, settings.resolution, settings.seed)
+        self.base = ShapesDataset(settings.num_images, settings.resolution, settings.seed,
+                                  exclude=tuple(settings.builtin_exclude))
         n = len(self.base)
         self.buckets = [(settings.resolution, settings.resolution)]
         self.entries = list(range(n))

@@ -57,6 +57,12 @@ def workload_for(cfg: RunConfig) -> Workload:
     batch = cfg.train.batch_size * cfg.train.grad_accum
     if cfg.run.task in ("lora", "full"):
         from ..models.pretrained import detect_family
+        from ..train.scratch_lora import model_descriptor, scratch_model_folder
+
+        if (folder := scratch_model_folder(cfg.model.pretrained)) is not None:  # a model trained from scratch
+            size = model_descriptor(folder).get("size", cfg.model.size)
+            return Workload("this job", f"LoRA on the from-scratch {size} model, {res}²", size, "lora", res, batch,
+                            lora_rank=cfg.lora.rank)
 
         family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
         prior = " + class images (prior preservation)" if prior_factor(cfg) > 1 else ""

@@ -100,5 +100,5 @@ class ScratchJob:
     def save_final(self, step: int) -> Path:
         final = self.run_dir / "final"
         with atomic_dir(final) as tmp:  # a killed save never leaves a mix of two steps' files
-            self.pipeline().save(tmp, {"task": self.cfg.run.task, "step": step})
+            self.pipeline().save(tmp, {"task": self.cfg.run.task, "step": step, "size": self.cfg.model.size})
         return final

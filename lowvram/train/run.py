@@ -66,8 +66,9 @@ def open_images(cfg: RunConfig, split: str, run_dir: Path | None = None) -> Imag
     if cfg.data.source == "builtin":
         from ..data.builtin import ShapesDataset, eval_prompts, holdout
 
-        res = cfg.data.resolution
-        ds = ShapesDataset(cfg.data.num_images, res) if split == "train" else holdout(VAL_ITEMS, res)
+        res, exclude = cfg.data.resolution, tuple(cfg.data.builtin_exclude)
+        ds = (ShapesDataset(cfg.data.num_images, res, exclude=exclude) if split == "train"
+              else holdout(VAL_ITEMS, res, exclude=exclude))
         items = [ds[i] for i in range(len(ds))]
         # generated images are small: materialise once instead of redrawing every step
         pixels = torch.stack([it["pixel_values"] for it in items])
@@ -166,8 +167,11 @@ def train(
     wait(w)
     if cfg.run.task in ("lora", "full"):
         from .finetune import train_finetune
+        from .scratch_lora import scratch_model_folder, train_scratch_lora
 
         emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
+        if scratch_model_folder(cfg.model.pretrained) is not None:  # a model lowvram trained from scratch
+            return train_scratch_lora(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w)
         return train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w)
     train_data = open_images(cfg, "train", run_dir)
     val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None

@@ -56,7 +56,13 @@ def model_spec(cfg: RunConfig) -> scratch.ModelSpec:
 def resolve_defaults(cfg: RunConfig) -> RunConfig:
     """Fill values that depend on other values (resolution from the model size), in place."""
     if cfg.data.resolution is None:
-        cfg.data.resolution = model_spec(cfg).resolution if cfg.run.task not in ("lora", "full") else 512
+        if cfg.run.task not in ("lora", "full"):
+            cfg.data.resolution = model_spec(cfg).resolution
+        else:  # a fine-tune: SD's 512, or the resolution a from-scratch base model was trained at
+            from .scratch_lora import model_resolution, scratch_model_folder
+
+            folder = scratch_model_folder(cfg.model.pretrained)
+            cfg.data.resolution = model_resolution(folder) if folder is not None else 512
     return cfg
 
 
