@@ -131,6 +131,10 @@ class DataSection:
         "empty: off."
     )
     class_prompt: str = _f("", "Caption of class images that have no caption file (e.g. 'a photo of a dog').")
+    num_class_images: int = _f(
+        0, "With data.class_data: draw class images with the base model (prompt data.class_prompt) until the folder "
+        "holds this many; resumable. 0: use the folder as it is."
+    )
     masked_loss: str = _f(
         "auto", "Loss masks: auto uses mask files where they exist (<name>-masklabel.png beside an image, or the "
         "same name under data.mask_dir); alpha also masks images without one by their transparency; off: none.",
@@ -511,6 +515,11 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
     if cfg.data.class_data and cfg.run.task not in ("lora", "full"):
         bad("data.class_data", cfg.data.class_data, f"no class images for task '{cfg.run.task}' "
             "(prior preservation is for lora / full fine-tunes; unset data.class_data)")
+    if cfg.data.num_class_images < 0:
+        bad("data.num_class_images", cfg.data.num_class_images, "0 or more")
+    elif cfg.data.num_class_images and not (cfg.data.class_data and cfg.data.class_prompt.strip()):
+        bad("data.num_class_images", cfg.data.num_class_images, "data.class_data (the folder to fill) and "
+            "data.class_prompt (what to draw) as well")
     if cfg.data.builtin_exclude and cfg.data.source != "builtin":
         bad("data.builtin_exclude", cfg.data.builtin_exclude, "data.source=builtin (it filters the generated shapes)")
     if not cfg.sample.cfg_scales:

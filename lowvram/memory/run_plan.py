@@ -122,7 +122,7 @@ def plan_run(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan
                      f"as many class images (profiled at micro-batch {prof.knobs.get('batch_size')})")
     if prof.fits is not False:
         check_host(prof, cfg.memory.ram_gib, card)
-        return RunPlan(prof, notes=notes)
+        return RunPlan(prof, notes=notes + sampling_notes(cfg, wl, knobs, card))
     chosen = plan(wl, card, vram_gib=cfg.memory.vram_gib, ram_gib=cfg.memory.ram_gib, start=knobs, profile=profile)
     # knobs the profiler models but the trainer refuses: a plan that needs one cannot train
     untrained = [name for name, needed in (
@@ -135,10 +135,35 @@ def plan_run(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan
             "lowvram profiles but does not train yet",
             "use a card with more memory, a LoRA instead of a full fine-tune, or a smaller batch/resolution",
         )
+    notes += sampling_notes(cfg, wl, chosen.knobs, card)
     before = knobs.as_config()
     overrides = {sec: {k: v for k, v in body.items() if before.get(sec, {}).get(k) != v}
                  for sec, body in chosen.knobs.as_config().items()}
     return RunPlan(prof, chosen, {s: b for s, b in overrides.items() if b}, notes)
+
+
+def sampling_notes(cfg: RunConfig, wl: Workload, knobs: Any, card: Any) -> list[str]:
+    """When the run first draws class images with the base model (data.num_class_images), profile that
+    sampling step under the same knobs; raises MemoryPlanError when it does not fit (memory.force aside)."""
+    if not (cfg.run.task in ("lora", "full") and cfg.data.class_data and cfg.data.num_class_images):
+        return []
+    from ..data.class_images import missing_numbers
+    from .sampling import profile_sampling
+
+    draw = len(missing_numbers(cfg.data.class_data, cfg.data.num_class_images))
+    if not draw or wl.model not in SD_FAMILY_WORKLOAD.values():
+        return []
+    sp = profile_sampling(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
+    verdict = {True: "fits", False: "does NOT fit", None: "no budget"}[sp.fits]
+    if sp.fits is False and not cfg.memory.force:
+        raise MemoryPlanError(
+            f"drawing the {draw} missing class images needs {sp.peak_bytes / GIB:.2f} GiB (the VAE and text encoders "
+            f"stay on the card while sampling), over the budget of {sp.budget_bytes / GIB:.2f} GiB",
+            "set memory.attention=chunked, or fill data.class_data with images drawn elsewhere "
+            "(data.num_class_images=0 then uses the folder as it is)",
+        )
+    return [f"class images: {draw} to draw with the base model first (same frozen dtype and attention); "
+            f"a sampling step with guidance + the VAE decode peaks at {sp.peak_bytes / GIB:.2f} GiB ({verdict})"]
 
 
 def apply_plan(cfg: RunConfig, rp: RunPlan) -> RunConfig:

@@ -392,6 +392,33 @@ class FinetuneJob:
             ).images
         return self.decode(latents)[0]
 
+    @contextmanager
+    def sampling(self, adapters: bool = True) -> Iterator[None]:
+        """Trained models in eval mode and the frozen ones on the device for a block; ``adapters=False``
+        switches the adapters off too (the base model's own output, whatever the adapter type)."""
+        modules = [self.unet, *self.text_encoders().values()]
+        modes = [m.training for m in modules]
+        off = [m for m in modules if not adapters and getattr(m, "peft_config", None)]
+        for m in modules:
+            m.eval()
+        for m in off:
+            m.disable_adapters()
+        try:
+            with self.frozen_models_on_device():
+                yield
+        finally:
+            for m in off:
+                m.enable_adapters()
+            for m, mode in zip(modules, modes, strict=True):
+                m.train(mode)
+
+    @torch.no_grad()
+    def draw_base(self, prompt: str, seed: int) -> torch.Tensor:
+        """One image of the base model (adapters off) with the run's frozen dtype, attention kernel and
+        sample.* settings (sampler, steps, guidance, negative prompt) at data.resolution: a class image."""
+        with self.sampling(adapters=False):
+            return self.generate(PromptSpec(prompt, seed=seed), self.cfg.sample.guidance)
+
     @torch.no_grad()
     def preview(self) -> Any:
         """Rows: prompts (kohya options honoured); columns: sample.cfg_scales (a row with --l has one image)."""
@@ -399,17 +426,9 @@ class FinetuneJob:
 
         specs = [parse_prompt_line(p) for p in self.sample_prompts]
         scales = list(self.cfg.sample.cfg_scales)
-        modules = [self.unet, *self.text_encoders().values()]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            with self.frozen_models_on_device():
-                rows = [[self.generate(spec, w) for w in ([spec.cfg] if spec.cfg is not None else scales)]
-                        for spec in specs]
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
+        with self.sampling():
+            rows = [[self.generate(spec, w) for w in ([spec.cfg] if spec.cfg is not None else scales)]
+                    for spec in specs]
         height = max(img.shape[1] for row in rows for img in row)
         width = max(img.shape[2] for row in rows for img in row)
         cells = []
@@ -623,11 +642,14 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     if cfg.data.source == "builtin":
         raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
                           "pass a folder of images with .txt captions (--data DIR)")
+    from ..data.class_images import missing_numbers
     from ..data.prior import open_class_images, scan_class_images
 
+    # class images to draw first (data.num_class_images): validated after they exist, with the base loaded
+    to_draw = missing_numbers(cfg.data.class_data, cfg.data.num_class_images) if cfg.data.num_class_images else []
     # class images are validated before any model loads, and before open_dataset rewrites data_report.json
     # (a resumed run reuses their verdicts from it)
-    class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data else None
+    class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data and not to_draw else None
     ds, epoch_batches = open_dataset(cfg, run_dir)
     prior = open_class_images(cfg, ds, run_dir, scan=class_scan) if class_scan is not None else None
     if not cache_only:
@@ -638,6 +660,14 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     notes = prepare_models(cfg, comps, device)
     prompts = cfg.sample.prompts or default_prompts(ds)
     job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches, prior=prior), prompts)
+    if to_draw:
+        from ..data import class_images
+
+        with main_first(world):  # one process draws; the others then read the folder
+            if world.is_main:
+                class_images.generate(cfg.data.class_data, to_draw, cfg.data.class_prompt, cfg.run.seed,
+                                      job.draw_base)
+        job.data.prior = open_class_images(cfg, ds, run_dir, scan=scan_class_images(cfg, run_dir))
     with main_first(world):
         build_caches(cfg, job)
     if cache_only:

@@ -148,6 +148,9 @@ def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit
     if cfg.run.task != "lora":
         raise ConfigError(f"task '{cfg.run.task}' on a from-scratch model ('{cfg.model.pretrained}')",
                           "use --task lora, or continue the base model's own run with --resume")
+    if cfg.data.class_data:
+        raise ConfigError("prior preservation (data.class_data) is for SD fine-tunes, not for a from-scratch model",
+                          "unset data.class_data, or add images of other concepts to the data folder")
     folder = scratch_model_folder(cfg.model.pretrained)
     assert folder is not None  # the caller dispatched here because it is one
     comps = load_base(folder, device)
