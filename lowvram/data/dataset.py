@@ -504,8 +504,9 @@ def _with_masks(candidates: list[Candidate], s: DataSettings, root: Path) -> tup
         candidates = [c for c in candidates if not c.path.resolve().is_relative_to(mask_root)]
     found: dict[str, Candidate] = {}
     if s.masked_loss != "off":
+        in_mask_dir = masks.mask_dir_index(s.mask_dir)
         for c in candidates:
-            path = masks.mask_file(c.path, c.rel, s.mask_dir)
+            path = masks.mask_file(c.path, c.rel, in_mask_dir)
             if path is not None:
                 rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
                 found[c.rel] = Candidate(path, rel, None)

@@ -36,18 +36,23 @@ def is_mask_name(name: str | Path) -> bool:
     return Path(name).stem.endswith(MASK_SUFFIX)
 
 
-def mask_file(image: Path, rel: str, mask_dir: str = "") -> Path | None:
-    """The mask file of ``image`` (``rel``: its path relative to the data folder), or None."""
+def mask_dir_index(mask_dir: str) -> dict[str, Path]:
+    """The image files under ``mask_dir`` by their relative path without extension (``sub/cat``), read once."""
+    root = Path(mask_dir).expanduser()
+    out: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")) if mask_dir and root.is_dir() else []:
+        if path.is_file() and images.is_image_name(path) and not path.name.startswith("."):
+            out.setdefault(path.relative_to(root).with_suffix("").as_posix(), path)
+    return out
+
+
+def mask_file(image: Path, rel: str, mask_dir_files: dict[str, Path] | None = None) -> Path | None:
+    """The mask file of ``image`` (``rel``: its path relative to the data folder), or None.
+    ``mask_dir_files``: ``mask_dir_index(data.mask_dir)``."""
     beside = image.with_name(image.stem + MASK_SUFFIX + ".png")
     if beside.is_file():
         return beside
-    if mask_dir:
-        stem = Path(mask_dir).expanduser() / Path(rel).with_suffix("")
-        for ext in sorted(images.IMAGE_EXTENSIONS):
-            for cand in (stem.with_name(stem.name + ext), stem.with_name(stem.name + ext.upper())):
-                if cand.is_file():
-                    return cand
-    return None
+    return (mask_dir_files or {}).get(Path(rel).with_suffix("").as_posix())
 
 
 def has_alpha(path: str | Path) -> bool:
