@@ -520,7 +520,8 @@ def _mask_of(c: Candidate, v: _Verdict, mask: Candidate | None, verdict: _Verdic
         if s.masked_loss == "alpha" and masks.has_alpha(c.path):
             return masks.ALPHA, f"{masks.ALPHA}:{v.sha256}"
         return "", ""
-    problem = verdict if isinstance(verdict, ImageProblem) else _apply_limits(verdict.entry, s)  # type: ignore[union-attr]
+    assert verdict is not None  # every mask file found is validated with the images
+    problem = verdict if isinstance(verdict, ImageProblem) else _apply_limits(verdict.entry, s)
     if problem is not None and problem.reason != images.TOO_SMALL:  # a small mask is stretched, not refused
         report.skip(c.rel, BAD_MASK, f"{mask.rel}: {problem.reason} ({problem.detail})")
         return None
