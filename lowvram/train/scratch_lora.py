@@ -64,6 +64,10 @@ def attach_adapters(cfg: RunConfig, unet: nn.Module, text_encoder: nn.Module) ->
     from ..lora import attach_lora, attach_text_lora
 
     lo = cfg.lora
+    kind = getattr(lo, "type", "lora")
+    if kind != "lora":  # never train a plain LoRA under another adapter's name
+        raise ConfigError(f"lora.type = {kind!r} is not wired into LoRA on a from-scratch model yet",
+                          "use lora.type=lora here (SD fine-tunes take every adapter type)")
     torch.manual_seed(cfg.run.seed)  # the adapter's random init: the same run gives the same adapter
     attach_lora(unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv)
     if lo.text_encoder:
