@@ -419,7 +419,8 @@ UPPER_BOUNDS: dict[str, float] = {
     "train.weight_decay": 10.0, "train.grad_clip": 10**6, "train.snr_gamma": 10**4, "train.prior_loss_weight": 10**4,
     "train.autoencoder_steps": 10**8, "train.kl_weight": 10**3, "sample.steps": 10**4, "sample.seed": 2**32 - 1,
     "sample.guidance": 100.0, "sample.guidance_rescale": 1.0, "memory.attention_chunk": 2**24,
-    "memory.vram_gib": 4096.0, "lora.rank": 4096, "lora.alpha": 10**5,
+    "memory.vram_gib": 4096.0, "lora.rank": 4096, "lora.alpha": 10**5, "data.num_class_images": 200_000,
+    "data.unmasked_weight": 1.0,
 }
 TEXT_LIMIT = 4096  # characters of one text value (captions prefixes, prompts, paths)
 ITEMS_LIMIT = 256  # entries of one list value (prompts, guidance scales)
@@ -522,6 +523,12 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
             "data.class_prompt (what to draw) as well")
     if cfg.data.builtin_exclude and cfg.data.source != "builtin":
         bad("data.builtin_exclude", cfg.data.builtin_exclude, "data.source=builtin (it filters the generated shapes)")
+    elif cfg.data.builtin_exclude:
+        from .data.builtin import exclude_problem  # only when the field is set (the module imports torch)
+
+        problem = exclude_problem(cfg.data.builtin_exclude)
+        if problem:
+            bad("data.builtin_exclude", cfg.data.builtin_exclude, f"{problem[1]} ({problem[0]})")
     if not cfg.sample.cfg_scales:
         bad("sample.cfg_scales", cfg.sample.cfg_scales, "at least one guidance scale")
     if cfg.run.task in ("lora", "full") and not cfg.model.pretrained:

@@ -135,21 +135,28 @@ def render(attrs: dict[str, str], resolution: int, rng: np.random.Generator) -> 
     return np.array(img, dtype=np.uint8)
 
 
+def exclude_problem(exclude: tuple[str, ...] | list[str]) -> tuple[str, str] | None:
+    """(problem, what is expected) when ``exclude`` names an unknown value or leaves an attribute with none."""
+    known = {v for values in ATTRIBUTES.values() for v in values}
+    unknown = sorted(set(exclude) - known)
+    if unknown:
+        return (f"data.builtin_exclude names unknown attribute values: {', '.join(unknown)}",
+                "shapes, colours or backgrounds of the builtin data: " + ", ".join(sorted(known)))
+    empty = [key for key, values in ATTRIBUTES.items() if set(values) <= set(exclude)]
+    if empty:
+        return f"data.builtin_exclude leaves no {empty[0]} to draw", "at least one value of each attribute left out of it"
+    return None
+
+
 def allowed_values(exclude: tuple[str, ...] | list[str] = ()) -> dict[str, tuple[str, ...]]:
     """``ATTRIBUTES`` without the values in ``exclude`` (e.g. ``["yellow"]``: a concept held out of a base model).
 
     Every value names one attribute (the palettes are disjoint), so a bare value is unambiguous.
     """
-    known = {v for values in ATTRIBUTES.values() for v in values}
-    unknown = sorted(set(exclude) - known)
-    if unknown:
-        raise DataError(f"data.builtin_exclude names unknown attribute values: {', '.join(unknown)}",
-                        "use shapes, colours or backgrounds of the builtin data: " + ", ".join(sorted(known)))
-    out = {key: tuple(v for v in values if v not in exclude) for key, values in ATTRIBUTES.items()}
-    empty = [key for key, values in out.items() if not values]
-    if empty:
-        raise DataError(f"data.builtin_exclude leaves no {empty[0]} to draw", "keep at least one value of each attribute")
-    return out
+    problem = exclude_problem(exclude)
+    if problem:
+        raise DataError(problem[0], f"set data.builtin_exclude to {problem[1]}")
+    return {key: tuple(v for v in values if v not in exclude) for key, values in ATTRIBUTES.items()}
 
 
 class ShapesDataset(Dataset):
