@@ -156,3 +156,30 @@ def test_full_finetune_of_a_scratch_model_is_refused(base, yellow, tmp_path):
     cfg, _, _ = resolve_config(build_parser().parse_args(argv))
     with pytest.raises(ConfigError, match="--task lora"):
         train(cfg, progress=False)
+
+
+@pytest.mark.slow  # three more adapter runs (~20 s each on 2 free cores); the plain LoRA run is in the default suite
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_every_adapter_type_trains_on_the_scratch_model(base, yellow, kind):
+    """lora.type reaches the from-scratch LoRA: the file holds that type's tensors, final/ changes exactly the
+    adapted modules of the base (nothing else, bit for bit), and the adapter lowers its images' loss."""
+    from lowvram.adapters import split_peft_key, type_of_state
+
+    run = base.parent / f"lora-{kind}"
+    cli(["train", "--preset", "cpu", "--task", "lora", "--model", str(base / "final"), "--data", str(yellow),
+         "--out", str(run), "--steps", "30", "--no-progress"],
+        {**FAST, "lora.type": kind, "lora.rank": 4, "lora.alpha": 4, "train.lr": 1e-2, "train.warmup_steps": 0,
+         "train.batch_size": 9, "train.ema_decay": 0, "data.caption_dropout": 0})
+    path = run / "lora" / "pytorch_lora_weights.safetensors"
+    state = load_file(str(path))
+    assert type_of_state(state) == kind
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["lowvram_adapter"] == kind
+    adapted = {split_peft_key(k)[0].removeprefix("unet.") for k in state}
+    b_sd, a_sd = TextToImage.load(base / "final").unet.state_dict(), TextToImage.load(run / "final").unet.state_dict()
+    assert b_sd.keys() == a_sd.keys()
+    changed = {n.rsplit(".", 1)[0] for n, w in a_sd.items() if not torch.equal(w, b_sd[n])}
+    assert changed == adapted
+    assert _val_loss(run / "final", yellow) < 0.8 * _val_loss(base / "final", yellow)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..fsutil import atomic_dir
 from ..pipeline import MODEL_JSON, TextToImage
 from .events import Event
 from .jobs import ScratchJob
@@ -64,14 +65,10 @@ def attach_adapters(cfg: RunConfig, unet: nn.Module, text_encoder: nn.Module) ->
     from ..lora import attach_lora, attach_text_lora
 
     lo = cfg.lora
-    kind = getattr(lo, "type", "lora")
-    if kind != "lora":  # never train a plain LoRA under another adapter's name
-        raise ConfigError(f"lora.type = {kind!r} is not wired into LoRA on a from-scratch model yet",
-                          "use lora.type=lora here (SD fine-tunes take every adapter type)")
     torch.manual_seed(cfg.run.seed)  # the adapter's random init: the same run gives the same adapter
-    attach_lora(unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv)
+    attach_lora(unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv, adapter=lo.type)
     if lo.text_encoder:
-        attach_text_lora(text_encoder, lo.rank, lo.alpha, lo.dropout)
+        attach_text_lora(text_encoder, lo.rank, lo.alpha, lo.dropout, adapter=lo.type)
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
@@ -114,7 +111,8 @@ class ScratchLoraJob(ScratchJob):
 
         tes = {"text_encoder": self.c.text_encoder} if self.c.train_text_encoder else {}
         meta = {"lowvram_family": "scratch", "lowvram_base_model": str(self.cfg.model.pretrained),
-                "lowvram_steps": str(step), "lowvram_prediction": self.cfg.model.prediction}
+                "lowvram_steps": str(step), "lowvram_prediction": self.cfg.model.prediction,
+                "lowvram_adapter": self.cfg.lora.type}
         for name, m in {"unet": self.c.unet, **tes}.items():
             meta[f"{name}_lora_adapter_metadata"] = json.dumps(m.peft_config[ADAPTER].to_dict(), default=str)
         _atomic_save(lora_state_dict_peft(self.c.unet, tes), self.run_dir / LORA_FILE, meta)
@@ -124,8 +122,11 @@ class ScratchLoraJob(ScratchJob):
             scheduler_config=self.c.scheduler_config, sample_shape=self.c.sample_shape, vae=self.c.vae,
             latent_scale=self.c.latent_scale, device=self.device,
         )
-        return merged.save(self.run_dir / "final", {"task": "lora", "step": step, "base": str(self.cfg.model.pretrained),
-                                                    "lora": str(LORA_FILE)})
+        final = self.run_dir / "final"
+        with atomic_dir(final) as tmp:  # a killed save never leaves a mix of two steps' files
+            merged.save(tmp, {"task": "lora", "step": step, "base": str(self.cfg.model.pretrained),
+                              "lora": str(LORA_FILE), "adapter": self.cfg.lora.type})
+        return final
 
 
 def follow_base(cfg: RunConfig, folder: Path, comps: Components) -> list[str]:
