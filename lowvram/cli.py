@@ -195,7 +195,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         ckpt = latest_checkpoint(result.run_dir / "checkpoints")
         cause = f"stopped by {graceful.name}" if graceful.signum else "stopped"
-        print(f"{cause} at step {result.step}: checkpoint {ckpt}; run folder {result.run_dir}")
+        saved = f"checkpoint {ckpt}" if ckpt else "nothing trained yet, no checkpoint"
+        print(f"{cause} at step {result.step}: {saved}; run folder {result.run_dir}")
         if graceful.repeated:
             print(f"a second {graceful.name} came while the checkpoint was written: it was finished, not cut")
         print(f"resume with: {resume_command(result.run_dir)}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,11 @@ def test_generation_resumes_with_exactly_the_missing_images(tmp_path):
     assert class_images.missing_numbers(resumed, 3) == []
     with pytest.raises(DataError, match="class_prompt"):
         class_images.generate(tmp_path / "x", [0], "  ", seed=0, draw=fake_draw([]), echo=None)
+    # a stop request (Ctrl-C) is honoured between images: what is written stays, the rest is drawn later
+    halted: list[int] = []
+    written = class_images.generate(tmp_path / "halted", [0, 1, 2], PROMPT, seed=3, draw=fake_draw(halted),
+                                    echo=None, stop=lambda: len(halted) == 2)
+    assert len(written) == 2 and class_images.missing_numbers(tmp_path / "halted", 3) == [2]
 
 
 def test_num_class_images_needs_a_folder_and_a_prompt():
@@ -103,12 +110,15 @@ def world(tmp_path_factory):
     return {"tmp": tmp, "sd1": save_tiny(tmp, "sd1")["folder"], "data": data}
 
 
+def run_sets(cls: Path) -> dict:
+    return {"data.resolution": RES, "train.batch_size": 1, "lora.rank": 4, "run.checkpoint_every": 0,
+            "run.sample_every": 0, "run.tensorboard": "false", "sample.steps": 2, "sample.cfg_scales": "2",
+            "data.class_data": cls, "data.class_prompt": PROMPT, "data.num_class_images": 4, "run.log_every": 1}
+
+
 def run_cli(world, name: str, cls: Path) -> Path:
     out = world["tmp"] / name
-    sets = {"data.resolution": RES, "train.batch_size": 1, "lora.rank": 4, "run.checkpoint_every": 0,
-            "run.sample_every": 0, "run.tensorboard": "false", "sample.steps": 2, "sample.cfg_scales": "2",
-            "data.class_data": cls, "data.class_prompt": PROMPT, "data.num_class_images": 4,
-            "data.cache_dir": world["tmp"] / "cache", "run.log_every": 1}
+    sets = dict(run_sets(cls), **{"data.cache_dir": world["tmp"] / "cache"})
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         assert main(finetune_argv(world["sd1"], world["data"], out, sets, steps=2)) == 0, buf.getvalue()[-2000:]
@@ -128,28 +138,34 @@ def test_a_lora_run_draws_its_class_images_and_resumes_the_drawing(world, monkey
     steps = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert any("prior_loss" in s for s in steps if s["kind"] == "step")  # they train as class images
 
-    # a run killed while drawing (after 2 images), then started again
+    # Ctrl-C while drawing (after 2 images): the drawing stops between images, the command exits 130 and
+    # says how to go on; `--resume` draws exactly the 2 missing images, the same as the uninterrupted run
     original = FinetuneJob.draw_base
     seeds: list[int] = []
 
     def counting(self, prompt, seed):
-        if len(seeds) == 2 and not resumed:
-            raise Interrupted
         seeds.append(seed)
+        if len(seeds) == 2 and not resumed:
+            os.kill(os.getpid(), signal.SIGINT)  # the graceful-stop handler of `lowvram train` takes it
         return original(self, prompt, seed)
 
     resumed = False
     monkeypatch.setattr(FinetuneJob, "draw_base", counting)
     cls = world["tmp"] / "cls_resumed"
-    with pytest.raises(Interrupted):
-        run_cli(world, "killed", cls)
+    killed, buf = world["tmp"] / "killed", io.StringIO()
+    sets = dict(run_sets(cls), **{"data.cache_dir": world["tmp"] / "cache"})
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        assert main(finetune_argv(world["sd1"], world["data"], killed, sets, steps=2)) == 130, buf.getvalue()[-2000:]
+    assert "nothing trained yet" in buf.getvalue() and f"lowvram train --resume {killed}" in buf.getvalue()
     assert sorted(p.name for p in cls.glob("*.png")) == ["class-00000.png", "class-00001.png"]
     resumed = True
-    run_cli(world, "resumed", cls)
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        assert main(["train", "--resume", str(killed), "--no-progress"]) == 0, buf.getvalue()[-2000:]
     seed = 0  # run.seed
     assert seeds == [class_images.image_seed(seed, k) for k in range(4)]  # 2 before, exactly 2 after
     again = pixels(cls)
     assert again.keys() == drawn.keys() and all(np.array_equal(again[k], drawn[k]) for k in drawn)
+    assert (killed / "lora" / "pytorch_lora_weights.safetensors").is_file()  # and then it trained
     # a full folder is used as it is: nothing drawn, the base model's images come back from the cache
     seeds.clear()
     run_cli(world, "full", cls)

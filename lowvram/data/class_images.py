@@ -72,9 +72,11 @@ def to_pil(image: torch.Tensor) -> object:
 
 
 def generate(folder: str | Path, numbers: Iterable[int], prompt: str, seed: int,
-             draw: Callable[[str, int], torch.Tensor], echo: Callable[[str], None] | None = print) -> list[Path]:
+             draw: Callable[[str, int], torch.Tensor], echo: Callable[[str], None] | None = print,
+             stop: Callable[[], bool] = lambda: False) -> list[Path]:
     """Draw class image ``k`` for each number with ``draw(prompt, image_seed(seed, k))`` ([3, H, W] in
-    [-1, 1]) and write it with its caption; returns the images written."""
+    [-1, 1]) and write it with its caption; returns the images written. ``stop`` (Ctrl-C, SIGTERM) is
+    polled between images: the images written so far stay, a later run draws the rest."""
     if not prompt.strip():
         raise DataError("class images cannot be generated without a prompt (data.class_prompt is empty)",
                         "set data.class_prompt, e.g. 'a photo of a dog'")
@@ -89,6 +91,8 @@ def generate(folder: str | Path, numbers: Iterable[int], prompt: str, seed: int,
         echo(f"class images: drawing {len(numbers)} with the base model into {folder} ({prompt!r})")
     written = []
     for k in tqdm(numbers, desc="class images", unit="img", disable=echo is None):
+        if stop():
+            break
         base = folder / NAME.format(k)
         _write_atomic(base.with_suffix(".txt"), lambda p: p.write_text(prompt + "\n", encoding="utf-8"))
         img = to_pil(draw(prompt, image_seed(seed, k)))

@@ -663,10 +663,15 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     if to_draw:
         from ..data import class_images
 
+        # one process alone: Ctrl-C/SIGTERM stops between images (the others of a multi-process run would
+        # wait for a folder that never fills, so there the drawing finishes and the first step stops)
+        halt = stop if not world.distributed else (lambda: False)
         with main_first(world):  # one process draws; the others then read the folder
             if world.is_main:
                 class_images.generate(cfg.data.class_data, to_draw, cfg.data.class_prompt, cfg.run.seed,
-                                      job.draw_base)
+                                      job.draw_base, stop=halt)
+        if halt():  # nothing trained yet: no checkpoint to write; the next run draws the rest
+            return RunResult(run_dir, "stopped", 0)
         job.data.prior = open_class_images(cfg, ds, run_dir, scan=scan_class_images(cfg, run_dir))
     with main_first(world):
         build_caches(cfg, job)
