@@ -193,3 +193,23 @@ def test_the_plan_profiles_the_drawing(world):
     with pytest.raises(MemoryPlanError, match="class images"):
         plan(1.0, str(empty))
     assert plan(1.0, str(world["tmp"] / "cls_straight")).profile.fits  # a full folder draws nothing
+
+
+def test_drawing_profile_keeps_streamed_blocks_in_host_memory(world):
+    """With memory.stream_blocks the UNet's frozen blocks live in host RAM while drawing too: the sampling
+    profile counts them there, not on the card (else a streamed plan's drawing is refused for nothing)."""
+    from lowvram.config import RunConfig
+    from lowvram.memory.report import knobs_from_config
+    from lowvram.memory.run_plan import workload_for
+    from lowvram.memory.sampling import profile_sampling
+
+    cfg = RunConfig()
+    cfg.run.task, cfg.model.pretrained, cfg.data.source = "lora", str(world["sd1"]), str(world["data"])
+    cfg.data.resolution, cfg.train.batch_size = RES, 1
+    wl = workload_for(cfg)
+    knobs = knobs_from_config(cfg, wl, None)
+    plain, streamed = (profile_sampling(wl, knobs.with_(stream_blocks=s)) for s in (0.0, 1.0))
+    host = streamed.host_bytes.get("streamed_weights", 0)
+    assert host > 0 and not plain.host_bytes
+    assert plain.by_category["frozen_weights"] - streamed.by_category["frozen_weights"] == host
+    assert streamed.peak_bytes < plain.peak_bytes

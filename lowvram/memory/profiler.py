@@ -108,6 +108,25 @@ def zero_scale(knobs: Knobs) -> tuple[dict[str, float], str]:
     return {"gradients": 1 / n, "optimizer_state": 0.0 if knobs.offload_optimizer else 1 / n}, note
 
 
+def register_weights(tracker: StorageTracker, built: Built, trainable_ids: set[int]) -> None:
+    """Every weight of ``built`` in the tracker by category; the host copies of a streamer's blocks are in
+    host RAM, and its fetches count as ``streamed_weights`` (the card's share of the streamed weights)."""
+    streamer = built.streamer
+    on_host: set[int] = set()
+    if streamer is not None:
+        streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit) for c in copies]
+        on_host = {id(t) for t in streamer.host_tensors()}
+    for mod in [built.unet, *built.frozen_modules.values()] + (
+            [built.train_text_encoder] if built.train_text_encoder is not None else []):
+        for p in mod.parameters():
+            tracker.register(p, "trainable_weights" if id(p) in trainable_ids else "frozen_weights")
+        for b in mod.buffers():
+            tracker.register(b, "frozen_weights")
+        for t in [*mod.parameters(), *mod.buffers()]:
+            if id(t) in on_host:
+                tracker.to_host(t)
+
+
 def effective_attention(kind: str, card: Any = None) -> tuple[str, str | None]:
     """The kernel the card really runs for ``kind``: SDPA without a fused kernel is the math kernel."""
     from ..attention import resolve_attention
@@ -217,19 +236,7 @@ def profile_step(
         trainable = built.trainable
         trainable_ids = {id(p) for p in trainable}
         streamer = built.streamer
-        on_host: set[int] = set()
-        if streamer is not None:  # its copies are the card's share of the streamed weights
-            streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit) for c in copies]
-            on_host = {id(t) for t in streamer.host_tensors()}
-        for mod in [built.unet, *built.frozen_modules.values()] + (
-                [built.train_text_encoder] if built.train_text_encoder is not None else []):
-            for p in mod.parameters():
-                tracker.register(p, "trainable_weights" if id(p) in trainable_ids else "frozen_weights")
-            for b in mod.buffers():
-                tracker.register(b, "frozen_weights")
-            for t in [*mod.parameters(), *mod.buffers()]:
-                if id(t) in on_host:
-                    tracker.to_host(t)
+        register_weights(tracker, built, trainable_ids)
         # Optimizer state exists before a steady-state step: create it with one zero-gradient step.
         # Per-tensor optimizers give every tensor of one shape the same state and the same temporaries,
         # so only one tensor per (shape, dtype) is stepped; the others get copies of its state.

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .autocast import MetaAutocast
-from .profiler import MemoryProfile, card_budget, effective_attention
+from .profiler import MemoryProfile, card_budget, effective_attention, register_weights
 from .tracker import StorageTracker
 from .workloads import PRECISIONS, Knobs, Workload, build
 
@@ -37,36 +37,40 @@ def profile_sampling(workload: Workload, knobs: Knobs, *, card: Any = None, vram
     with tracker:
         built = build(workload, knobs, "meta")
         notes += built.notes
-        trainable = {id(p) for p in built.trainable}
-        for mod in [built.unet, *built.frozen_modules.values()]:
-            for p in mod.parameters():
-                tracker.register(p, "trainable_weights" if id(p) in trainable else "frozen_weights")
-            for b in mod.buffers():
-                tracker.register(b, "frozen_weights")
+        register_weights(tracker, built, {id(p) for p in built.trainable})
         tokens, width = built.text_shape
         ids = torch.zeros(2, tokens, dtype=torch.long, device="meta")
         latents = torch.empty(2, *built.latent_shape, device="meta")
         t = torch.zeros(2, dtype=torch.long, device="meta")
         for x in (ids, latents, t):
             tracker.mark(x, "inputs")
-        tracker.reset_peak()
-        tracker.phase = "forward"
-        with torch.no_grad():
+
+        def denoise() -> torch.Tensor:
             with emulate:
                 encoders = [m for k, m in built.frozen_modules.items() if k.startswith("text_encoder")]
                 cond = torch.cat([m(ids, output_hidden_states=True).hidden_states[-2] for m in encoders], dim=-1)
                 if cond.shape[-1] != width:  # a checkpoint narrower than its family (tests): the UNet's width
                     cond = torch.empty(2, tokens, width, device="meta", dtype=cond.dtype)
-                out = built.unet(latents, t, encoder_hidden_states=cond, **(built.unet_kwargs or {})).sample
-            del cond
+                return built.unet(latents, t, encoder_hidden_states=cond, **(built.unet_kwargs or {})).sample
+
+        with torch.no_grad():
+            if built.streamer is not None:  # the steady state: a first step teaches the streamer the blocks' order
+                denoise()
+            tracker.reset_peak()
+            tracker.phase = "forward"
+            out = denoise()
             vae = built.frozen_modules.get("vae")
             if vae is not None:  # decoded outside autocast, one image, in the VAE's own dtype
                 vae.decode(out[:1].to(next(vae.parameters()).dtype))
             del out
         result = tracker.result()
+    host: dict[str, int] = {}
+    if built.streamer is not None:
+        host["streamed_weights"] = built.streamer.host_bytes
+        built.streamer.close()
     vram, context, margin, budget = card_budget(card, vram_gib)
     return MemoryProfile(
         workload=f"{workload.id} (drawing class images)", knobs=asdict(knobs), peak_bytes=result.peak_bytes,
         by_category=result.by_category, peak_phase="sampling", context_bytes=context, margin_bytes=margin,
-        vram_bytes=vram, budget_bytes=budget, notes=notes,
+        vram_bytes=vram, budget_bytes=budget, notes=notes, host_bytes=host,
     )
