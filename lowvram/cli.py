@@ -163,9 +163,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         # this process only launches the N training processes and passes on their exit code
         return relaunch(args.processes, args.argv, cpu=args.device == "cpu" or not torch.cuda.is_available())
     from .train.phases import PhaseClock, summary_lines
-    from .train.run import resume, train
 
     clock = PhaseClock(since_process_start=True)  # the account starts when the process did
+    with clock.phase("imports"):  # torch and diffusers: seconds before anything else can happen
+        from .train.run import resume, train
     main_process = launched_as_main()
     if not main_process:
         # one voice: the other processes' progress lines (data, caches) would repeat the main one's;

@@ -1,5 +1,5 @@
-"""Where a run's wall time goes: every phase (resolve, plan, load, data check, caching, steps, previews,
-validation, checkpoints, final saves) timed, announced to the listeners, and summed up at the end.
+"""Where a run's wall time goes: every phase (startup, imports, resolve, plan, data check, load, caching, steps,
+validation, previews, checkpoints, final saves) timed, announced to the listeners, and summed up at the end.
 
 Exactly one phase is current at a time: a phase entered inside another pauses it (a checkpoint during
 the steps is checkpoint time, not step time), so the phases add up to the run's wall time. Listeners
@@ -18,7 +18,7 @@ from typing import Any
 from .events import Event
 
 # the order of the summary; phases not listed (e.g. "autoencoder") follow in the order they happened
-PHASES = ("startup", "resolve", "plan", "data check", "load", "caching", "autoencoder", "steps", "validation",
+PHASES = ("startup", "imports", "resolve", "plan", "data check", "load", "caching", "autoencoder", "steps", "validation",
           "previews", "checkpoints", "final saves")
 
 

@@ -57,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ConfigBuilder, load_yaml
     from ..errors import LowvramError
     from ..train.phases import PhaseClock
-    from ..train.run import resume, train
 
     clock = PhaseClock(since_process_start=True)  # the panel waits from the moment the process starts
+    with clock.phase("imports"):
+        from ..train.run import resume, train
     events = EventWriter(args.events)
     stop = stop_requested(Path(args.stop_file), os.getppid())
     events.write("process", 0, {"pid": os.getpid()})
