@@ -64,7 +64,7 @@ def main() -> None:
                     times[impl].append(time.perf_counter() - t0)
             if i == 4:
                 ref = runs["loop"][0]
-                diff = max(float((a - b).abs().max()) for impl in impls[1:] for a, b in zip(ref, runs[impl][0], strict=True))
+                diff = max(float((a - b).detach().abs().max()) for impl in impls[1:] for a, b in zip(ref, runs[impl][0], strict=True))
         n = sum(t.numel() for t in shapes)
         cells = " | ".join(f"{1000 * statistics.median(times[i]):.1f}" for i in impls)
         print(f"| {name} | {len(shapes)} | {n / 1e6:.2f} M | {cells} | {diff:.1e} |", flush=True)
