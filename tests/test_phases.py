@@ -93,3 +93,12 @@ def test_final_grid_is_skippable(tiny_cfg):
     assert not (run / "samples" / "final.png").exists()
     assert (run / "final" / "unet").is_dir()  # the model is saved all the same
     assert "previews" not in result.phases["seconds"]
+
+
+def test_no_final_samples_flag_sets_the_field():
+    from lowvram.cli import build_parser, resolve_config
+
+    cfg, _, _ = resolve_config(build_parser().parse_args(["train", "--preset", "cpu", "--no-final-samples"]))
+    assert cfg.sample.final is False
+    cfg, _, _ = resolve_config(build_parser().parse_args(["train", "--preset", "cpu"]))
+    assert cfg.sample.final is True
