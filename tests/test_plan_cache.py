@@ -76,6 +76,23 @@ def test_the_key_ignores_only_memory_neutral_fields(tiny_cfg):
     key = plan_cache.plan_key(plan_cache.key_material(base, card, 1))
     neutral = tiny_cfg(run__out="/elsewhere", sample__steps=3, run__log_every=5)
     assert plan_cache.plan_key(plan_cache.key_material(neutral, card, 1)) == key
-    for changed in (tiny_cfg(train__gradient_checkpointing=True), tiny_cfg(memory__attention="math")):
+    for changed in (tiny_cfg(train__gradient_checkpointing=True), tiny_cfg(memory__attention="math"),
+                    tiny_cfg(memory__stream_blocks=0.5), tiny_cfg(memory__ram_gib=3.0)):
         assert plan_cache.plan_key(plan_cache.key_material(changed, card, 1)) != key
     assert plan_cache.plan_key(plan_cache.key_material(base, card, 2)) != key  # processes
+
+
+def test_the_key_holds_this_machines_ram_when_none_is_given(tiny_cfg, monkeypatch):
+    """The plan's host-RAM check used this machine's RAM: another machine sharing the cache folder gets its own."""
+    from lowvram.memory import streaming
+
+    card = load_preset("cpu").card
+    cfg = tiny_cfg()
+    monkeypatch.setattr(streaming, "machine_ram_bytes", lambda: 64 * 2**30)
+    big = plan_cache.plan_key(plan_cache.key_material(cfg, card, 1))
+    monkeypatch.setattr(streaming, "machine_ram_bytes", lambda: 8 * 2**30)
+    assert plan_cache.plan_key(plan_cache.key_material(cfg, card, 1)) != big
+    given = tiny_cfg(memory__ram_gib=16.0)  # --ram wins over the machine's
+    key = plan_cache.plan_key(plan_cache.key_material(given, card, 1))
+    monkeypatch.setattr(streaming, "machine_ram_bytes", lambda: 64 * 2**30)
+    assert plan_cache.plan_key(plan_cache.key_material(given, card, 1)) == key

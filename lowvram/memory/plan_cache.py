@@ -3,8 +3,9 @@
 Profiling builds the model on the meta device and runs a training step (seconds for SD 1.5, more when the
 planner has to try knobs). Its result depends only on what the key holds: the resolved config (less the
 fields that cannot change memory, below), the model's shape (the planner's workload, read from the
-checkpoint's config), the card, the process count, lowvram's own code, and the versions of the libraries
-whose kernels and modules are profiled. Anything else changes the key, so a stale plan is never reused.
+checkpoint's config), the card, the host RAM the plan was checked against (``memory.ram_gib`` or this
+machine's: a plan that streams weights keeps them there), the process count, lowvram's own code, and the
+versions of the libraries whose kernels and modules are profiled. Anything else changes the key, so a stale plan is never reused.
 Plans live in ``<cache dir>/plans/<key>.json`` (``data.cache_dir`` / ``$LOWVRAM_CACHE`` /
 ``~/.cache/lowvram``); deleting the folder forces profiling again.
 """
@@ -70,13 +71,17 @@ def key_material(cfg: RunConfig, card: Any, processes: int | None) -> dict[str, 
     """Everything a plan depends on, as JSON-able values (the key is their sha256)."""
     from ..distributed import process_count
     from .run_plan import workload_for
+    from .streaming import host_budget
 
     config = {f"{section}.{k}": v for section, body in cfg.to_dict().items() for k, v in body.items()
               if not _neutral(f"{section}.{k}")}
     workload = dataclasses.asdict(workload_for(cfg)) if cfg.run.task != "autoencoder" else None
     card_state = dataclasses.asdict(card) if dataclasses.is_dataclass(card) else vars(card) if card is not None else None
+    # a cache folder shared by machines (a network home) must not hand a plan checked against one
+    # machine's RAM to another with less
+    host_ram, _ = host_budget(cfg.memory.ram_gib)
     return {"version": PLAN_CACHE_VERSION, "config": config, "workload": workload, "card": card_state,
-            "processes": processes or process_count(), "code": code_fingerprint(), "libraries": library_versions()}
+            "host_ram": host_ram, "processes": processes or process_count(), "code": code_fingerprint(), "libraries": library_versions()}
 
 
 def plan_key(material: dict[str, Any]) -> str:
