@@ -102,3 +102,27 @@ def test_no_final_samples_flag_sets_the_field():
     assert cfg.sample.final is False
     cfg, _, _ = resolve_config(build_parser().parse_args(["train", "--preset", "cpu"]))
     assert cfg.sample.final is True
+
+
+def test_a_stopped_run_still_gets_its_account(tiny_cfg):
+    """A stop (Ctrl-C, SIGTERM, the panel's Stop) at a step boundary: the checkpoint it writes is its own
+    phase, the steps phase ends, and the account is written as for a finished run."""
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3  # asked at the top of every step: stop before the fourth
+
+    result = train(tiny_cfg(run__checkpoint_every=0), stop=stop, progress=False)
+    assert result.status == "stopped" and result.step == 3
+    seconds = result.phases["seconds"]
+    assert "steps" in seconds and "checkpoints" in seconds and "previews" not in seconds
+    rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["seconds"] for r in rows if r["kind"] == "phases"] == [seconds]
+
+    # resuming it through the command line with --no-final-samples finishes without the grid
+    from lowvram.cli import main
+
+    assert main(["train", "--resume", str(result.run_dir), "--no-final-samples", "--no-progress"]) == 0
+    assert (Path(result.run_dir) / "final" / "unet").is_dir()
+    assert not (Path(result.run_dir) / "samples" / "final.png").exists()
