@@ -101,7 +101,7 @@ def full_pipeline(root: Path) -> Path:
     tok = tiny_tokenizer(root / "tok-full")
     tok.model_max_length = 77
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                          steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+                          steps_offset=1, clip_sample=False)
     pipe = StableDiffusionPipeline(
         unet=build_sd_unet("sd15", "cpu"), vae=build_sd_vae("sd15", "cpu"),
         text_encoder=build_sd_text_encoders("sd15", "cpu")[0], tokenizer=tok, scheduler=sched,
