@@ -18,7 +18,7 @@ from typing import Any
 from .events import Event
 
 # the order of the summary; phases not listed (e.g. "autoencoder") follow in the order they happened
-PHASES = ("startup", "imports", "resolve", "plan", "data check", "load", "caching", "autoencoder", "steps", "validation",
+PHASES = ("startup", "imports", "resolve", "plan", "data check", "load", "class images", "caching", "autoencoder", "steps", "validation",
           "previews", "checkpoints", "final saves")
 
 
