@@ -71,6 +71,8 @@ def resolve_config(args: argparse.Namespace, check_paths: bool = True) -> tuple[
     for key, value in flags.items():
         if value is not None:
             b.set(key, value, names.get(key, "--" + key.split(".")[1].replace("_", "-")))
+    if getattr(args, "no_final_samples", False):
+        b.set("sample.final", False, "--no-final-samples")
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise LowvramError(f"--set '{item}' must be written section.key=value", "e.g. --set train.lr=1e-4")
@@ -160,8 +162,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_config_flags(args)
         # this process only launches the N training processes and passes on their exit code
         return relaunch(args.processes, args.argv, cpu=args.device == "cpu" or not torch.cuda.is_available())
-    from .train.run import resume, train
+    from .train.phases import PhaseClock, summary_lines
 
+    clock = PhaseClock(since_process_start=True)  # the account starts when the process did
+    with clock.phase("imports"):  # torch and diffusers: seconds before anything else can happen
+        from .train.run import resume, train
     main_process = launched_as_main()
     if not main_process:
         # one voice: the other processes' progress lines (data, caches) would repeat the main one's;
@@ -171,25 +176,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     graceful = GracefulStop(ignore_repeats=launched(), announce=main_process)
     if args.resume:
         overrides = resume_overrides(args)
+        if args.no_final_samples:
+            overrides["sample.final"] = False
         args.run_dir = args.resume
         with graceful.installed():
             result = resume(args.resume, overrides, progress=not args.no_progress, stop=graceful,
-                            from_checkpoint=args.from_checkpoint)
+                            from_checkpoint=args.from_checkpoint, clock=clock)
     else:
         from .memory.run_plan import plan_or_refuse
 
-        cfg, preset, warning = resolve_config(args)
+        with clock.phase("resolve"):
+            cfg, preset, warning = resolve_config(args)
         if warning and main_process:
             print(f"warning: {warning}", file=sys.stderr)
-        lines = plan_or_refuse(cfg, preset.card).lines()  # every process plans alike (the plan is deterministic)
+        with clock.phase("plan"):
+            lines = plan_or_refuse(cfg, preset.card).lines()  # every process plans alike (the plan is deterministic)
         if main_process:
             print("\n".join(lines))
         args.run_dir = cfg.run.out
         with graceful.installed():
-            result = train(cfg, progress=not args.no_progress, stop=graceful)
+            result = train(cfg, progress=not args.no_progress, stop=graceful, clock=clock)
     code = exit_code(graceful.signum) if graceful.signum and result.status == "stopped" else 0
     if not main_process:
         return code
+    if result.phases:
+        print("\n".join(summary_lines(result.phases)))
     if result.status == "stopped":
         from .train.checkpoint import latest_checkpoint
 
@@ -375,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="With --resume: continue from this older checkpoint (e.g. when the newest is damaged); "
                         "the newer ones are set aside as step-N.abandoned.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar (metrics.jsonl is still written).")
+    p.add_argument("--no-final-samples", action="store_true", help="Sets sample.final=false: " + field_help("sample.final"))
     p.add_argument("--processes", type=int, metavar="N",
                    help="Train on N processes of this machine (one per GPU; on the CPU, gloo): the effective batch "
                         "is batch_size x grad_accum x N. Several machines: see docs/multi-gpu.md.")

@@ -181,6 +181,8 @@ class SampleSection:
     guidance: float = _f(3.0, "Guidance scale of `lowvram sample` and `lowvram eval` when --cfg is not given.")
     sampler: str = _f("ddim", "Sampler: ddpm, ddim or dpm++ (DPM-Solver++).", SAMPLERS)
     steps: int = _f(25, "Sampling steps.")
+    final: bool = _f(True, "Draw a sample grid when training ends (samples/final.png); false skips it, the final model "
+                     "is saved all the same.")
     seed: int = _f(1234, "Seed of the sample noise (fixed, so grids are comparable across steps).")
     guidance_rescale: float = _f(0.0, "Guidance rescale phi (0-1, e.g. 0.7): keeps strong guidance from over-exposing.")
 

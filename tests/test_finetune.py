@@ -296,3 +296,26 @@ def test_cache_command_builds_once_and_is_reused(world, tmp_path, capsys):
     assert main(argv) == 0
     second = capsys.readouterr().out
     assert "4 latents, 4 reused, 0 encoded" in second and "5 captions, 5 reused" in second
+
+
+def test_preview_rows_drawn_in_one_call_match_each_prompt_alone(world, capsys):
+    """The grid draws the prompts that share a guidance scale in one batched pipeline call; each row is still
+    what diffusers draws for that prompt alone with the saved LoRA (its own --d seed)."""
+    from diffusers import DDIMScheduler
+
+    run = world["tmp"] / "run-batched-preview"
+    rows = [("a photo of sks dog", 7), ("a red cat on the beach", 9)]
+    argv = flags(world, world["models"]["sd1"]["folder"], run, "sample.cfg_scales=3.0",
+                 "sample.prompts=" + ",".join(f"{p} --d {seed}" for p, seed in rows), steps=1)
+    assert main(argv) == 0, capsys.readouterr().err
+    grid = np.asarray(Image.open(run / "samples" / "final.png").convert("RGB")).astype(np.int16)
+    pipe = base_pipeline(world, "sd1")
+    pipe.load_lora_weights(str(run / RUN_LORA_FILE))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for r, (prompt, seed) in enumerate(rows):
+        alone = pipe(prompt, height=RES, width=RES, num_inference_steps=2, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+        y = 12 + 2 + r * (RES + 2)
+        cell = grid[y : y + RES, 2 : 2 + RES]
+        assert np.abs((alone * 255).round().astype(np.int16) - cell).max() <= PREVIEW_TOL, f"row {r}"

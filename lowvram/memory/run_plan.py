@@ -176,8 +176,10 @@ def apply_plan(cfg: RunConfig, rp: RunPlan) -> RunConfig:
 
 def plan_or_refuse(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan:
     """What ``lowvram train`` does first: fit the run to the card or refuse it (unless memory.force)."""
+    from .plan_cache import cached_plan
+
     try:
-        rp = plan_run(cfg, card, processes)
+        rp = cached_plan(cfg, card, processes, lambda: plan_run(cfg, card, processes))
     except MemoryPlanError:
         if cfg.memory.force:
             return RunPlan(None, notes=["no plan fits the card; training anyway because memory.force is set"])

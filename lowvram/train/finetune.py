@@ -24,6 +24,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from .events import Event
 from .loop import AUTOCAST, Trainer
+from .phases import PhaseClock
 from .step import compute_loss
 
 SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
@@ -200,7 +201,7 @@ class FinetuneJob:
             m.to(device)
         self.frozen_on_device = True
         self.lora_name = run_dir.resolve().name or "lora"
-        self.prior_losses: deque[tuple[float, float]] = deque(maxlen=cfg.train.grad_accum)  # the last step's
+        self.prior_losses: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=cfg.train.grad_accum)  # the last step's
 
     # -- models --------------------------------------------------------------------------------------
     def text_encoders(self) -> dict[str, nn.Module]:
@@ -336,7 +337,7 @@ class FinetuneJob:
         if not prior:
             return loss
         total, instance, prior_loss = prior_preservation_loss(loss, batch["n_instance"], self.cfg.train.prior_loss_weight)
-        self.prior_losses.append((instance.item(), prior_loss.item()))
+        self.prior_losses.append((instance, prior_loss))  # read on the host only when a step is logged
         return total
 
     def prior_metrics(self) -> dict[str, float]:
@@ -344,8 +345,8 @@ class FinetuneJob:
         if not self.prior_losses:
             return {}
         n = len(self.prior_losses)
-        return {"instance_loss": sum(i for i, _ in self.prior_losses) / n,
-                "prior_loss": sum(p for _, p in self.prior_losses) / n}
+        return {"instance_loss": sum(float(i) for i, _ in self.prior_losses) / n,
+                "prior_loss": sum(float(p) for _, p in self.prior_losses) / n}
 
     def validate(self) -> float:
         raise RuntimeError("fine-tune jobs have no held-out validation set")
@@ -373,24 +374,42 @@ class FinetuneJob:
         with torch.no_grad():
             return vae.decode(latents).sample.float().cpu()
 
-    def generate(self, spec: PromptSpec, guidance: float) -> torch.Tensor:
-        """One image [3, H, W] in [-1, 1]: ``pipe(prompt, negative_prompt, guidance_scale, steps, seed)``."""
+    def generate(self, specs: list[PromptSpec], guidance: float) -> list[torch.Tensor]:
+        """Images [3, H, W] in [-1, 1] of prompts that share size, steps and guidance, in one pipeline call:
+        ``pipe(prompts, negative_prompts, guidance_scale, steps, one generator per prompt)`` draws each image
+        as its own call would (the initial noise comes from each prompt's own seed)."""
         s = self.cfg.sample
         res = self.cfg.data.resolution or 512
-        width, height = spec.width or res, spec.height or res
-        negative = spec.negative if spec.negative is not None else s.negative_prompt
+        first = specs[0]
+        width, height = first.width or res, first.height or res
+        negatives = [spec.negative if spec.negative is not None else s.negative_prompt for spec in specs]
         kw: dict[str, Any] = {"original_size": (height, width), "target_size": (height, width)} if self.sdxl else {}
         self.pipe.scheduler = self.scheduler(s.sampler)
         precision = self.cfg.train.precision
         autocast = torch.autocast(self.device.type, dtype=AUTOCAST[precision]) if precision in AUTOCAST else nullcontext()
         with autocast:
             latents = self.pipe(
-                prompt=spec.prompt, negative_prompt=negative or None, height=height, width=width,
-                num_inference_steps=spec.steps or s.steps, guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(s.seed if spec.seed is None else spec.seed),
+                prompt=[spec.prompt for spec in specs], negative_prompt=negatives if any(negatives) else None,
+                height=height, width=width, num_inference_steps=first.steps or s.steps, guidance_scale=guidance,
+                generator=[torch.Generator().manual_seed(s.seed if spec.seed is None else spec.seed) for spec in specs],
                 output_type="latent", **kw,
             ).images
-        return self.decode(latents)[0]
+        # one image at a time through the VAE: decoding is the memory peak of sampling at full size
+        return [self.decode(latents[i : i + 1])[0] for i in range(len(specs))]
+
+    def preview_batches(self, specs: list[PromptSpec], scales: list[float]) -> list[list[tuple[int, int]]]:
+        """(row, column) cells drawn together: same size, steps, guidance and negative-or-not, at most
+        ``train.batch_size`` prompts (a guided pass keeps no activations for backward, so it stays within
+        what a training step of that batch held)."""
+        res = self.cfg.data.resolution or 512
+        groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+        for r, spec in enumerate(specs):
+            negative = spec.negative if spec.negative is not None else self.cfg.sample.negative_prompt
+            for c, w in enumerate([spec.cfg] if spec.cfg is not None else scales):
+                key = (spec.width or res, spec.height or res, spec.steps or self.cfg.sample.steps, w, bool(negative))
+                groups.setdefault(key, []).append((r, c))
+        size = max(1, self.cfg.train.batch_size)
+        return [cells[i : i + size] for cells in groups.values() for i in range(0, len(cells), size)]
 
     @contextmanager
     def sampling(self, adapters: bool = True) -> Iterator[None]:
@@ -417,7 +436,7 @@ class FinetuneJob:
         """One image of the base model (adapters off) with the run's frozen dtype, attention kernel and
         sample.* settings (sampler, steps, guidance, negative prompt) at data.resolution: a class image."""
         with self.sampling(adapters=False):
-            return self.generate(PromptSpec(prompt, seed=seed), self.cfg.sample.guidance)
+            return self.generate([PromptSpec(prompt, seed=seed)], self.cfg.sample.guidance)[0]
 
     @torch.no_grad()
     def preview(self) -> Any:
@@ -426,9 +445,15 @@ class FinetuneJob:
 
         specs = [parse_prompt_line(p) for p in self.sample_prompts]
         scales = list(self.cfg.sample.cfg_scales)
+        drawn: dict[tuple[int, int], torch.Tensor] = {}
         with self.sampling():
-            rows = [[self.generate(spec, w) for w in ([spec.cfg] if spec.cfg is not None else scales)]
-                    for spec in specs]
+            for cells in self.preview_batches(specs, scales):
+                r, c = cells[0]
+                spec = specs[r]
+                images = self.generate([specs[i] for i, _ in cells], spec.cfg if spec.cfg is not None else scales[c])
+                drawn.update(zip(cells, images, strict=True))
+        rows = [[drawn[(r, c)] for c in range(1 if spec.cfg is not None else len(scales))]
+                for r, spec in enumerate(specs)]
         height = max(img.shape[1] for row in rows for img in row)
         width = max(img.shape[2] for row in rows for img in row)
         cells = []
@@ -626,11 +651,12 @@ def default_prompts(ds: Any, n: int = 4) -> list[str]:
 
 def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
                    stop: Callable[[], bool] = lambda: False, resume: bool = False, cache_only: bool = False,
-                   world: Any = None) -> Any:
+                   world: Any = None, clock: PhaseClock | None = None) -> Any:
     """Fine-tune ``model.pretrained`` on the folder ``data.source``; returns a ``RunResult``.
 
     ``cache_only`` stops after the latent/text caches are built (``lowvram cache``); ``world``: the
-    processes of a multi-process run (the main one builds the caches, the others then read them)."""
+    processes of a multi-process run (the main one builds the caches, the others then read them);
+    ``clock`` times the phases (data check, load, caching, then the loop's)."""
     from ..distributed import SINGLE, main_first
     from .run import RunResult
 
@@ -638,6 +664,7 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     if cfg.memory.stream_blocks and world.distributed:
         raise ConfigError("memory.stream_blocks is not supported with several processes yet (DDP would see "
                           "UNet tensors in host memory)", "train in one process, or use --set memory.stream_blocks=0")
+    clock = clock or PhaseClock(emit)
 
     if cfg.data.source == "builtin":
         raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
@@ -647,33 +674,36 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
 
     # class images to draw first (data.num_class_images): validated after they exist, with the base loaded
     to_draw = missing_numbers(cfg.data.class_data, cfg.data.num_class_images) if cfg.data.num_class_images else []
-    # class images are validated before any model loads, and before open_dataset rewrites data_report.json
-    # (a resumed run reuses their verdicts from it)
-    class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data and not to_draw else None
-    ds, epoch_batches = open_dataset(cfg, run_dir)
-    prior = open_class_images(cfg, ds, run_dir, scan=class_scan) if class_scan is not None else None
-    if not cache_only:
-        epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
-    comps = load_base(cfg)
-    for note in comps.notes:
-        print(f"note: {note}")
-    notes = prepare_models(cfg, comps, device)
-    prompts = cfg.sample.prompts or default_prompts(ds)
-    job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches, prior=prior), prompts)
+    with clock.phase("data check"):
+        # class images are validated before any model loads, and before open_dataset rewrites data_report.json
+        # (a resumed run reuses their verdicts from it)
+        class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data and not to_draw else None
+        ds, epoch_batches = open_dataset(cfg, run_dir)
+        prior = open_class_images(cfg, ds, run_dir, scan=class_scan) if class_scan is not None else None
+        if not cache_only:
+            epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
+    with clock.phase("load"):
+        comps = load_base(cfg)
+        for note in comps.notes:
+            print(f"note: {note}")
+        notes = prepare_models(cfg, comps, device)
+        prompts = cfg.sample.prompts or default_prompts(ds)
+        job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches, prior=prior), prompts)
     if to_draw:
         from ..data import class_images
 
         # one process alone: Ctrl-C/SIGTERM stops between images (the others of a multi-process run would
         # wait for a folder that never fills, so there the drawing finishes and the first step stops)
         halt = stop if not world.distributed else (lambda: False)
-        with main_first(world):  # one process draws; the others then read the folder
+        with clock.phase("class images"), main_first(world):  # one process draws; the others then read the folder
             if world.is_main:
                 class_images.generate(cfg.data.class_data, to_draw, cfg.data.class_prompt, cfg.run.seed,
                                       job.draw_base, stop=halt)
         if halt():  # nothing trained yet: no checkpoint to write; the next run draws the rest
             return RunResult(run_dir, "stopped", 0)
-        job.data.prior = open_class_images(cfg, ds, run_dir, scan=scan_class_images(cfg, run_dir))
-    with main_first(world):
+        with clock.phase("data check"):
+            job.data.prior = open_class_images(cfg, ds, run_dir, scan=scan_class_images(cfg, run_dir))
+    with clock.phase("caching"), main_first(world):
         build_caches(cfg, job)
     if cache_only:
         ds.write_report(run_dir)
@@ -691,7 +721,9 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
             event.data.update(job.prior_metrics())
         emit(event)
 
-    trainer = Trainer(cfg, run_dir, job, job.batch, epoch_batches, device, emit_and_save, stop=stop, world=world)
+    with clock.phase("load"):
+        trainer = Trainer(cfg, run_dir, job, job.batch, epoch_batches, device, emit_and_save, stop=stop,
+                          world=world, clock=clock)
     holder["trainer"] = trainer
     if resume:
         trainer.resume_latest()

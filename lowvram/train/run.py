@@ -28,6 +28,7 @@ from .checkpoint import (
 from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger
 from .jobs import ScratchJob
 from .loop import Trainer, shuffled_batches
+from .phases import PhaseClock
 from .setup import build_components, load_vae, resolve_defaults, resolve_device
 
 CONFIG_NAME = "config.yaml"
@@ -39,6 +40,7 @@ class RunResult:
     run_dir: Path
     status: str  # done | stopped
     step: int
+    phases: dict[str, Any] | None = None  # the time account: seconds per phase, wall_s, first_step_s
 
 
 @dataclass
@@ -148,11 +150,15 @@ def train(
     progress: bool = True,
     resume: bool = False,
     from_checkpoint: str | None = None,
+    clock: PhaseClock | None = None,
 ) -> RunResult:
     """Run the job ``cfg`` describes; with ``resume`` continue its run folder's latest checkpoint (or
     ``from_checkpoint``, an older one: the newer ones are set aside).
 
+    ``clock`` times the phases (the CLI passes one that already holds resolve and plan); the result
+    carries the account, also written to ``metrics.jsonl`` as a ``phases`` row.
     Under ``accelerate launch`` / ``torchrun`` every process calls this; only the main one writes files."""
+    clock = clock or PhaseClock()
     resolve_defaults(cfg)
     device = resolve_device(cfg.run.device)
     check_zero(cfg.memory.zero_stage, cfg.memory.offload_optimizer, device)
@@ -165,19 +171,34 @@ def train(
         if from_checkpoint:
             set_aside_newer(run_dir / "checkpoints", from_checkpoint)
     wait(w)
+    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
+    clock.attach(emit)
     if cfg.run.task in ("lora", "full"):
         from .finetune import train_finetune
         from .scratch_lora import scratch_model_folder, train_scratch_lora
 
-        emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
         if scratch_model_folder(cfg.model.pretrained) is not None:  # a model lowvram trained from scratch
-            return train_scratch_lora(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w)
-        return train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w)
-    train_data = open_images(cfg, "train", run_dir)
-    val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None
-    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
+            result = train_scratch_lora(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume,
+                                        world=w, clock=clock)
+        else:
+            result = train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w,
+                                    clock=clock)
+    else:
+        result = train_from_scratch(cfg, run_dir, device, emit, w, clock, stop=stop, resume=resume)
+    summary = clock.summary(result.step)
+    emit(summary)
+    result.phases = summary.data
+    return result
+
+
+def train_from_scratch(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], w: World,
+                       clock: PhaseClock, *, stop: Callable[[], bool] | None, resume: bool) -> RunResult:
+    """The text2img / latent / autoencoder tasks: data, (autoencoder stage, latent cache), models, the loop."""
+    with clock.phase("data check"):
+        train_data = open_images(cfg, "train", run_dir)
+        val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None
     if cfg.run.task == "autoencoder":
-        with main_first(w):  # one process trains the autoencoder stage; it is not data-parallel
+        with clock.phase("autoencoder"), main_first(w):  # one process trains the autoencoder stage
             if w.is_main:
                 fit_autoencoder(cfg, run_dir, train_data, cfg.run.steps, device, emit)
         emit(Event("end", cfg.run.steps, {"final": str(run_dir / "autoencoder")}))
@@ -188,21 +209,22 @@ def train(
     val_x0 = val_data.pixels(list(range(len(val_data)))) if val_data else None
     if cfg.run.task == "latent":
         with main_first(w):  # the main process trains (or loads) the autoencoder, the others then load it
-            vae, scale = latent_stage(cfg, run_dir, train_data, device, emit)
+            vae, scale = latent_stage(cfg, run_dir, train_data, device, emit, clock)
         # the latent cache is encoded once, by the main process, and read by the others
         shared = run_dir / "cache"
-        latents = computed_once(w, shared / "train_latents.safetensors",
-                                lambda: encode_all(vae, train_data.pixels, len(train_data), scale, device))
+        with clock.phase("caching"):
+            latents = computed_once(w, shared / "train_latents.safetensors",
+                                    lambda: encode_all(vae, train_data.pixels, len(train_data), scale, device))
+            if val_x0 is not None:
+                val_x0 = computed_once(w, shared / "val_latents.safetensors",
+                                       lambda: encode_all(vae, val_data.pixels, len(val_data), scale, device))
         n = len(train_data)
         x0_of = lambda idx: latents[[i % n for i in idx]]  # noqa: E731 — the cache is a tensor lookup
-        if val_x0 is not None:
-            val_x0 = computed_once(w, shared / "val_latents.safetensors",
-                                   lambda: encode_all(vae, val_data.pixels, len(val_data), scale, device))
         vae = vae.to(device)
 
     tokenizer = None
     tok_dir = run_dir / "tokenizer"
-    with main_first(w):  # the main process builds and saves the tokenizer; the others load that one
+    with clock.phase("load"), main_first(w):  # the main process builds and saves the tokenizer; the others load it
         if (resume or not w.is_main) and tok_dir.is_dir():
             from transformers import AutoTokenizer
 
@@ -221,7 +243,9 @@ def train(
     prompts = cfg.sample.prompts or train_data.sample_prompts[:4]
     job = ScratchJob(cfg, run_dir, comps, device, val_batch, prompts)
     batches = train_data.epoch_batches or shuffled_batches(len(train_data), cfg.train.batch_size, cfg.run.seed)
-    trainer = Trainer(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False), world=w)
+    with clock.phase("load"):
+        trainer = Trainer(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False), world=w,
+                          clock=clock)
     if resume:
         trainer.resume_latest()
     status = trainer.fit()
@@ -238,16 +262,18 @@ def with_loss_weights(cfg: RunConfig, data: ImageData, idx: list[int], batch: di
 
 
 def latent_stage(cfg: RunConfig, run_dir: Path, data: ImageData, device: torch.device,
-                 emit: Callable[[Event], None]) -> tuple[torch.nn.Module, float]:
+                 emit: Callable[[Event], None], clock: PhaseClock) -> tuple[torch.nn.Module, float]:
     """The frozen autoencoder for latent training: given, already trained in this run, or trained now."""
-    if cfg.model.vae:
-        vae = load_vae(cfg.model.vae).to(device).eval().requires_grad_(False)
-        scale = float(getattr(vae.config, "scaling_factor", 1.0))
-        return vae, scale
-    done = load_autoencoder(run_dir)
-    if done is not None:
-        return done[0].to(device), done[1]
-    return fit_autoencoder(cfg, run_dir, data, cfg.train.autoencoder_steps, device, emit)
+    with clock.phase("load"):
+        if cfg.model.vae:
+            vae = load_vae(cfg.model.vae).to(device).eval().requires_grad_(False)
+            scale = float(getattr(vae.config, "scaling_factor", 1.0))
+            return vae, scale
+        done = load_autoencoder(run_dir)
+        if done is not None:
+            return done[0].to(device), done[1]
+    with clock.phase("autoencoder"):
+        return fit_autoencoder(cfg, run_dir, data, cfg.train.autoencoder_steps, device, emit)
 
 
 def fit_autoencoder(cfg: RunConfig, run_dir: Path, data: ImageData, steps: int, device: torch.device,

@@ -30,6 +30,7 @@ from ..pipeline import MODEL_JSON, TextToImage
 from .events import Event
 from .jobs import ScratchJob
 from .loop import Trainer, shuffled_batches
+from .phases import PhaseClock
 from .setup import Components
 
 LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"
@@ -144,12 +145,15 @@ def follow_base(cfg: RunConfig, folder: Path, comps: Components) -> list[str]:
 
 
 def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
-                       stop: Callable[[], bool] = lambda: False, resume: bool = False, world: Any = None) -> Any:
-    """LoRA-train ``model.pretrained`` (a from-scratch model folder) on ``data.source``; returns a ``RunResult``."""
+                       stop: Callable[[], bool] = lambda: False, resume: bool = False, world: Any = None,
+                       clock: PhaseClock | None = None) -> Any:
+    """LoRA-train ``model.pretrained`` (a from-scratch model folder) on ``data.source``; returns a ``RunResult``
+    (``clock`` times its phases: load, data check, then the loop's)."""
     from ..distributed import SINGLE
     from .run import CONFIG_NAME, RunResult, open_images, with_loss_weights
 
     world = world or SINGLE
+    clock = clock or PhaseClock(emit)
     if cfg.run.task != "lora":
         raise ConfigError(f"task '{cfg.run.task}' on a from-scratch model ('{cfg.model.pretrained}')",
                           "use --task lora, or continue the base model's own run with --resume")
@@ -158,11 +162,13 @@ def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit
                           "unset data.class_data, or add images of other concepts to the data folder")
     folder = scratch_model_folder(cfg.model.pretrained)
     assert folder is not None  # the caller dispatched here because it is one
-    comps = load_base(folder, device)
-    notes = follow_base(cfg, folder, comps)
+    with clock.phase("load"):
+        comps = load_base(folder, device)
+        notes = follow_base(cfg, folder, comps)
     if world.is_main:
         cfg.save(run_dir / CONFIG_NAME)  # with the objective the base decided
-    data = open_images(cfg, "train", run_dir)
+    with clock.phase("data check"):
+        data = open_images(cfg, "train", run_dir)
     attach_adapters(cfg, comps.unet, comps.text_encoder)
     comps.train_text_encoder = cfg.lora.text_encoder
     comps.unet.train()
@@ -185,7 +191,7 @@ def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit
         return with_loss_weights(cfg, data, idx, {"x0": x0, "captions": data.captions(idx)})
 
     batches = data.epoch_batches or shuffled_batches(len(data), cfg.train.batch_size, cfg.run.seed)
-    trainer = Trainer(cfg, run_dir, job, batch, batches, device, emit, stop=stop, world=world)
+    trainer = Trainer(cfg, run_dir, job, batch, batches, device, emit, stop=stop, world=world, clock=clock)
     if resume:
         trainer.resume_latest()
     status = trainer.fit()

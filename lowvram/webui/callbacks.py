@@ -509,7 +509,7 @@ def status_html(s: JobStatus) -> str:
     mem = "—" if s.peak_mem_mib is None else f"{s.peak_mem_mib:,.0f} MiB"
     mem_kind = {"process_rss": "process RSS", "gpu_allocated": "GPU tensors"}.get(s.mem_kind or "", s.mem_kind or "")
     tiles = [
-        tile("status", STATE_LABEL.get(s.state, s.state) + stage, "state"),
+        tile("status", STATE_LABEL.get(s.state, s.state) + stage, "state", f"phase: {s.phase}" if s.active and s.phase else ""),
         tile("step", f"{s.step}{total}", "step"),
         tile("loss", "—" if s.loss is None else f"{s.loss:.4f}", "loss"),
         tile("val loss", "—" if s.val_loss is None else f"{s.val_loss:.4f}", "val-loss"),

@@ -56,18 +56,21 @@ def stop_requested(stop_file: Path, parent_pid: int) -> Callable[[], bool]:
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigBuilder, load_yaml
     from ..errors import LowvramError
-    from ..train.run import resume, train
+    from ..train.phases import PhaseClock
 
+    clock = PhaseClock(since_process_start=True)  # the panel waits from the moment the process starts
+    with clock.phase("imports"):
+        from ..train.run import resume, train
     events = EventWriter(args.events)
     stop = stop_requested(Path(args.stop_file), os.getppid())
     events.write("process", 0, {"pid": os.getpid()})
     try:
         if args.resume:
             overrides = {"run.steps": args.steps} if args.steps else {}
-            result = resume(args.resume, overrides, listeners=[events], stop=stop, progress=False)
+            result = resume(args.resume, overrides, listeners=[events], stop=stop, progress=False, clock=clock)
         else:
             cfg = ConfigBuilder().apply(load_yaml(args.config, "panel config"), "web panel").build()
-            result = train(cfg, listeners=[events], stop=stop, progress=False)
+            result = train(cfg, listeners=[events], stop=stop, progress=False, clock=clock)
     except LowvramError as e:
         events.write("error", 0, {"message": str(e), "type": type(e).__name__})
         print(f"error: {e}", file=sys.stderr)
