@@ -249,3 +249,40 @@ def finetune_argv(model: Path, data: Path, out: Path, sets: dict, *extra: str, s
     for item in [f"{k}={v}" for k, v in sets.items()] + list(extra):
         argv += ["--set", item]
     return argv
+
+
+def write_image_folder(folder: Path, n: int, res: int, caption: str) -> Path:
+    """``n`` random RGB images of ``res``² with ``.txt`` captions "{caption}, photo {i}": a fine-tune's data."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"{caption}, photo {i}")
+    return folder
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at_first_checkpoint_then_resume(argv: list[str], out: Path) -> int:
+    """Run ``lowvram train argv`` (resolved as the CLI does) until its first checkpoint is written, die there,
+    then ``lowvram train --resume out``; returns the resume's exit code."""
+    import pytest
+
+    from lowvram.cli import build_parser, main, resolve_config
+    from lowvram.train.run import train
+
+    cfg, _, _ = resolve_config(build_parser().parse_args(argv))
+
+    def crash(event):
+        if event.kind == "checkpoint":
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, listeners=[crash], progress=False)
+    assert not (out / "samples").exists()
+    return main(["train", "--resume", str(out), "--no-progress"])

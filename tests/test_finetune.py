@@ -15,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import BUILDERS, config_only, finetune_argv, save_tiny
+from sd_fixtures import (
+    BUILDERS,
+    config_only,
+    crash_at_first_checkpoint_then_resume,
+    finetune_argv,
+    save_tiny,
+    write_image_folder,
+)
 
 from lowvram import lora as L
 from lowvram.cli import main
@@ -41,12 +48,7 @@ def world(tmp_path_factory):
     models = {fam: save_tiny(tmp, fam, clip_vocab=True) for fam in ("sd1", "sdxl")}
     for fam, paths in models.items():  # what describes a tiny single file's layout: configs, no tokenizer
         paths["config"] = config_only(paths["folder"], tmp / f"{fam}-config")
-    data = tmp / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(f"{PROMPT}, photo {i}")
+    data = write_image_folder(tmp / "data", 4, RES, PROMPT)
     return {"tmp": tmp, "models": models, "data": data, "cache": tmp / "cache"}
 
 
@@ -174,26 +176,11 @@ def test_export_merge_reproduces_base_plus_lora(trained):
         assert np.abs(generate(merged, s) - preview_cell(run, col)).max() <= PREVIEW_TOL
 
 
-class Crash(Exception):
-    pass
-
-
 def test_crashed_lora_run_resumes_bitwise(world, trained, capsys):
-    from lowvram.cli import build_parser, resolve_config
-    from lowvram.train.run import train
-
     straight, crashed = trained("sd1", "folder"), world["tmp"] / "crashed"
-    # the same run (same flags, resolved as the CLI does), dying right after its step-2 checkpoint
-    cfg, _, _ = resolve_config(build_parser().parse_args(flags(world, world["models"]["sd1"]["folder"], crashed)))
-
-    def crash(event):
-        if event.kind == "checkpoint":
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(cfg, listeners=[crash], progress=False)
-    assert not (crashed / "samples").exists()
-    assert main(["train", "--resume", str(crashed), "--no-progress"]) == 0, capsys.readouterr().err
+    # the same run (same flags), dying right after its step-2 checkpoint
+    argv = flags(world, world["models"]["sd1"]["folder"], crashed)
+    assert crash_at_first_checkpoint_then_resume(argv, crashed) == 0, capsys.readouterr().err
 
     for name in ("model", "ema", "optimizer"):  # step 3 is the first batch of epoch 2
         a = load_file(str(straight / "checkpoints" / "step-00000003" / f"{name}.safetensors"))

@@ -67,3 +67,35 @@ def build_flux(workload: Any, knobs: Any, device: str | torch.device, helper_dty
     pooled = torch.zeros(knobs.batch_size, int(model.config.pooled_projection_dim), device=device)
     targets = tuple(n for n in lora_target_names(model, modulation=True) if n.split(".", 2)[2] in workload.lora_targets)
     return model, frozen, latent, text, {"pooled": pooled}, targets, step_loss
+
+
+def workload_of_run(cfg: Any, batch: int, prior: str = "") -> Any:
+    """The planner's Workload for a FLUX.1 LoRA run: the model's own transformer config (a diffusers folder's,
+    or ``model.config``'s for a single file, else the published one), its rank and resolution."""
+    import json
+    from pathlib import Path
+
+    from ..train.flux_lora import check_flux_config
+    from .workloads import FLUX_LORA_TARGETS, Workload
+
+    check_flux_config(cfg)  # what FLUX.1 cannot train is refused before any profiling
+    variant = flux.detect_variant(cfg.model.pretrained)
+    overrides: dict[str, Any] = {}
+    for folder in (cfg.model.pretrained, cfg.model.config):
+        if folder and (Path(folder) / "transformer" / "config.json").is_file():
+            data = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+            overrides = {k: v for k, v in data.items() if not k.startswith("_")}
+            break
+    res = int(cfg.data.resolution)
+    return Workload("this job", f"{variant} LoRA rank {cfg.lora.rank}, {res}²{prior}", variant, "lora", res, batch,
+                    lora_rank=cfg.lora.rank, lora_targets=FLUX_LORA_TARGETS, unet_overrides=overrides)
+
+
+def safe_precision(cfg: Any, card: Any) -> list[str]:
+    """FLUX.1's activations overflow fp16: compute in bf16 where the card has it, else fp32 (gfx803, GTX 16xx,
+    where fp16 is no faster). Changes ``cfg.train.precision`` in place; returns the note saying so."""
+    if cfg.train.precision != "fp16" or card is None:
+        return []
+    cfg.train.precision = "bf16" if getattr(card, "bf16", False) else "fp32"
+    return [f"compute in {cfg.train.precision}, not fp16: FLUX.1's activations overflow fp16"
+            + ("" if cfg.train.precision == "bf16" else " and this card has no bf16")]

@@ -16,7 +16,7 @@ from .planner import Plan, plan
 from .profiler import GIB, MemoryProfile, profile_step
 from .report import knobs_from_config
 from .streaming import check_host
-from .workloads import Workload
+from .workloads import FLUX_MODELS, Workload
 
 # models/pretrained.py names families by checkpoint; the profiler by published architecture
 SD_FAMILY_WORKLOAD = {"sd1": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
@@ -56,6 +56,7 @@ def workload_for(cfg: RunConfig) -> Workload:
     res = int(cfg.data.resolution)
     batch = cfg.train.batch_size * cfg.train.grad_accum
     if cfg.run.task in ("lora", "full"):
+        from ..models.flux import is_flux_model
         from ..models.pretrained import detect_family
         from ..train.scratch_lora import model_descriptor, scratch_model_folder
 
@@ -64,8 +65,12 @@ def workload_for(cfg: RunConfig) -> Workload:
             return Workload("this job", f"LoRA on the from-scratch {size} model, {res}²", size, "lora", res, batch,
                             lora_rank=cfg.lora.rank)
 
-        family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
         prior = " + class images (prior preservation)" if prior_factor(cfg) > 1 else ""
+        if is_flux_model(cfg.model.pretrained):
+            from .flux_workload import workload_of_run
+
+            return workload_of_run(cfg, batch, prior)
+        family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
         what = cfg.lora.type if cfg.run.task == "lora" else cfg.run.task
         return Workload("this job", f"{family} {what}, {res}²{prior}", family, cfg.run.task, res, batch,
                         lora_rank=cfg.lora.rank, adapter=cfg.lora.type, unet_overrides=_checkpoint_unet_config(cfg))
@@ -107,6 +112,11 @@ def plan_run(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan
     from ..distributed import process_count
 
     wl = workload_for(cfg)
+    family_notes: list[str] = []
+    if wl.model in FLUX_MODELS:
+        from .flux_workload import safe_precision
+
+        family_notes = safe_precision(cfg, card)
     knobs = knobs_from_config(cfg, wl, card).with_(processes=processes or process_count())
     profile = _profiler(prior_factor(cfg))
     try:
@@ -115,8 +125,8 @@ def plan_run(cfg: RunConfig, card: Any, processes: int | None = None) -> RunPlan
         # a checkpoint whose layout the profiler's family configs do not describe (e.g. a custom SDXL)
         return RunPlan(None, notes=[f"warning: memory not profiled for this model ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0]}); training without a plan"])
-    notes = ["pixel-space jobs are profiled with the latent UNet of the same size (an estimate)"] \
-        if cfg.run.task == "text2img" else []
+    notes = family_notes + (["pixel-space jobs are profiled with the latent UNet of the same size (an estimate)"]
+                            if cfg.run.task == "text2img" else [])
     if prior_factor(cfg) > 1:
         notes.append(f"prior preservation: each micro-batch of {knobs.batch_size} instance image(s) also carries "
                      f"as many class images (profiled at micro-batch {prof.knobs.get('batch_size')})")

@@ -644,6 +644,24 @@ def stream_unet(unet: nn.Module, cfg: RunConfig, device: torch.device) -> str:
             f"({streamer.host_bytes / 2**30:.2f} GiB, {cfg.memory.stream_blocks:.0%} of the block weights)")
 
 
+def open_finetune_data(cfg: RunConfig, run_dir: Path, cache_only: bool = False, scan_class: bool = True) -> FinetuneData:
+    """The image folder (and class images, unless ``scan_class`` is off: some are still to be drawn) of a
+    fine-tune, validated before any model loads."""
+    from ..data.prior import open_class_images, scan_class_images
+
+    if cfg.data.source == "builtin":
+        raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
+                          "pass a folder of images with .txt captions (--data DIR)")
+    # class images are validated before any model loads, and before open_dataset rewrites data_report.json
+    # (a resumed run reuses their verdicts from it)
+    class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data and scan_class else None
+    ds, epoch_batches = open_dataset(cfg, run_dir)
+    prior = open_class_images(cfg, ds, run_dir, scan=class_scan) if class_scan is not None else None
+    if not cache_only:
+        epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
+    return FinetuneData(ds, epoch_batches, prior=prior)
+
+
 def default_prompts(ds: Any, n: int = 4) -> list[str]:
     caps = [ds.plan(i).caption for i in range(len(ds))]
     return list(dict.fromkeys(c for c in caps if c))[:n] or ["a photo"]
@@ -658,39 +676,36 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     processes of a multi-process run (the main one builds the caches, the others then read them);
     ``clock`` times the phases (data check, load, caching, then the loop's)."""
     from ..distributed import SINGLE, main_first
+    from ..models.flux import is_flux_model
     from .run import RunResult
 
     world = world or SINGLE
+    if is_flux_model(cfg.model.pretrained):  # FLUX.1 is its own family: a transformer, T5 + CLIP, flow matching
+        from .flux_lora import train_flux_lora
+
+        return train_flux_lora(cfg, run_dir, device, emit, stop=stop, resume=resume, cache_only=cache_only, world=world,
+                               clock=clock)
     if cfg.memory.stream_blocks and world.distributed:
         raise ConfigError("memory.stream_blocks is not supported with several processes yet (DDP would see "
                           "UNet tensors in host memory)", "train in one process, or use --set memory.stream_blocks=0")
     clock = clock or PhaseClock(emit)
 
-    if cfg.data.source == "builtin":
-        raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
-                          "pass a folder of images with .txt captions (--data DIR)")
     from ..data.class_images import missing_numbers
-    from ..data.prior import open_class_images, scan_class_images
 
     # class images to draw first (data.num_class_images): validated after they exist, with the base loaded
     to_draw = missing_numbers(cfg.data.class_data, cfg.data.num_class_images) if cfg.data.num_class_images else []
     with clock.phase("data check"):
-        # class images are validated before any model loads, and before open_dataset rewrites data_report.json
-        # (a resumed run reuses their verdicts from it)
-        class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data and not to_draw else None
-        ds, epoch_batches = open_dataset(cfg, run_dir)
-        prior = open_class_images(cfg, ds, run_dir, scan=class_scan) if class_scan is not None else None
-        if not cache_only:
-            epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
+        data = open_finetune_data(cfg, run_dir, cache_only, scan_class=not to_draw)
     with clock.phase("load"):
         comps = load_base(cfg)
         for note in comps.notes:
             print(f"note: {note}")
         notes = prepare_models(cfg, comps, device)
-        prompts = cfg.sample.prompts or default_prompts(ds)
-        job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches, prior=prior), prompts)
+        prompts = cfg.sample.prompts or default_prompts(data.dataset)
+        job = FinetuneJob(cfg, run_dir, comps, device, data, prompts)
     if to_draw:
         from ..data import class_images
+        from ..data.prior import open_class_images, scan_class_images
 
         # one process alone: Ctrl-C/SIGTERM stops between images (the others of a multi-process run would
         # wait for a folder that never fills, so there the drawing finishes and the first step stops)
@@ -702,14 +717,24 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
         if halt():  # nothing trained yet: no checkpoint to write; the next run draws the rest
             return RunResult(run_dir, "stopped", 0)
         with clock.phase("data check"):
-            job.data.prior = open_class_images(cfg, ds, run_dir, scan=scan_class_images(cfg, run_dir))
+            job.data.prior = open_class_images(cfg, data.dataset, run_dir, scan=scan_class_images(cfg, run_dir))
     with clock.phase("caching"), main_first(world):
         build_caches(cfg, job)
     if cache_only:
-        ds.write_report(run_dir)
+        data.dataset.write_report(run_dir)
         return RunResult(run_dir, "cached", 0)
     print(f"{cfg.run.task} fine-tune of {comps.family} ({comps.prediction_type}) from {cfg.model.pretrained}; "
           + "; ".join(notes))
+    return fit_job(cfg, run_dir, job, data.epoch_batches, device, emit, stop=stop, resume=resume, world=world,
+                   clock=clock)
+
+
+def fit_job(cfg: RunConfig, run_dir: Path, job: FinetuneJob, epoch_batches: Callable[[int], list[list[int]]],
+            device: torch.device, emit: Callable[[Event], None], *, stop: Callable[[], bool], resume: bool,
+            world: Any, clock: PhaseClock) -> Any:
+    """Train a fine-tune job with the Trainer: LoRA files at every checkpoint, prior losses in the metrics,
+    the latest checkpoint resumed first; returns a ``RunResult``."""
+    from .run import RunResult
 
     holder: dict[str, Trainer] = {}
 
@@ -729,5 +754,5 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
         trainer.resume_latest()
     status = trainer.fit()
     if world.is_main:
-        ds.write_report(run_dir)
+        job.data.dataset.write_report(run_dir)
     return RunResult(run_dir, status, trainer.step)
