@@ -79,12 +79,19 @@ class ModelSection:
         None, "Folder with the CLIP tokenizer for a single-file checkpoint (any diffusers SD folder, or vocab.json + "
         "merges.txt); default: CLIP's vocabulary, shipped with lowvram."
     )
-    vae: str | None = _f(None, "Local pretrained VAE folder to use instead of training an autoencoder.")
+    vae: str | None = _f(None, "Local pretrained VAE folder to use instead of training an autoencoder (FLUX.1 "
+                         "transformer-only file: ae.safetensors or a VAE folder).")
     text_encoder: str | None = _f(
         None, "Local pretrained CLIP text encoder folder (with its tokenizer); default: train a small one jointly."
     )
     config: str | None = _f(
         None, "Diffusers folder whose configs describe a single-file checkpoint's layout (default: the shipped config of its family)."
+    )
+    clip: str | None = _f(None, "FLUX.1 transformer-only file: CLIP-L text encoder (clip_l.safetensors or a folder).")
+    t5: str | None = _f(None, "FLUX.1 transformer-only file: T5-XXL text encoder (t5xxl_*.safetensors, fp16/fp8, or a folder).")
+    t5_tokenizer: str | None = _f(
+        None, "FLUX.1 single file: folder with the T5 tokenizer.json (a FLUX.1 diffusers folder's tokenizer_2/, or "
+        "ComfyUI's comfy/text_encoders/t5_tokenizer/)."
     )
     allow_pickle: bool = _f(False, "Allow loading pickled .ckpt files (weights_only=True). Only for files you trust.")
     schedule: str = _f("linear", "Noise schedule: linear 1e-4..0.02, cosine, or scaled_linear (SD).", SCHEDULES)

@@ -184,7 +184,8 @@ def check_config_paths(cfg: Any, source_of: Any) -> None:
     check_output_dir("run.out", cfg.run.out, src("run.out"))
     if cfg.data.source != "builtin":
         check_existing_path("data.source", cfg.data.source, kind="dir", source=src("data.source"))
-    for key in ("model.pretrained", "model.tokenizer", "model.vae", "model.text_encoder", "model.config"):
+    for key in ("model.pretrained", "model.tokenizer", "model.vae", "model.text_encoder", "model.config", "model.clip",
+                "model.t5", "model.t5_tokenizer"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value:

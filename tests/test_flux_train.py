@@ -23,7 +23,7 @@ from flux_fixtures import (
 )
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import crash_at_first_checkpoint_then_resume, finetune_argv, write_image_folder
+from sd_fixtures import config_only, crash_at_first_checkpoint_then_resume, finetune_argv, write_image_folder
 
 from lowvram import lora as L
 from lowvram.cli import main
@@ -44,7 +44,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fluxrun")
     pipe, files = save_tiny_flux(tmp)
     data = write_image_folder(tmp / "data", 4, RES, PROMPT)
-    return {"tmp": tmp, "pipe": pipe, "folder": files["folder"], "data": data, "cache": tmp / "cache"}
+    return {"tmp": tmp, "pipe": pipe, "folder": files["folder"], "files": files, "data": data, "cache": tmp / "cache"}
 
 
 SETS = {"data.resolution": RES, "train.batch_size": 2, "lora.rank": RANK, "lora.alpha": ALPHA, "train.lr": 3e-2,
@@ -52,8 +52,8 @@ SETS = {"data.resolution": RES, "train.batch_size": 2, "lora.rank": RANK, "lora.
         "run.tensorboard": "false", "sample.steps": 2, "sample.prompts": PROMPT, "sample.seed": SEED}
 
 
-def flags(world, out: Path, *extra: str, steps: int = STEPS, task: str = "lora") -> list[str]:
-    return finetune_argv(world["folder"], world["data"], out, {**SETS, "data.cache_dir": world["cache"]}, *extra,
+def flags(world, out: Path, *extra: str, steps: int = STEPS, task: str = "lora", model: Path | None = None) -> list[str]:
+    return finetune_argv(model or world["folder"], world["data"], out, {**SETS, "data.cache_dir": world["cache"]}, *extra,
                          steps=steps, task=task)
 
 
@@ -172,6 +172,19 @@ def test_streamed_flux_run_equals_the_resident_run(world, trained, capsys):
     a, b = load_file(str(trained / RUN_LORA_FILE)), load_file(str(streamed / RUN_LORA_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert np.array_equal(preview_cell(trained), preview_cell(streamed))
+
+
+def test_transformer_file_with_separate_components_trains_the_same_lora(world, trained, capsys):
+    """flux1-dev.safetensors (BFL names) + ae / clip_l / t5xxl files, as ComfyUI users have them: the same LoRA."""
+    files, run = world["files"], world["tmp"] / "single-file"
+    configs = config_only(world["folder"], world["tmp"] / "flux-configs")  # the tiny widths; real files use the shipped ones
+    extra = [f"model.vae={files['ae']}", f"model.clip={files['clip']}", f"model.t5={files['t5']}",
+             f"model.tokenizer={world['folder']}", f"model.t5_tokenizer={world['folder']}", f"model.config={configs}"]
+    assert main(flags(world, run, *extra, model=files["bfl"])) == 0, capsys.readouterr().err
+    a, b = load_file(str(trained / RUN_LORA_FILE)), load_file(str(run / RUN_LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _, meta = L.read_lora_file(run / RUN_LORA_FILE)
+    assert meta["ss_sd_model_name"] == files["bfl"].name
 
 
 def test_plan_profiles_the_flux_transformer_and_keeps_fp16_off_a_card_without_bf16(world):

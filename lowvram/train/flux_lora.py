@@ -67,12 +67,14 @@ def check_flux_config(cfg: RunConfig, world: Any = None) -> None:
 
 
 def flux_sources(cfg: RunConfig) -> Any:
-    """Where a transformer-only file finds the rest: model.vae, model.tokenizer, and model.config (a diffusers
-    FLUX.1 folder: configs, and anything else the file lacks)."""
+    """Where a transformer-only file finds the rest: model.vae / clip / t5 / tokenizer / t5_tokenizer, and
+    model.config when it is a diffusers FLUX.1 folder (its configs, and anything else not given)."""
     from ..models.flux import FluxSources, is_flux_model
 
-    base = cfg.model.config if is_flux_model(cfg.model.config) else None
-    return FluxSources(vae=cfg.model.vae, tokenizer=cfg.model.tokenizer, t5_tokenizer=base, base=base)
+    m = cfg.model
+    base = m.config if is_flux_model(m.config) else None
+    return FluxSources(vae=m.vae, clip=m.clip, t5=m.t5, tokenizer=m.tokenizer, t5_tokenizer=m.t5_tokenizer or base,
+                       base=base)
 
 
 def text_device(modules: list[nn.Module], device: torch.device) -> tuple[torch.device, str]:
