@@ -148,6 +148,28 @@ def test_comfyui_file_of_the_run_maps_every_key_with_the_trained_update(world, t
         assert torch.allclose(comfy_delta(up, down, alpha), expect, atol=1e-6), target
 
 
+def test_export_copies_both_files_and_refuses_a_merge(trained, tmp_path):
+    from lowvram.errors import ModelLoadError
+    from lowvram.export import export_cli
+
+    written = export_cli(trained, "both", out=tmp_path / "export")
+    assert sorted(p.name for p in written) == sorted([f"{trained.name}.safetensors", "pytorch_lora_weights.safetensors"])
+    assert (tmp_path / "export" / f"{trained.name}.safetensors").read_bytes() == \
+        (trained / "lora" / f"{trained.name}.safetensors").read_bytes()
+    with pytest.raises(ModelLoadError, match="merging a LoRA into the FLUX.1 transformer"):
+        export_cli(trained, "kohya", merge=True, out=tmp_path / "merged")
+
+
+def test_cache_command_encodes_flux_text_once(world, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = ["cache", "--preset", "cpu", "--model", str(world["folder"]), "--data", str(world["data"]),
+            "--out", str(tmp_path / "c"), "--set", f"data.resolution={RES}", "--set", f"data.cache_dir={cache}"]
+    assert main(argv) == 0
+    assert "4 latents, 0 reused, 4 encoded" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "5 captions, 5 reused" in capsys.readouterr().out  # T5 + CLIP outputs of 4 captions and ""
+
+
 def test_crashed_flux_run_resumes_bitwise(world, trained, capsys):
     crashed = world["tmp"] / "crashed"
     assert crash_at_first_checkpoint_then_resume(flags(world, crashed), crashed) == 0, capsys.readouterr().err

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelLoadError
 from .events import Event
 from .finetune import (
     LOAD_DTYPES,
@@ -289,3 +289,27 @@ def train_flux_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit: C
     print(f"lora fine-tune of {comps.variant} (flow matching, σ sampling {job.sampling.mode}) from "
           f"{cfg.model.pretrained}; " + "; ".join(notes))
     return fit_job(cfg, run_dir, job, data.epoch_batches, device, emit, stop=stop, resume=resume, world=world)
+
+
+def export_flux_run(run_dir: Path, formats: tuple[str, ...], merge: bool, out_dir: Path, name: str) -> list[Path]:
+    """``lowvram export`` of a FLUX.1 run: copies of the files the job wrote (diffusers, kohya/BFL for ComfyUI)."""
+    import shutil
+
+    from ..export import RUN_LORA_FILE
+
+    if merge:
+        raise ModelLoadError("merging a LoRA into the FLUX.1 transformer (a 24 GB model file) is not supported",
+                             "load the LoRA file beside the model (ComfyUI: LoraLoaderModelOnly; diffusers: load_lora_weights)")
+    files = {"kohya": (run_dir / "lora" / f"{name}.safetensors", f"{name}.safetensors"),
+             "diffusers": (run_dir / RUN_LORA_FILE, RUN_LORA_FILE.name)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        source, target = files[fmt]
+        if not source.is_file():
+            raise ModelLoadError(f"'{source}' is missing: the run has not saved its LoRA yet",
+                                 f"train until a checkpoint is written, or `lowvram train --resume {run_dir}`")
+        tmp = out_dir / (target + ".tmp")
+        shutil.copyfile(source, tmp)
+        written.append(tmp.replace(out_dir / target))
+    return written
