@@ -196,6 +196,23 @@ def test_streamed_flux_run_equals_the_resident_run(world, trained, capsys):
     assert np.array_equal(preview_cell(trained), preview_cell(streamed))
 
 
+def test_the_planners_memory_knobs_train_and_save_a_loadable_lora(world, tmp_path, capsys):
+    """fp8 frozen storage, chunked attention, checkpointing, portable 8-bit AdamW, fused backward; a preview row
+    with its own size and guidance."""
+    run = tmp_path / "lean"
+    extra = ["memory.frozen_dtype=fp8", "memory.attention=chunked", "memory.attention_chunk=16",
+             "train.gradient_checkpointing=true", "train.optimizer=adamw8bit_portable", "memory.fused_backward=true",
+             f"sample.prompts={PROMPT} --w 48 --h 32 --l 2.0"]
+    assert main(flags(world, run, *extra, steps=2)) == 0, capsys.readouterr().err
+    assert "fp8 (stored, upcast per layer); attention: chunked" in capsys.readouterr().out
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
+    assert Image.open(run / "samples" / "final.png").size == (48 + 4, 32 + 4 + 12)  # one 48×32 cell
+    pipe = fresh_pipeline(world)
+    pipe.load_lora_weights(str(run / RUN_LORA_FILE))
+    assert L.count_loaded_modules(pipe.transformer) == 34
+
+
 def test_transformer_file_with_separate_components_trains_the_same_lora(world, trained, capsys):
     """flux1-dev.safetensors (BFL names) + ae / clip_l / t5xxl files, as ComfyUI users have them: the same LoRA."""
     files, run = world["files"], world["tmp"] / "single-file"

@@ -59,7 +59,7 @@ def build_flux(workload: Any, knobs: Any, device: str | torch.device, helper_dty
     frozen: dict[str, nn.Module] = {}
     if not (knobs.cache_latents and knobs.offload_frozen):
         frozen["vae"] = build_vae(variant, device, helper_dtype)
-    if not (knobs.cache_text and knobs.offload_frozen):
+    if not knobs.cache_text:  # the FLUX.1 job drops CLIP-L and T5 once their outputs are cached, offloaded or not
         frozen.update(_text_encoders(variant, device, helper_dtype))
     side = workload.resolution // 8  # FLUX.1's VAE: 8x down, 16 channels
     latent = (model.config.in_channels // 4, side, side)
