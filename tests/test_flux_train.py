@@ -119,7 +119,8 @@ def test_lora_via_cli_trains_previews_and_loads_in_diffusers(world, trained, cap
     assert L.count_loaded_modules(pipe.transformer) == len(names) == 34  # every adapted layer of the file
     img = draw(pipe)
     lora_loss = loss_on_the_images(world, pipe.transformer)
-    print(f"loss on the run's images: base {base_loss:.4f}, with the LoRA {lora_loss:.4f}")
+    print(f"loss on the run's images: base {base_loss:.4f}, with the LoRA {lora_loss:.4f}; image change "
+          f"{np.abs(img - base_img).mean():.2f} levels, preview vs diffusers max {np.abs(img - preview_cell(run)).max()}")
     assert lora_loss < 0.9 * base_loss  # training lowered it (the file carries what was trained)
     assert np.abs(img - base_img).mean() > 1.0  # the LoRA changes the image …
     assert np.abs(img - preview_cell(run)).max() <= PREVIEW_TOL  # … into the trainer's own preview
