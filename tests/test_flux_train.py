@@ -267,6 +267,15 @@ def test_what_flux_cannot_do_is_refused_in_one_line(world, tmp_path, capsys, cha
     assert message in err and "Traceback" not in err
 
 
+def test_class_images_still_to_draw_are_refused_for_flux(world, tmp_path, capsys):
+    (tmp_path / "class").mkdir()
+    argv = flags(world, tmp_path / "r", "data.class_data=" + str(tmp_path / "class"), "data.num_class_images=2",
+                 "data.class_prompt=a photo of a dog", steps=1)
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "2 class images are still to be drawn" in err and "Traceback" not in err
+
+
 def test_panel_lora_job_on_a_flux_folder(world, tmp_path):
     from test_webui import wait_for
 
