@@ -261,35 +261,42 @@ class FluxLoraJob(FinetuneJob):
 
 def train_flux_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
                     stop: Callable[[], bool] = lambda: False, resume: bool = False, cache_only: bool = False,
-                    world: Any = None) -> Any:
+                    world: Any = None, clock: Any = None) -> Any:
     """LoRA of the FLUX.1 model at ``model.pretrained`` on the folder ``data.source``; returns a ``RunResult``."""
     from ..distributed import SINGLE, main_first
     from ..models.flux import load_flux
     from .finetune import build_caches, default_prompts, fit_job, open_finetune_data
+    from .phases import PhaseClock
     from .run import RunResult
 
     world = world or SINGLE
+    clock = clock or PhaseClock(emit)
     check_flux_config(cfg, world)
-    data = open_finetune_data(cfg, run_dir, cache_only)
+    with clock.phase("data check"):
+        data = open_finetune_data(cfg, run_dir, cache_only)
     load = {"dtype": LOAD_DTYPES[cfg.memory.frozen_dtype], "sources": flux_sources(cfg), "config": cfg.model.config}
-    comps = load_flux(cfg.model.pretrained, transformer=False, **load)
-    for note in comps.notes:
-        print(f"note: {note}")
-    job = FluxLoraJob(cfg, run_dir, comps, device, data, cfg.sample.prompts or default_prompts(data.dataset))
-    with main_first(world):
-        build_caches(cfg, job)
-    job.cache_preview_text()
-    job.drop_text_encoders()
+    with clock.phase("load"):
+        comps = load_flux(cfg.model.pretrained, transformer=False, **load)
+        for note in comps.notes:
+            print(f"note: {note}")
+        job = FluxLoraJob(cfg, run_dir, comps, device, data, cfg.sample.prompts or default_prompts(data.dataset))
+    with clock.phase("caching"):
+        with main_first(world):
+            build_caches(cfg, job)
+        job.cache_preview_text()
+        job.drop_text_encoders()
     if cache_only:
         data.dataset.write_report(run_dir)
         return RunResult(run_dir, "cached", 0)
-    notes = [job.text_note, *job.attach_transformer(load_flux(cfg.model.pretrained, text_encoders=False, **load).transformer)]
+    with clock.phase("load"):
+        transformer = load_flux(cfg.model.pretrained, text_encoders=False, **load).transformer
+        notes = [job.text_note, *job.attach_transformer(transformer)]
     if compute_dtype(cfg) == torch.float16:
         notes.append("fp16 compute: FLUX.1's activations can overflow fp16 (bf16 or fp32 are safe)")
     print(f"lora fine-tune of {comps.variant} (flow matching, σ sampling {job.sampling.mode}) from "
           f"{cfg.model.pretrained}; " + "; ".join(notes))
-    return fit_job(cfg, run_dir, job, data.epoch_batches, device, emit, stop=stop, resume=resume, world=world)
-
+    return fit_job(cfg, run_dir, job, data.epoch_batches, device, emit, stop=stop, resume=resume, world=world,
+                   clock=clock)
 
 def export_flux_run(run_dir: Path, formats: tuple[str, ...], merge: bool, out_dir: Path, name: str) -> list[Path]:
     """``lowvram export`` of a FLUX.1 run: copies of the files the job wrote (diffusers, kohya/BFL for ComfyUI)."""
