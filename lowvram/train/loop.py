@@ -296,7 +296,7 @@ class Trainer:
         )
         total = 0.0
         finite = True
-        summed: torch.Tensor | None = None
+        parts: list[torch.Tensor] = []
         self.set_lr(self.lr_at(self.step))
         for micro in range(t.grad_accum):
             if self.fused:  # accumulate the first micro-batches' gradients, step on the last one's
@@ -308,13 +308,15 @@ class Trainer:
             with nullcontext() if self.ddp is None or last else self.ddp.no_sync():
                 with autocast:
                     loss = self.ddp(batch, gen) if self.ddp is not None else self.job.loss(batch, gen)
-                part = loss.detach().float() / t.grad_accum
-                summed = part if summed is None else summed + part
+                parts.append(loss.detach().float())
                 if last:
                     # One host read per optimizer step (not per micro-batch): the non-finite guard must know
                     # before the weights change (a fused backward steps inside it). The mean over processes
-                    # is what is logged, and non-finite on one process skips the step everywhere.
-                    total = mean_over_processes(w, summed.item())
+                    # is what is logged, and non-finite on one process skips the step everywhere. Summed on
+                    # the host in float64 as l0/k + l1/k + ...: the same number as N processes' mean of
+                    # their losses, so a multi-process run logs what one process accumulating logs.
+                    values = torch.stack(parts).tolist()
+                    total = mean_over_processes(w, sum(v / t.grad_accum for v in values))
                     if not math.isfinite(total):
                         finite = False
                         break
