@@ -7,6 +7,7 @@ real peak. Only the model code and training step are shared — the same step, t
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -22,8 +23,17 @@ def allocator_peak(fn: Any, window: str | None = STEP_RANGE) -> tuple[int, Any]:
     With ``window`` (a ``record_function`` name), the peak is taken inside that range only (all bytes
     allocated before it still count): the step, not the model building that precedes it.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
+    # Frees of tensors allocated before the profiler started count as negative bytes and would lower the
+    # peak: collect earlier garbage now and keep the collector from freeing any inside the window.
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+    finally:
+        if enabled:
+            gc.enable()
     kineto = prof.profiler.kineto_results.events()
     events = sorted((e.start_ns(), e.nbytes()) for e in kineto if e.name() == "[memory]")
     start, end = 0, None
