@@ -1,6 +1,12 @@
 """Memory of W1–W6 side by side: our leanest plan, the lower bound, every saving off, today's trainers.
 
     PYTHONPATH=. python bench/memory_table.py [--workloads W1 W3] [--json]
+    PYTHONPATH=. python bench/memory_table.py --presets [rx570 ...] [--workloads W5 W6] [--ram 32]
+
+``--presets``: for each preset's card, the plan ``lowvram train`` would choose for each workload (the fastest
+that fits; else the leanest, and by how much it misses) with its device bytes, host bytes, the streamed
+fraction of the frozen block weights and the bytes streamed per step. Profiles with the same knobs on cards
+whose kernels and bus are the same are reused across presets (only the budget differs).
 
 Profiles run on the meta device (no GPU needed); each SD-size profile takes ~5-60 s on 2 cores. Every
 figure is the peak of the whole run (caching, steps, validation, the sample previews), and counts the
@@ -14,13 +20,15 @@ card has no fused one), full batch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 
+from lowvram.errors import MemoryPlanError
 from lowvram.memory.bound import lower_bound
-from lowvram.memory.planner import baseline
-from lowvram.memory.profiler import GIB, profile_step
+from lowvram.memory.planner import baseline, plan
+from lowvram.memory.profiler import GIB, card_budget, profile_step
 from lowvram.memory.report import leanest
 from lowvram.memory.workloads import WORKLOADS, Knobs
 from lowvram.presets import load_preset
@@ -54,11 +62,88 @@ def row(wid: str) -> dict:
             "bound_terms": bound.terms, "notes": lean.notes, "seconds": round(time.perf_counter() - t, 1)}
 
 
+_PROFILES: dict[tuple, object] = {}
+
+
+def shared_profile(wl, knobs, card=None, vram_gib=None, **kw):
+    """``profile_step``, reused for the same knobs on a card with the same kernels and bus (the budget is the card's)."""
+    key = (wl.id, knobs, getattr(card, "backend", None), getattr(card, "flash_attention", False),
+           getattr(card, "xformers", False), getattr(card, "pcie_gb_s", None))
+    if key not in _PROFILES:
+        _PROFILES[key] = profile_step(wl, knobs, card=card, vram_gib=vram_gib, **kw)
+    vram, context, margin, budget = card_budget(card, vram_gib)
+    return dataclasses.replace(_PROFILES[key], vram_bytes=vram, context_bytes=context, margin_bytes=margin,
+                               budget_bytes=budget)
+
+
+def preset_start(preset, wl) -> Knobs:
+    """The knobs a run of ``wl`` starts from with this preset's config (FLUX.1 never in fp16, as ``lowvram train``)."""
+    from lowvram.config import ConfigBuilder
+    from lowvram.memory.flux_workload import safe_precision
+    from lowvram.memory.report import knobs_from_config
+    from lowvram.memory.workloads import FLUX_MODELS
+
+    cfg = ConfigBuilder().apply(preset.config, preset.source).build()
+    if wl.model in FLUX_MODELS:
+        safe_precision(cfg, preset.card)
+    return knobs_from_config(cfg, wl, preset.card)
+
+
+def preset_row(name: str, wid: str, ram_gib: float) -> dict:
+    """The plan ``lowvram train`` would choose for workload ``wid`` with preset ``name`` (its config's knobs
+    first, then the planner's), or the leanest plan when none fits."""
+    preset = load_preset(name)
+    wl, card = WORKLOADS[wid], preset.card
+    t = time.perf_counter()
+    try:
+        chosen = plan(wl, card, ram_gib=ram_gib, start=preset_start(preset, wl), profile=shared_profile)
+        prof, knobs, error = chosen.profile, chosen.knobs, ""
+    except MemoryPlanError as e:
+        knobs = leanest(wl, card)
+        prof, error = shared_profile(wl, knobs, card=card), str(e).split(":")[0]
+    host = sum(prof.host_bytes.values())
+    return {"preset": name, "workload": wid, "fits": error == "" and prof.fits is not False, "error": error,
+            "device_bytes": prof.peak_bytes, "budget_bytes": prof.budget_bytes, "host_bytes": host,
+            "host_by_kind": prof.host_bytes, "stream_blocks": knobs.stream_blocks, "bus_bytes": prof.bus_bytes,
+            "precision": knobs.precision, "frozen_dtype": knobs.frozen_dtype, "knobs": prof.knobs,
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
+def preset_table(presets: list[str], workloads: list[str], ram_gib: float) -> list[dict]:
+    rows = []
+    for name in presets:
+        for wid in workloads:
+            rows.append(preset_row(name, wid.upper(), ram_gib))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def format_preset_table(rows: list[dict], ram_gib: float) -> str:
+    out = ["| preset | workload | plan | device GiB (budget) | host GiB | streamed | bus GiB/step | compute, frozen |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        budget = f" ({r['budget_bytes'] / GIB:.2f})" if r["budget_bytes"] else ""
+        verdict = "fits" if r["fits"] else "no plan fits (leanest shown)" if r["error"] else "no budget"
+        out.append(f"| {r['preset']} | {r['workload']} | {verdict} | {r['device_bytes'] / GIB:.2f}{budget} | "
+                   f"{r['host_bytes'] / GIB:.2f} | {r['stream_blocks']:.0%} | {r['bus_bytes'] / GIB:.2f} | "
+                   f"{r['precision']}, {r['frozen_dtype']} |")
+    out.append(f"host RAM checked against {ram_gib:g} GiB (--ram); bus: bytes copied host→card per micro-batch")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--presets", nargs="*", default=None, help="plan each workload on these presets' cards (none named: all)")
+    ap.add_argument("--ram", type=float, default=32.0, help="host RAM in GiB the plans are checked against")
     args = ap.parse_args(argv)
+    if args.presets is not None:
+        from lowvram.presets import list_presets
+
+        table = preset_table(args.presets or list_presets(), args.workloads, args.ram)
+        print(json.dumps(table, indent=2) if args.json else format_preset_table(table, args.ram))
+        return 0
     rows = []
     for wid in args.workloads:
         rows.append(row(wid.upper()))

@@ -111,17 +111,18 @@ def _write(path: Path, text: str) -> None:
 
 
 def train(p: RunPlan, *, listeners: Iterable[Any] = (), stop: Callable[[], bool] | None = None,
-          progress: bool = True) -> Any:
+          progress: bool = True, clock: Any = None) -> Any:
     """Train the planned config; the run folder gets the plan's files beside the checkpoints.
 
-    Refuses (ConfigError) a config the trainer cannot run, as ``plan`` reported it."""
+    Refuses (ConfigError) a config the trainer cannot run, as ``plan`` reported it. ``clock`` (a
+    ``train.phases.PhaseClock``) carries the phases timed before training (imports, resolve, plan)."""
     from .memory.run_plan import refuse_untrained
     from .train.run import train as run_training
 
     if p.refusal is not None:
         raise ConfigError(*p.refusal)
     refuse_untrained(p.config)
-    return run_training(p.config, listeners=listeners, stop=stop, progress=progress, record=p.files())
+    return run_training(p.config, listeners=listeners, stop=stop, progress=progress, record=p.files(), clock=clock)
 
 
 def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None, **kw: Any) -> Any:

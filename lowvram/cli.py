@@ -55,6 +55,8 @@ def settings_of(args: argparse.Namespace) -> list[Any]:
              "data.source": "--data", "memory.force": "--force", "model.allow_pickle": "--allow-pickle"}
     out = [Setting(key, value, names.get(key, "--" + key.split(".")[1].replace("_", "-")))
            for key, value in flags.items() if value is not None]
+    if getattr(args, "no_final_samples", False):
+        out.append(Setting("sample.final", False, "--no-final-samples"))
     return out + [parse_set(item) for item in getattr(args, "set", None) or []]
 
 
@@ -163,7 +165,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_config_flags(args)
         # this process only launches the N training processes and passes on their exit code
         return relaunch(args.processes, args.argv, cpu=args.device == "cpu" or not torch.cuda.is_available())
-    from .api import resume
+    from .train.phases import PhaseClock, summary_lines
+
+    clock = PhaseClock(since_process_start=True)  # the account starts when the process did
+    with clock.phase("imports"):  # torch and diffusers: seconds before anything else can happen
+        from .train import run as _training  # noqa: F401
+    from . import api
 
     main_process = launched_as_main()
     if not main_process:
@@ -174,31 +181,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     graceful = GracefulStop(ignore_repeats=launched(), announce=main_process)
     if args.resume:
         overrides = resume_overrides(args)
+        if args.no_final_samples:
+            overrides["sample.final"] = False
         args.run_dir = args.resume
         with graceful.installed():
-            result = resume(args.resume, overrides, progress=not args.no_progress, stop=graceful,
-                            from_checkpoint=args.from_checkpoint)
+            result = api.resume(args.resume, overrides, progress=not args.no_progress, stop=graceful,
+                                from_checkpoint=args.from_checkpoint, clock=clock)
     else:
-        from . import api
-
-        run = resolve_run(args)
+        with clock.phase("resolve"):
+            run = resolve_run(args)
         if run.warning and main_process:
             print(f"warning: {run.warning}", file=sys.stderr)
-        planned = api.plan(run)  # every process plans alike (the plan is deterministic)
+        with clock.phase("plan"):
+            planned = api.plan(run)  # every process plans alike (the plan is deterministic)
         if main_process:
             print("\n".join(planned.lines()))
         args.run_dir = planned.config.run.out
         with graceful.installed():
-            result = api.train(planned, progress=not args.no_progress, stop=graceful)
+            result = api.train(planned, progress=not args.no_progress, stop=graceful, clock=clock)
     code = exit_code(graceful.signum) if graceful.signum and result.status == "stopped" else 0
     if not main_process:
         return code
+    if result.phases:
+        print("\n".join(summary_lines(result.phases)))
     if result.status == "stopped":
         from .train.checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(result.run_dir / "checkpoints")
         cause = f"stopped by {graceful.name}" if graceful.signum else "stopped"
-        print(f"{cause} at step {result.step}: checkpoint {ckpt}; run folder {result.run_dir}")
+        saved = f"checkpoint {ckpt}" if ckpt else "nothing trained yet, no checkpoint"
+        print(f"{cause} at step {result.step}: {saved}; run folder {result.run_dir}")
         if graceful.repeated:
             print(f"a second {graceful.name} came while the checkpoint was written: it was finished, not cut")
         print(f"resume with: {resume_command(result.run_dir)}")
@@ -394,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="With --resume: continue from this older checkpoint (e.g. when the newest is damaged); "
                         "the newer ones are set aside as step-N.abandoned.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar (metrics.jsonl is still written).")
+    p.add_argument("--no-final-samples", action="store_true", help="Sets sample.final=false: " + field_help("sample.final"))
     p.add_argument("--processes", type=int, metavar="N",
                    help="Train on N processes of this machine (one per GPU; on the CPU, gloo): the effective batch "
                         "is batch_size x grad_accum x N. Several machines: see docs/multi-gpu.md.")

@@ -206,6 +206,12 @@ def export_cli(run: str | Path, fmt: str = "kohya", merge: bool = False, out: st
     lora_file = find_run_lora(run_dir)
     out_dir = Path(out).expanduser() if out else run_dir / "export"
     name = run_dir.resolve().name or "lora"
+    from .models.flux import is_flux_model
+
+    if is_flux_model(cfg.model.pretrained):  # the FLUX.1 job writes both formats itself
+        from .train.flux_lora import export_flux_run
+
+        return export_flux_run(run_dir, FORMATS if fmt == "both" else (fmt,), merge, out_dir, name)
     written = []
     for f in FORMATS if fmt == "both" else (fmt,):
         target = out_dir / (f"{name}.safetensors" if f == "kohya" else "pytorch_lora_weights.safetensors")

@@ -19,6 +19,18 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_portable", "adafactor")
 STATE_FORMAT = 1
 
 
+def _fused_kernels_for(params: list[Any]) -> bool:
+    """Whether torch has fused optimizer kernels for every parameter's device and dtype (torch checks
+    only at the first step; the profiler's meta tensors have none)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # an old torch
+        return False
+    devices = set(_get_fused_kernels_supported_devices())
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    return all(t.device.type in devices and t.is_floating_point() for t in tensors)
+
+
 def build_optimizer(
     params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
     name: str,
@@ -28,14 +40,20 @@ def build_optimizer(
     eps: float = 1e-8,
     *,
     foreach: bool | None = None,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` (one of ``OPTIMIZERS``) over ``params`` (tensors or param groups).
 
     ``foreach`` applies to plain AdamW only: None lets torch choose (multi-tensor on GPUs, faster but a
-    few temporaries more); False is the leanest in memory. Adafactor ignores betas/eps (it has its own).
+    few temporaries more); False is the leanest in memory. ``fused`` (plain AdamW): torch's fused kernel,
+    one in-place pass per tensor — no temporaries beyond the per-tensor loop's, 3-8x faster steps
+    (bench/optimizer_step.py); where torch has none for the device (or an old torch), ``foreach`` applies.
+    Adafactor ignores betas/eps (it has its own).
     """
     params = list(params)
     if name == "adamw":
+        if fused and _fused_kernels_for(params):
+            return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         return torch.optim.AdamW(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach
         )
@@ -423,8 +441,8 @@ class FusedBackward:
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
-        # foreach=False (plain AdamW): the per-tensor update, as the non-fused trainer and the profiler use it
-        self.optimizers = [build_optimizer([p], name, lr, weight_decay, betas, eps, foreach=False)
+        # one fused in-place AdamW kernel per tensor where torch has one (else foreach=False): as the non-fused trainer
+        self.optimizers = [build_optimizer([p], name, lr, weight_decay, betas, eps, foreach=False, fused=True)
                            for p in self.params]
         self.clip_per_param = clip_per_param
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None

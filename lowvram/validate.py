@@ -184,12 +184,15 @@ def check_config_paths(cfg: Any, source_of: Any) -> None:
     check_output_dir("run.out", cfg.run.out, src("run.out"))
     if cfg.data.source != "builtin":
         check_existing_path("data.source", cfg.data.source, kind="dir", source=src("data.source"))
-    for key in ("model.pretrained", "model.tokenizer", "model.vae", "model.text_encoder", "model.config"):
+    for key in ("model.pretrained", "model.tokenizer", "model.vae", "model.text_encoder", "model.config", "model.clip",
+                "model.t5", "model.t5_tokenizer"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value:
             check_existing_path(key, value, source=src(key))
-    if cfg.data.class_data:
+    if cfg.data.class_data and cfg.data.num_class_images:  # the run draws class images into it, creating it
+        check_output_dir("data.class_data", cfg.data.class_data, src("data.class_data"))
+    elif cfg.data.class_data:
         check_existing_path("data.class_data", cfg.data.class_data, kind="dir", source=src("data.class_data"))
     if cfg.run.task not in ("lora", "full") and cfg.model.pretrained:
         raise ConfigError(

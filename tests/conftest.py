@@ -31,6 +31,15 @@ TINY_RUN: dict[str, Any] = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Plans and data caches the tests make go to a temporary folder, not the user's ~/.cache/lowvram."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LOWVRAM_CACHE", str(tmp_path_factory.mktemp("lowvram-cache")))
+    yield
+    patch.undo()
+
+
 def tiny_config(out: Path, **overrides: Any) -> RunConfig:
     """A RunConfig for a few-step tiny run in ``out``; ``overrides`` use section__key names."""
     b = ConfigBuilder()

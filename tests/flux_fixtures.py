@@ -153,3 +153,55 @@ def save_tiny_flux(tmp: Path, variant: str = "flux-dev") -> tuple[FluxPipeline, 
     aio.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()})
     files["aio"] = save(aio, tmp / f"{variant}-comfy-checkpoint.safetensors")
     return pipe, files
+
+
+# ComfyUI's key mapping for FLUX, re-implemented from comfy/lora.py (model_lora_keys_unet: "lora_unet_" + the
+# model key with "." → "_", the bare key, and for comfy.model_base.Flux "transformer." + the diffusers name via
+# comfy/utils.py flux_to_diffusers, where q/k/v are (key, (dim, offset, size)) slices of the fused layer) and
+# comfy/weight_adapter/lora.py LoRAAdapter.load (lora_up/lora_down, lora_B/lora_A, ".alpha"; scale alpha/rank).
+def comfy_key_map(model_keys, hidden):
+    key_map = {}
+    for k in model_keys:
+        if k.endswith(".weight"):
+            key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
+            key_map[k[:-len(".weight")]] = k
+    double = sorted({int(k.split(".")[2]) for k in model_keys if ".double_blocks." in k})
+    single = sorted({int(k.split(".")[2]) for k in model_keys if ".single_blocks." in k})
+    simple_d = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+                "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+                "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
+    for i in double:
+        src, dst = f"transformer.transformer_blocks.{i}.", f"diffusion_model.double_blocks.{i}."
+        for j, (q, t) in enumerate([("to_q", "img"), ("to_k", "img"), ("to_v", "img")]):
+            key_map[f"{src}attn.{q}"] = (f"{dst}{t}_attn.qkv.weight", (0, j * hidden, hidden))
+        for j, q in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            key_map[f"{src}attn.{q}"] = (f"{dst}txt_attn.qkv.weight", (0, j * hidden, hidden))
+        for d, b in simple_d.items():
+            key_map[src + d] = f"{dst}{b}.weight"
+    for i in single:
+        src, dst = f"transformer.single_transformer_blocks.{i}.", f"diffusion_model.single_blocks.{i}."
+        for j, q in enumerate(("to_q", "to_k", "to_v")):
+            key_map[f"{src}attn.{q}"] = (f"{dst}linear1.weight", (0, j * hidden, hidden))
+        key_map[f"{src}proj_mlp"] = (f"{dst}linear1.weight", (0, 3 * hidden, 4 * hidden))
+        key_map[f"{src}norm.linear"] = f"{dst}modulation.lin.weight"
+        key_map[f"{src}proj_out"] = f"{dst}linear2.weight"
+    return key_map
+
+
+def comfy_load(lora, key_map):
+    """(patches: target → (up, down, alpha), keys ComfyUI would warn about as 'lora key not loaded')."""
+    patches, loaded = {}, set()
+    for x, target in key_map.items():
+        alpha = lora[f"{x}.alpha"].item() if f"{x}.alpha" in lora else None
+        if f"{x}.alpha" in lora:
+            loaded.add(f"{x}.alpha")
+        for up, down in ((f"{x}.lora_up.weight", f"{x}.lora_down.weight"), (f"{x}.lora_B.weight", f"{x}.lora_A.weight")):
+            if up in lora:
+                patches[target] = (lora[up], lora[down], alpha)
+                loaded.update((up, down))
+                break
+    return patches, set(lora) - loaded
+
+
+def comfy_delta(up, down, alpha):
+    return (alpha / down.shape[0] if alpha is not None else 1.0) * (up @ down)

@@ -174,9 +174,10 @@ NON_NEGATIVE = {"run.checkpoint_every", "run.sample_every", "run.val_every", "tr
                 "train.weight_decay", "train.grad_clip", "run.keep_checkpoints", "data.workers", "run.seed",
                 "train.prior_loss_weight", "train.snr_gamma", "train.kl_weight", "sample.seed", "sample.guidance",
                 "data.keep_tokens", "sample.guidance_rescale", "data.caption_dropout", "lora.dropout",
-                "train.ema_decay", "memory.zero_stage"}
+                "train.ema_decay", "memory.zero_stage", "data.num_class_images", "data.unmasked_weight"}
 FRACTIONS = {"data.caption_dropout": "1.0", "lora.dropout": "1.5", "train.ema_decay": "1", "train.lr": "1",
              "train.autoencoder_lr": "2", "sample.guidance_rescale": "1.5"}
+OTHER_BAD = {"data.builtin_exclude": ["purple", "red,green,blue,yellow"]}  # unknown value; no colour left
 
 
 def bad_values(dotted: str, field: dataclasses.Field) -> list[str]:
@@ -203,6 +204,7 @@ def bad_values(dotted: str, field: dataclasses.Field) -> list[str]:
         out.append(str(int(bound * 10 + 1)) if "int" in typ else repr(bound * 10 + 1))
     if dotted in FRACTIONS:
         out.append(FRACTIONS[dotted])
+    out += OTHER_BAD.get(dotted, [])
     if typ == "str" and not choices and dotted.startswith(("data.caption_", "sample.negative")):
         out.append("x" * 5000)
     return list(dict.fromkeys(out))

@@ -99,6 +99,15 @@ def _sd_scheduler(prediction: str = "epsilon") -> DDIMScheduler:
     )
 
 
+def tiny_latent_unet(seed: int = 0) -> UNet2DConditionModel:
+    """A two-block UNet on 4-channel 8x8 latents with 8-wide cross-attention: for loss and gradient tests."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
 def tiny_sd1(tmp: Path, seed: int = 0, clip_vocab: bool = False) -> StableDiffusionPipeline:
     """SD 1.x layout: CLIP-L-like text encoder, conv proj_in, cross-attention width = text width (32).
 
@@ -255,3 +264,40 @@ def tiny_workload(tmp: Path, mode: str = "lora", family: str = "sd1", batch: int
     model = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}[family]
     return Workload(f"tiny-{family}-{mode}", "test", model, mode, 32, batch, **{"lora_rank": 4, **kw},
                     unet_overrides=unet, vae_overrides=vae, text_encoder_overrides=tes)
+
+
+def write_image_folder(folder: Path, n: int, res: int, caption: str) -> Path:
+    """``n`` random RGB images of ``res``² with ``.txt`` captions "{caption}, photo {i}": a fine-tune's data."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"{caption}, photo {i}")
+    return folder
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at_first_checkpoint_then_resume(argv: list[str], out: Path) -> int:
+    """Run ``lowvram train argv`` (resolved as the CLI does) until its first checkpoint is written, die there,
+    then ``lowvram train --resume out``; returns the resume's exit code."""
+    import pytest
+
+    from lowvram.cli import build_parser, main, resolve_config
+    from lowvram.train.run import train
+
+    cfg, _, _ = resolve_config(build_parser().parse_args(argv))
+
+    def crash(event):
+        if event.kind == "checkpoint":
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, listeners=[crash], progress=False)
+    assert not (out / "samples").exists()
+    return main(["train", "--resume", str(out), "--no-progress"])

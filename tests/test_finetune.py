@@ -15,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import BUILDERS, config_only, finetune_argv, save_tiny
+from sd_fixtures import (
+    BUILDERS,
+    config_only,
+    crash_at_first_checkpoint_then_resume,
+    finetune_argv,
+    save_tiny,
+    write_image_folder,
+)
 
 from lowvram import lora as L
 from lowvram.cli import main
@@ -41,12 +48,7 @@ def world(tmp_path_factory):
     models = {fam: save_tiny(tmp, fam, clip_vocab=True) for fam in ("sd1", "sdxl")}
     for fam, paths in models.items():  # what describes a tiny single file's layout: configs, no tokenizer
         paths["config"] = config_only(paths["folder"], tmp / f"{fam}-config")
-    data = tmp / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(f"{PROMPT}, photo {i}")
+    data = write_image_folder(tmp / "data", 4, RES, PROMPT)
     return {"tmp": tmp, "models": models, "data": data, "cache": tmp / "cache"}
 
 
@@ -174,26 +176,11 @@ def test_export_merge_reproduces_base_plus_lora(trained):
         assert np.abs(generate(merged, s) - preview_cell(run, col)).max() <= PREVIEW_TOL
 
 
-class Crash(Exception):
-    pass
-
-
 def test_crashed_lora_run_resumes_bitwise(world, trained, capsys):
-    from lowvram.cli import build_parser, resolve_config
-    from lowvram.train.run import train
-
     straight, crashed = trained("sd1", "folder"), world["tmp"] / "crashed"
-    # the same run (same flags, resolved as the CLI does), dying right after its step-2 checkpoint
-    cfg, _, _ = resolve_config(build_parser().parse_args(flags(world, world["models"]["sd1"]["folder"], crashed)))
-
-    def crash(event):
-        if event.kind == "checkpoint":
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(cfg, listeners=[crash], progress=False)
-    assert not (crashed / "samples").exists()
-    assert main(["train", "--resume", str(crashed), "--no-progress"]) == 0, capsys.readouterr().err
+    # the same run (same flags), dying right after its step-2 checkpoint
+    argv = flags(world, world["models"]["sd1"]["folder"], crashed)
+    assert crash_at_first_checkpoint_then_resume(argv, crashed) == 0, capsys.readouterr().err
 
     for name in ("model", "ema", "optimizer"):  # step 3 is the first batch of epoch 2
         a = load_file(str(straight / "checkpoints" / "step-00000003" / f"{name}.safetensors"))
@@ -296,3 +283,26 @@ def test_cache_command_builds_once_and_is_reused(world, tmp_path, capsys):
     assert main(argv) == 0
     second = capsys.readouterr().out
     assert "4 latents, 4 reused, 0 encoded" in second and "5 captions, 5 reused" in second
+
+
+def test_preview_rows_drawn_in_one_call_match_each_prompt_alone(world, capsys):
+    """The grid draws the prompts that share a guidance scale in one batched pipeline call; each row is still
+    what diffusers draws for that prompt alone with the saved LoRA (its own --d seed)."""
+    from diffusers import DDIMScheduler
+
+    run = world["tmp"] / "run-batched-preview"
+    rows = [("a photo of sks dog", 7), ("a red cat on the beach", 9)]
+    argv = flags(world, world["models"]["sd1"]["folder"], run, "sample.cfg_scales=3.0",
+                 "sample.prompts=" + ",".join(f"{p} --d {seed}" for p, seed in rows), steps=1)
+    assert main(argv) == 0, capsys.readouterr().err
+    grid = np.asarray(Image.open(run / "samples" / "final.png").convert("RGB")).astype(np.int16)
+    pipe = base_pipeline(world, "sd1")
+    pipe.load_lora_weights(str(run / RUN_LORA_FILE))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for r, (prompt, seed) in enumerate(rows):
+        alone = pipe(prompt, height=RES, width=RES, num_inference_steps=2, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+        y = 12 + 2 + r * (RES + 2)
+        cell = grid[y : y + RES, 2 : 2 + RES]
+        assert np.abs((alone * 255).round().astype(np.int16) - cell).max() <= PREVIEW_TOL, f"row {r}"

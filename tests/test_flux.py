@@ -10,7 +10,19 @@ import re
 
 import pytest
 import torch
-from flux_fixtures import PROMPT, T5_LEN, fp8, save, save_tiny_flux, tiny_flux, tiny_transformer, to_bfl
+from flux_fixtures import (
+    PROMPT,
+    T5_LEN,
+    comfy_delta,
+    comfy_key_map,
+    comfy_load,
+    fp8,
+    save,
+    save_tiny_flux,
+    tiny_flux,
+    tiny_transformer,
+    to_bfl,
+)
 
 from lowvram.errors import ModelLoadError
 from lowvram.flow import (
@@ -273,58 +285,6 @@ def test_lora_trains_and_the_diffusers_file_loads_with_every_module(trained, tmp
     assert torch.allclose(loaded, trained_out, atol=1e-5)  # … exactly as trained (alpha/rank kept)
 
 
-# ComfyUI's key mapping for FLUX, re-implemented from comfy/lora.py (model_lora_keys_unet: "lora_unet_" + the
-# model key with "." → "_", the bare key, and for comfy.model_base.Flux "transformer." + the diffusers name via
-# comfy/utils.py flux_to_diffusers, where q/k/v are (key, (dim, offset, size)) slices of the fused layer) and
-# comfy/weight_adapter/lora.py LoRAAdapter.load (lora_up/lora_down, lora_B/lora_A, ".alpha"; scale alpha/rank).
-def _comfy_key_map(model_keys, hidden):
-    key_map = {}
-    for k in model_keys:
-        if k.endswith(".weight"):
-            key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
-            key_map[k[:-len(".weight")]] = k
-    double = sorted({int(k.split(".")[2]) for k in model_keys if ".double_blocks." in k})
-    single = sorted({int(k.split(".")[2]) for k in model_keys if ".single_blocks." in k})
-    simple_d = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
-                "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
-                "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
-    for i in double:
-        src, dst = f"transformer.transformer_blocks.{i}.", f"diffusion_model.double_blocks.{i}."
-        for j, (q, t) in enumerate([("to_q", "img"), ("to_k", "img"), ("to_v", "img")]):
-            key_map[f"{src}attn.{q}"] = (f"{dst}{t}_attn.qkv.weight", (0, j * hidden, hidden))
-        for j, q in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
-            key_map[f"{src}attn.{q}"] = (f"{dst}txt_attn.qkv.weight", (0, j * hidden, hidden))
-        for d, b in simple_d.items():
-            key_map[src + d] = f"{dst}{b}.weight"
-    for i in single:
-        src, dst = f"transformer.single_transformer_blocks.{i}.", f"diffusion_model.single_blocks.{i}."
-        for j, q in enumerate(("to_q", "to_k", "to_v")):
-            key_map[f"{src}attn.{q}"] = (f"{dst}linear1.weight", (0, j * hidden, hidden))
-        key_map[f"{src}proj_mlp"] = (f"{dst}linear1.weight", (0, 3 * hidden, 4 * hidden))
-        key_map[f"{src}norm.linear"] = f"{dst}modulation.lin.weight"
-        key_map[f"{src}proj_out"] = f"{dst}linear2.weight"
-    return key_map
-
-
-def _comfy_load(lora, key_map):
-    """(patches: target → (up, down, alpha), keys ComfyUI would warn about as 'lora key not loaded')."""
-    patches, loaded = {}, set()
-    for x, target in key_map.items():
-        alpha = lora[f"{x}.alpha"].item() if f"{x}.alpha" in lora else None
-        if f"{x}.alpha" in lora:
-            loaded.add(f"{x}.alpha")
-        for up, down in ((f"{x}.lora_up.weight", f"{x}.lora_down.weight"), (f"{x}.lora_B.weight", f"{x}.lora_A.weight")):
-            if up in lora:
-                patches[target] = (lora[up], lora[down], alpha)
-                loaded.update((up, down))
-                break
-    return patches, set(lora) - loaded
-
-
-def _comfy_delta(up, down, alpha):
-    return (alpha / down.shape[0] if alpha is not None else 1.0) * (up @ down)
-
-
 def _peft_delta(transformer, name):
     layer = transformer.get_submodule(name)
     return layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
@@ -341,11 +301,11 @@ def test_comfyui_format_every_key_maps_and_fused_updates_are_exact(trained, tmp_
     base = tiny_transformer()  # the model ComfyUI holds: BFL keys under diffusion_model.
     model_keys = ["diffusion_model." + k for k in to_bfl(base)]
     hidden = tr.config.num_attention_heads * tr.config.attention_head_dim
-    patches, not_loaded = _comfy_load(lora, _comfy_key_map(model_keys, hidden))
+    patches, not_loaded = comfy_load(lora, comfy_key_map(model_keys, hidden))
     assert not_loaded == set()
     assert len(patches) == 2 * 8 + 2 * 2  # 8 BFL layers per double block (q/k/v fused), 2 per single block
     for target, (up, down, alpha) in patches.items():
-        delta = _comfy_delta(up, down, alpha)
+        delta = comfy_delta(up, down, alpha)
         bfl = target.removeprefix("diffusion_model.").removesuffix(".weight")
         first = next(n for n in names if bfl_layer(n)[0] == bfl)
         expect = torch.cat([_peft_delta(tr, p) for p in part_modules(first)])
@@ -355,7 +315,7 @@ def test_comfyui_format_every_key_maps_and_fused_updates_are_exact(trained, tmp_
     # ".alpha" tensors, which diffusers' format does not have: scale 1 instead of alpha/rank.
     diffusers_file = save_lora_diffusers(tmp_path / "d.safetensors", tr)
     dl, _ = read_lora_file(diffusers_file)
-    patches, not_loaded = _comfy_load(dl, _comfy_key_map(model_keys, hidden))
+    patches, not_loaded = comfy_load(dl, comfy_key_map(model_keys, hidden))
     assert not_loaded == set() and len(patches) == len(names)
     assert not any(k.endswith(".alpha") for k in dl) and ALPHA != RANK
 
@@ -369,7 +329,7 @@ def test_fusing_some_of_qkv_leaves_the_others_zero():
     out = to_kohya(state, 3.0, outs)
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     assert out[f"{name}.alpha"].item() == 6.0 and out[f"{name}.lora_down.weight"].shape == (4, 8)
-    delta = _comfy_delta(out[f"{name}.lora_up.weight"], out[f"{name}.lora_down.weight"], out[f"{name}.alpha"].item())
+    delta = comfy_delta(out[f"{name}.lora_up.weight"], out[f"{name}.lora_down.weight"], out[f"{name}.alpha"].item())
     assert torch.allclose(delta[:8], b["to_q"] @ a["to_q"] * 1.5) and torch.allclose(delta[16:], b["to_v"] @ a["to_v"] * 1.5)
     assert torch.equal(delta[8:16], torch.zeros(8, 8))
 

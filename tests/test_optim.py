@@ -176,7 +176,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) 
 def _pair(name: str):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 32))  # 8-bit and fp32-state tensors
-    return model, build_optimizer(model.parameters(), name, lr=1e-2, weight_decay=0.01)
+    # as the trainer builds it (fused AdamW where torch has the kernel)
+    return model, build_optimizer(model.parameters(), name, lr=1e-2, weight_decay=0.01, foreach=False, fused=True)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -303,3 +304,39 @@ def test_fused_backward_in_fp16_skips_an_overflowing_tensor_and_backs_off_the_sc
     step()
     assert fused.skipped == 0 and not torch.equal(victim, before["0.weight"])
     assert scaler.get_scale() == 2.0**9  # no overflow: the scale grows only after growth_interval clean steps
+
+
+def _step_bytes(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
+    """Bytes an optimizer step allocates beyond what is live before it (state already created)."""
+    from lowvram.memory.tracker import StorageTracker
+
+    optimizer.step()  # creates the state
+    with StorageTracker() as tracker:
+        for p in params:
+            tracker.register(p, "trainable_weights")
+            tracker.register(p.grad, "gradients")
+        tracker.reset_peak()
+        optimizer.step()
+    return tracker.peak - tracker.live
+
+
+def test_fused_adamw_steps_like_the_profiled_loop_without_more_memory():
+    """The trainer's fused AdamW: the update of the per-tensor loop the profiler measures (to float
+    rounding), and no storage beyond the loop's temporaries (its kernel updates in place)."""
+    def params() -> list[nn.Parameter]:
+        g = torch.Generator().manual_seed(0)
+        ps = [nn.Parameter(torch.randn(shape, generator=g)) for shape in ((64, 32), (32,), (4, 4, 3, 3))]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        return ps
+
+    loop_params, fused_params = params(), params()
+    loop = build_optimizer(loop_params, "adamw", lr=1e-2, weight_decay=0.01, foreach=False)
+    fused = build_optimizer(fused_params, "adamw", lr=1e-2, weight_decay=0.01, foreach=False, fused=True)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    assert _step_bytes(fused, fused_params) <= _step_bytes(loop, loop_params)
+    for a, b in zip(loop_params, fused_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # no fused kernel for the device (the profiler's meta tensors): the per-tensor loop instead
+    meta = build_optimizer([nn.Parameter(torch.zeros(3, device="meta"))], "adamw", lr=1e-3, foreach=False, fused=True)
+    assert not meta.defaults["fused"] and meta.defaults["foreach"] is False

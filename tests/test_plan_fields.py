@@ -68,6 +68,9 @@ def alternatives(name: str, default: Any, w: dict[str, Any]) -> list[dict[str, A
         "memory.zero_stage": [{name: 2}],
         "memory.offload_optimizer": [{"memory.zero_stage": 2, name: True}],
         "run.val_every": [{name: 0}],
+        "run.sample_every": [{"sample.final": False, name: 0}],
+        "sample.final": [{"run.sample_every": 0, name: False}],
+        "data.num_class_images": [{"data.class_data": str(w["cls"]), name: 5}],
     }
     if name in special:
         return special[name]

@@ -135,14 +135,39 @@ def render(attrs: dict[str, str], resolution: int, rng: np.random.Generator) -> 
     return np.array(img, dtype=np.uint8)
 
 
+def exclude_problem(exclude: tuple[str, ...] | list[str]) -> tuple[str, str] | None:
+    """(problem, what is expected) when ``exclude`` names an unknown value or leaves an attribute with none."""
+    known = {v for values in ATTRIBUTES.values() for v in values}
+    unknown = sorted(set(exclude) - known)
+    if unknown:
+        return (f"data.builtin_exclude names unknown attribute values: {', '.join(unknown)}",
+                "shapes, colours or backgrounds of the builtin data: " + ", ".join(sorted(known)))
+    empty = [key for key, values in ATTRIBUTES.items() if set(values) <= set(exclude)]
+    if empty:
+        return f"data.builtin_exclude leaves no {empty[0]} to draw", "at least one value of each attribute left out of it"
+    return None
+
+
+def allowed_values(exclude: tuple[str, ...] | list[str] = ()) -> dict[str, tuple[str, ...]]:
+    """``ATTRIBUTES`` without the values in ``exclude`` (e.g. ``["yellow"]``: a concept held out of a base model).
+
+    Every value names one attribute (the palettes are disjoint), so a bare value is unambiguous.
+    """
+    problem = exclude_problem(exclude)
+    if problem:
+        raise DataError(problem[0], f"set data.builtin_exclude to {problem[1]}")
+    return {key: tuple(v for v in values if v not in exclude) for key, values in ATTRIBUTES.items()}
+
+
 class ShapesDataset(Dataset):
     """``num_images`` shape images; item ``i`` depends only on ``(seed, i)``, so it is deterministic.
 
     Items: ``{"pixel_values": float32 [3, H, W] in [-1, 1], "caption": str, "key": str}``. Attributes
-    are drawn uniformly, so all 36 combinations appear about equally often.
+    are drawn uniformly, so all 36 combinations appear about equally often. ``exclude``: attribute values
+    never drawn (the others keep their uniform share; without exclusions the items are unchanged).
     """
 
-    def __init__(self, num_images: int, resolution: int = 32, seed: int = 0) -> None:
+    def __init__(self, num_images: int, resolution: int = 32, seed: int = 0, exclude: tuple[str, ...] = ()) -> None:
         if num_images <= 0:
             raise DataError(f"the built-in dataset needs at least 1 image, got {num_images}",
                             "set data.num_images to a positive number")
@@ -152,6 +177,7 @@ class ShapesDataset(Dataset):
         self.num_images = num_images
         self.resolution = resolution
         self.seed = seed
+        self.values = allowed_values(exclude)
 
     def __len__(self) -> int:
         return self.num_images
@@ -162,7 +188,7 @@ class ShapesDataset(Dataset):
 
     def _draw(self, index: int) -> tuple[dict[str, str], np.random.Generator]:
         rng = np.random.default_rng([self.seed, index])
-        attrs = {key: values[int(rng.integers(len(values)))] for key, values in ATTRIBUTES.items()}
+        attrs = {key: values[int(rng.integers(len(values)))] for key, values in self.values.items()}
         return attrs, rng
 
     def __getitem__(self, index: int) -> dict[str, object]:
@@ -174,9 +200,9 @@ class ShapesDataset(Dataset):
         return {"pixel_values": tensor, "caption": caption_of(attrs), "key": f"shapes-{self.seed}-{index:06d}"}
 
 
-def holdout(num_images: int, resolution: int = 32, seed: int = 0) -> ShapesDataset:
+def holdout(num_images: int, resolution: int = 32, seed: int = 0, exclude: tuple[str, ...] = ()) -> ShapesDataset:
     """A validation split disjoint from ``ShapesDataset(..., seed=seed)`` (a different seed stream)."""
-    return ShapesDataset(num_images, resolution, seed=seed + HOLDOUT_SEED_OFFSET)
+    return ShapesDataset(num_images, resolution, seed=seed + HOLDOUT_SEED_OFFSET, exclude=exclude)
 
 
 def image_for_prompt(prompt: str, resolution: int = 32, seed: int = 0) -> torch.Tensor:

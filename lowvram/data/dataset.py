@@ -24,11 +24,11 @@ from PIL import ImageColor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
-from . import images
+from . import images, masks
 from .buckets import Bucket, BucketBatchSampler, effective_step, make_buckets, nearest_bucket
 from .captions import MISSING_CAPTION_RULES, CaptionRules, fallback_caption
 from .images import ImageProblem
-from .report import MIDRUN_NAME, NO_CAPTION, DataReport, known_from
+from .report import BAD_MASK, MIDRUN_NAME, NO_CAPTION, DataReport, known_from
 from .sources import Candidate, list_source
 
 log = logging.getLogger("lowvram.data")
@@ -61,6 +61,9 @@ class DataSettings:
     celeba_split: str = "train"
     missing_caption: str = "auto"
     cache_dir: str = ""
+    masked_loss: str = "auto"
+    mask_dir: str = ""
+    builtin_exclude: tuple[str, ...] = ()
     seed: int = 0
 
     @classmethod
@@ -73,6 +76,8 @@ class DataSettings:
         run = getattr(cfg, "run", None)
         values = {f: getattr(data, f) for f in cls.__dataclass_fields__ if hasattr(data, f)}
         values = {k: v for k, v in values.items() if v is not None}  # None: "use the default"
+        if "builtin_exclude" in values:
+            values["builtin_exclude"] = tuple(values["builtin_exclude"])
         if resolution is not None:
             values["resolution"] = resolution
         if run is not None and hasattr(run, "seed"):
@@ -85,6 +90,10 @@ class DataSettings:
         problems = []
         if self.crop not in ("center", "random"):
             problems.append(f"data.crop = {self.crop!r}: expected center or random")
+        if self.masked_loss not in masks.MASKED_LOSS:
+            problems.append(f"data.masked_loss = {self.masked_loss!r}: expected one of " + ", ".join(masks.MASKED_LOSS))
+        if self.mask_dir and not Path(self.mask_dir).expanduser().is_dir():
+            problems.append(f"data.mask_dir = {self.mask_dir!r}: not a folder")
         if self.missing_caption not in MISSING_CAPTION_RULES:
             problems.append(f"data.missing_caption = {self.missing_caption!r}: expected one of "
                             + ", ".join(MISSING_CAPTION_RULES))
@@ -127,6 +136,8 @@ class ImageRecord:
     height: int
     bucket: int
     repeats: int = 1
+    mask: str = ""  # the loss mask: a mask file, masks.ALPHA (its own transparency) or "" (none)
+    mask_id: str = ""  # the mask's content identity (its file's sha256; the image's for alpha)
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,24 @@ class _PlannedDataset(Dataset):
         """The source at its bucket size, unflipped, [3, H, W] in [-1, 1]; raises on failure."""
         raise NotImplementedError
 
+    # --- loss masks (data/masks.py); sources without any have none ------------------------------------
+    has_masks = False
+
+    def source_mask_id(self, source: int) -> str | None:
+        """Content identity of the source's loss mask (for the latent cache), None without one."""
+        return None
+
+    def load_mask(self, source: int, crop_rng: random.Random | None = None) -> torch.Tensor:
+        """The source's loss mask at its bucket size, unflipped, [1, H, W] in [0, 1] (ones without a mask)."""
+        w, h = self.buckets[self.source_bucket(source)]
+        return torch.ones(1, h, w)
+
+    def mask(self, index: int) -> torch.Tensor:
+        """The loss mask of stream index ``index``: cropped and flipped as its image is."""
+        plan = self.plan(index)
+        m = self.load_mask(plan.source, random.Random(plan.crop_seed))
+        return torch.flip(m, dims=[-1]) if plan.flip else m
+
     # --- shared --------------------------------------------------------------------------------------
     def split_index(self, index: int) -> tuple[int, int]:
         """Stream index -> (epoch, item index); plain indices are epoch 0."""
@@ -234,7 +263,10 @@ class _PlannedDataset(Dataset):
                 self.mark_bad(plan.source, "corrupt", f"{type(e).__name__}: {e}")
         if plan.flip:
             pixels = torch.flip(pixels, dims=[-1])
-        return {"pixel_values": pixels, "caption": plan.caption, "key": plan.key}
+        item = {"pixel_values": pixels, "caption": plan.caption, "key": plan.key}
+        if self.has_masks:
+            item["mask"] = self.mask(index)
+        return item
 
     def make_sampler(self, batch_size: int, *, seed: int | None = None, drop_last: bool = False) -> BucketBatchSampler:
         """A bucket batch sampler over this dataset (seed defaults to the run seed)."""
@@ -258,6 +290,7 @@ class ImageDataset(_PlannedDataset):
         self.entries = [i for i, r in enumerate(records) for _ in range(r.repeats)]
         self.bucket_ids = [records[i].bucket for i in self.entries]
         self._background = settings.background_rgb()
+        self.has_masks = any(r.mask for r in records)
 
     def num_sources(self) -> int:
         return len(self.records)
@@ -283,6 +316,17 @@ class ImageDataset(_PlannedDataset):
         img = images.resize_cover_crop(img, size, crop, crop_rng)
         return images.to_tensor(img)
 
+    def source_mask_id(self, source: int) -> str | None:
+        return self.records[source].mask_id or None
+
+    def load_mask(self, source: int, crop_rng: random.Random | None = None) -> torch.Tensor:
+        rec = self.records[source]
+        if not rec.mask:
+            return super().load_mask(source, crop_rng)
+        crop = self.settings.crop if crop_rng is not None else "center"
+        return masks.load_mask(rec.mask, rec.path, (rec.width, rec.height), self.buckets[rec.bucket], crop, crop_rng,
+                               max_pixels=self.settings.max_pixels)
+
 
 class BuiltinDataset(_PlannedDataset):
     """The generated shapes dataset (lowvram.data.builtin) behind the same plan/flip/caption rules."""
@@ -291,7 +335,8 @@ class BuiltinDataset(_PlannedDataset):
         super().__init__(settings)
         from .builtin import ShapesDataset  # lazy: only runs on the builtin source pay for it
 
-        self.base = ShapesDataset(settings.num_images, settings.resolution, settings.seed)
+        self.base = ShapesDataset(settings.num_images, settings.resolution, settings.seed,
+                                  exclude=tuple(settings.builtin_exclude))
         n = len(self.base)
         self.buckets = [(settings.resolution, settings.resolution)]
         self.entries = list(range(n))
@@ -404,15 +449,18 @@ def scan_folder(settings: DataSettings, *, known: str | Path | None = None, thre
     report = DataReport(source=str(root), settings=asdict(s))
     fmt, candidates = list_source(root, s.format, report, caption_ext=s.caption_ext, celeba_split=s.celeba_split)
     report.format = fmt
+    candidates, mask_files = _with_masks(candidates, s, root)
     validated, files = known_from(known, str(root))
     threads = threads or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads) as pool:  # Pillow releases the GIL while decoding
+        mask_results = pool.map(lambda c: _validate_one(c, s, validated, files), mask_files.values())
         results = pool.map(lambda c: _validate_one(c, s, validated, files), candidates)
         if progress and len(candidates) >= 500:
             from tqdm import tqdm
 
             results = tqdm(results, total=len(candidates), desc="checking images", unit="img")
         verdicts = list(results)
+        mask_verdicts = dict(zip(mask_files, mask_results, strict=True))
 
     if s.buckets:
         buckets = make_buckets(s.resolution, effective_step(s.resolution, s.bucket_step), s.bucket_max_ratio)
@@ -436,13 +484,55 @@ def scan_folder(settings: DataSettings, *, known: str | Path | None = None, thre
         if caption is None:
             continue
         w, h = v.entry["w"], v.entry["h"]
+        mask = _mask_of(c, v, mask_files.get(c.rel), mask_verdicts.get(c.rel), s, report)
+        if mask is None:
+            continue
         bucket = nearest_bucket(w, h, buckets) if s.buckets else 0
-        records.append(ImageRecord(str(c.path), c.rel, caption, v.sha256, w, h, bucket, c.repeats))
+        records.append(ImageRecord(str(c.path), c.rel, caption, v.sha256, w, h, bucket, c.repeats, *mask))
     report.used = len(records)
     report.samples = sum(r.repeats for r in records)
+    report.masks = sum(1 for r in records if r.mask)
     for b in sorted({r.bucket for r in records}):
         report.buckets[f"{buckets[b][0]}x{buckets[b][1]}"] = sum(1 for r in records if r.bucket == b)
     return records, buckets, report
+
+
+def _with_masks(candidates: list[Candidate], s: DataSettings, root: Path) -> tuple[list[Candidate], dict[str, Candidate]]:
+    """The images (without those inside ``data.mask_dir``) and, per image ``rel``, its mask file to validate."""
+    mask_root = Path(s.mask_dir).expanduser().resolve() if s.mask_dir else None
+    if mask_root is not None:  # a mask folder inside the data folder holds masks, not training images
+        candidates = [c for c in candidates if not c.path.resolve().is_relative_to(mask_root)]
+    found: dict[str, Candidate] = {}
+    if s.masked_loss != "off":
+        in_mask_dir = masks.mask_dir_index(s.mask_dir)
+        for c in candidates:
+            path = masks.mask_file(c.path, c.rel, in_mask_dir)
+            if path is not None:
+                rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+                found[c.rel] = Candidate(path, rel, None)
+    return candidates, found
+
+
+def _mask_of(c: Candidate, v: _Verdict, mask: Candidate | None, verdict: _Verdict | ImageProblem | None,
+             s: DataSettings, report: DataReport) -> tuple[str, str] | None:
+    """(mask source, mask identity) of a usable image, ("", "") without a mask; None: skip the image."""
+    if mask is None:
+        if s.masked_loss == "alpha" and masks.has_alpha(c.path):
+            return masks.ALPHA, f"{masks.ALPHA}:{v.sha256}"
+        return "", ""
+    assert verdict is not None  # every mask file found is validated with the images
+    problem = verdict if isinstance(verdict, ImageProblem) else _apply_limits(verdict.entry, s)
+    if problem is not None and problem.reason != images.TOO_SMALL:  # a small mask is stretched, not refused
+        report.skip(c.rel, BAD_MASK, f"{mask.rel}: {problem.reason} ({problem.detail})")
+        return None
+    assert isinstance(verdict, _Verdict)
+    report.validated[verdict.sha256] = verdict.entry
+    st = os.stat(mask.path)
+    report.files[mask.rel] = [st.st_size, st.st_mtime_ns, verdict.sha256]
+    mw, mh, w, h = verdict.entry["w"], verdict.entry["h"], v.entry["w"], v.entry["h"]
+    if (mw, mh) != (w, h):
+        report.warn(mask.rel, "mask_size_mismatch", f"mask {mw}x{mh}, image {w}x{h}: the mask is stretched to the image")
+    return str(mask.path), verdict.sha256
 
 
 def _caption_for(c: Candidate, s: DataSettings, report: DataReport, default: str = "") -> str | None:

@@ -106,9 +106,11 @@ def scan_class_images(cfg: Any, run_dir: str | Path | None, echo: Callable[[str]
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise DataError(f"class image folder '{root}' (data.class_data) {what}", CLASS_FIX)
-    # the instance images' settings, without a trigger word (it belongs to the instance images only)
+    # the instance images' settings, without a trigger word (it belongs to the instance images only) nor
+    # the instance images' mask folder (class images take masks from -masklabel files beside them)
     settings = dataclasses.replace(DataSettings.from_config(cfg, resolution=cfg.data.resolution), source=str(root),
-                                   format="auto", caption_prefix="", caption_suffix="", caption_dropout=0.0)
+                                   format="auto", caption_prefix="", caption_suffix="", caption_dropout=0.0,
+                                   mask_dir="")
     known = run_dir if run_dir is not None and (Path(run_dir) / REPORT_NAME).is_file() else None
     try:
         records, _, report = scan_folder(settings, known=known, progress=echo is not None,

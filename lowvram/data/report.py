@@ -24,6 +24,7 @@ MISSING_FILE = "missing_file"
 NOT_IN_REPEATS_FOLDER = "not_in_repeats_folder"
 BAD_METADATA_ROW = "bad_metadata_row"
 NO_CAPTION = "no_caption"
+BAD_MASK = "bad_mask"
 FAILED_MIDRUN = "failed_midrun"
 
 REASON_HELP = {
@@ -38,6 +39,7 @@ REASON_HELP = {
     NOT_IN_REPEATS_FOLDER: "kohya layout: not inside a <repeats>_<name> folder",
     BAD_METADATA_ROW: "a metadata row that cannot be parsed",
     NO_CAPTION: "no caption and data.missing_caption = skip",
+    BAD_MASK: "its loss mask file (data.masked_loss) cannot be used",
     FAILED_MIDRUN: "passed validation but failed to load during training",
 }
 
@@ -59,6 +61,7 @@ class DataReport:
     # relative path -> [size, mtime_ns, sha256]: skip re-hashing unchanged files on the next run
     files: dict[str, list[Any]] = field(default_factory=dict)
     midrun_log: str | None = None
+    masks: int = 0  # usable images with a loss mask (masked loss)
     class_data: DataReport | None = None  # the class images of prior preservation, reported alike
 
     def skip(self, path: str, reason: str, detail: str = "") -> None:
@@ -107,6 +110,8 @@ class DataReport:
         lines = [f"data: {self.used} images used ({self.samples} samples per epoch) from {self.source} [{self.format}]"]
         if self.buckets:
             lines.append("  buckets: " + ", ".join(f"{k}: {v}" for k, v in self.buckets.items()))
+        if self.masks:
+            lines.append(f"  loss masks: {self.masks} of {self.used} images (masked loss; the others train unmasked)")
         if skipped:
             by = ", ".join(f"{r} {n}" for r, n in self.skipped_by_reason().items())
             lines.append(f"  skipped {len(skipped)}: {by}")
@@ -130,6 +135,7 @@ class DataReport:
             "skipped_by_reason": self.skipped_by_reason(),
             "warnings_by_kind": self.warnings_by_kind(),
             "buckets": self.buckets,
+            "masks": self.masks,
             "settings": self.settings,
             "skipped": skipped,
             "warnings": self.warnings,

@@ -19,6 +19,7 @@ from ..errors import DataError
 from . import celeba
 from .captions import CaptionText, normalize_caption, read_caption_file
 from .images import IMAGE_EXTENSIONS, is_image_name
+from .masks import is_mask_name
 from .report import BAD_METADATA_ROW, MISSING_FILE, NOT_IN_REPEATS_FOLDER, DataReport
 
 FORMATS = ("auto", "folder", "kohya", "metadata", "celeba", "builtin")
@@ -42,12 +43,13 @@ class Candidate:
 
 
 def _walk_images(root: Path) -> list[Path]:
-    """Image files under ``root`` in a stable order; hidden files and folders (caches, .DS_Store) skipped."""
+    """Image files under ``root`` in a stable order; hidden files and folders (caches, .DS_Store) and loss
+    masks (``x-masklabel.png``, data/masks.py) skipped."""
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
         for name in sorted(filenames):
-            if not name.startswith(".") and is_image_name(name):
+            if not name.startswith(".") and is_image_name(name) and not is_mask_name(name):
                 out.append(Path(dirpath) / name)
     return out
 

@@ -80,8 +80,8 @@ def build_flux(workload: Any, knobs: Any, device: str | torch.device, compute: t
     variant = workload.model
     model = flux.build_transformer(variant, device, workload.unet_overrides)
     vae = build_vae(variant, device, helper_dtype)
-    encoders = [] if (knobs.cache_text and knobs.offload_frozen) else list(
-        _text_encoders(variant, device, helper_dtype).values())
+    # the FLUX.1 job drops CLIP-L and T5 once their outputs are cached, offloaded or not (train/flux_lora.py)
+    encoders = [] if knobs.cache_text else list(_text_encoders(variant, device, helper_dtype).values())
     side = workload.resolution // 8  # FLUX.1's VAE: 8x down, 16 channels
     latent = (model.config.in_channels // 4, side, side)
     targets = tuple(n for n in lora_target_names(model, modulation=True) if n.split(".", 2)[2] in workload.lora_targets)
@@ -89,3 +89,37 @@ def build_flux(workload: Any, knobs: Any, device: str | torch.device, compute: t
     stored = store_frozen_unet(model, knobs.frozen_dtype, compute)
     return Built(model, trainable, {"unet": model}, vae, encoders, False, latent, flux.MAX_SEQUENCE_LENGTH[variant],
                  prediction="flow", notes=[f"frozen transformer weights: {stored}"], step_loss=step_loss)
+
+
+def workload_of_run(cfg: Any, batch: int, prior: str = "", **common: Any) -> Any:
+    """The planner's Workload for a FLUX.1 LoRA run: the model's own transformer config (a diffusers folder's,
+    or ``model.config``'s for a single file, else the published one), its rank and resolution; ``common``: the
+    Workload fields every job carries (EMA, gradient clipping...)."""
+    import json
+    from pathlib import Path
+
+    from ..train.flux_lora import check_flux_config
+    from .workloads import FLUX_LORA_TARGETS, Workload
+
+    check_flux_config(cfg)  # what FLUX.1 cannot train is refused before any profiling
+    variant = flux.detect_variant(cfg.model.pretrained)
+    overrides: dict[str, Any] = {}
+    for folder in (cfg.model.pretrained, cfg.model.config):
+        if folder and (Path(folder) / "transformer" / "config.json").is_file():
+            data = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+            overrides = {k: v for k, v in data.items() if not k.startswith("_")}
+            break
+    res = int(cfg.data.resolution)
+    return Workload("this job", f"{variant} LoRA rank {cfg.lora.rank}, {res}²{prior}", variant, "lora", res, batch,
+                    lora_rank=cfg.lora.rank, lora_targets=FLUX_LORA_TARGETS, unet_overrides=overrides, **common)
+
+
+def safe_precision(cfg: Any, card: Any) -> list[str]:
+    """FLUX.1's activations overflow fp16: compute in bf16 where the card has it, else fp32 (gfx803, GTX 16xx,
+    where fp16 is no faster). Changes ``cfg.train.precision`` in place (the plan's copy of the config);
+    returns the note saying so."""
+    if cfg.train.precision != "fp16" or card is None:
+        return []
+    cfg.train.precision = "bf16" if getattr(card, "bf16", False) else "fp32"
+    return [f"compute in {cfg.train.precision}, not fp16: FLUX.1's activations overflow fp16"
+            + ("" if cfg.train.precision == "bf16" else " and this card has no bf16")]

@@ -23,6 +23,7 @@ from .stages import (
     Timeline,
     autoencoder_stage,
     cache_stage,
+    class_image_stage,
     host_data,
     preview_stage,
     rng_states_tracked,
@@ -201,16 +202,27 @@ def profile_step(
             for mod in [*built.text_encoders] + ([built.vae] if built.vae is not None else []):
                 register(mod)
             register(built.unet, host=True)
+        streamer = built.streamer
+
+        def unet_to_card() -> None:  # train_finetune: stream_unet, or .to(device)
+            tl.place([built.unet], host=False)
+            if streamer is not None:  # the streamed blocks stay in host RAM; their copies are the card's share
+                streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit)
+                                                          for c in copies]
+                tracker.place(streamer.host_tensors(), host=True)
+
+        drawing = workload.class_images and not workload.from_scratch
+        if drawing:  # the missing class images are drawn with the base model: the UNet is on the card already
+            unet_to_card()
+            class_image_stage(built, workload, knobs, tl)
         cache_stage(built, workload, knobs, tl)
         if workload.from_scratch:
             for mod in (built.unet, *built.text_encoders):
                 register(mod)
-        else:
-            tl.place([built.unet], host=False)  # train_finetune moves it to the card after caching
-        streamer = built.streamer
-        if streamer is not None:  # the streamed blocks stay in host RAM; their copies are the card's share
-            streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit) for c in copies]
-            tracker.place(streamer.host_tensors(), host=True)
+            if streamer is not None:
+                unet_to_card()
+        elif not drawing:
+            unet_to_card()  # after caching, as train_finetune moves it
         # what leaves the card after the caches are built (and comes back for previews)
         frozen_tes = [] if built.text_trained else built.text_encoders
         if workload.from_scratch:

@@ -40,7 +40,6 @@ MEMORY_NEUTRAL: dict[str, str] = {
     "run.device": "the plan is for the preset's card; lowvram warns when the machine differs",
     "run.checkpoint_every": "checkpoints are written between steps from the live tensors, nothing stays",
     "run.keep_checkpoints": "files on disk",
-    "run.sample_every": "previews are profiled anyway: every run draws the final grid",
     "run.log_every": "a line of metrics",
     "run.max_nonfinite": "a counter",
     "run.tensorboard": "event files on disk",
@@ -69,6 +68,14 @@ MEMORY_NEUTRAL: dict[str, str] = {
     "data.missing_caption": "caption text",
     "data.cache_dir": "where the cache files go",
     "data.class_prompt": "caption text of class images",
+    "data.builtin_exclude": "which generated shapes are drawn, not their size",
+    "data.masked_loss": "a loss mask is one [B, 1, h, w] weight map at latent size and the loss kept per "
+                        "element (a latent-sized fp32 tensor): under 0.1 % of any step",
+    "data.mask_dir": "where the loss masks are read from (data.masked_loss)",
+    "data.unmasked_weight": "a scalar weight",
+    "model.clip": "where FLUX.1's CLIP-L loads from: run once to cache, dropped before training",
+    "model.t5": "where FLUX.1's T5-XXL loads from: run once to cache, dropped before training",
+    "model.t5_tokenizer": "a tokenizer",
     "train.lr": "a number",
     "train.warmup_steps": "a number",
     "train.lr_schedule": "a number per step",
@@ -162,7 +169,7 @@ def preview_of(cfg: RunConfig) -> Preview:
     if cfg.run.task in ("lora", "full") and s.prompts:
         from ..train.finetune import parse_prompt_line
 
-        res = int(cfg.data.resolution or default_resolution(cfg.run.task, cfg.model.size) or 512)
+        res = int(cfg.data.resolution or default_resolution(cfg.run.task, cfg.model.size, cfg.model.pretrained) or 512)
         specs = [parse_prompt_line(p) for p in s.prompts]
         guided = guided or any(p.cfg is not None and p.cfg != 1.0 for p in specs)
         sizes = [(p.height or res, p.width or res) for p in specs]
@@ -218,28 +225,64 @@ def text_cache_batch(cfg: RunConfig) -> int:
     return count
 
 
+def class_images_to_draw(cfg: RunConfig) -> int:
+    """How many class images the run draws with the base model before it trains (data.num_class_images
+    less those already in data.class_data): a count of files, nothing is opened."""
+    if not (cfg.run.task in ("lora", "full") and cfg.data.class_data and cfg.data.num_class_images):
+        return 0
+    from ..data.class_images import missing_numbers
+
+    return len(missing_numbers(cfg.data.class_data, cfg.data.num_class_images))
+
+
+def _scratch_lora_workload(cfg: RunConfig, folder: Path, desc: dict[str, Any], res: int, batch: int,
+                           common: dict[str, Any]) -> Workload:
+    """LoRA on a model lowvram trained from scratch (train/scratch_lora.py): the size's UNet and the base's
+    text encoder (frozen; its vocabulary), the VAE of a latent model on the card encoding every batch."""
+    size = str(desc.get("size", cfg.model.size))
+    te = _text_config(_folder_config(folder, "text_encoder"))
+    latent = bool(desc.get("has_vae"))
+    return Workload("this job", f"{cfg.lora.type} on the from-scratch {size} model, {res}²", size, "lora", res, batch,
+                    lora_rank=cfg.lora.rank, adapter=cfg.lora.type, lora_conv=cfg.lora.conv,
+                    lora_dropout=cfg.lora.dropout, lora_text_encoder=cfg.lora.text_encoder,
+                    task="latent" if latent else "text2img", base_from_scratch=True, frozen_text_encoder=True,
+                    text_vocab=int(te.get("vocab_size", 0)) or 256, **common)
+
+
 def workload_for(cfg: RunConfig) -> Workload:
     """The job this config runs, as the profiler needs it: everything that decides what is allocated."""
     task = cfg.run.task
-    res = int(cfg.data.resolution or default_resolution(task, cfg.model.size) or 32)
+    res = int(cfg.data.resolution or default_resolution(task, cfg.model.size, cfg.model.pretrained) or 32)
     batch = cfg.train.batch_size * cfg.train.grad_accum
-    common = dict(ema=cfg.train.ema_decay > 0, preview=preview_of(cfg), grad_clip=cfg.train.grad_clip,
-                  snr_gamma=cfg.train.snr_gamma)
+    # previews are drawn every run.sample_every steps and at the end (unless sample.final is off)
+    previews = cfg.sample.final or cfg.run.sample_every > 0
+    common = dict(ema=cfg.train.ema_decay > 0, preview=preview_of(cfg) if previews else None,
+                  grad_clip=cfg.train.grad_clip, snr_gamma=cfg.train.snr_gamma)
     if task in ("lora", "full"):
+        from ..models.flux import is_flux_model
         from ..models.pretrained import detect_family
+        from ..train.scratch_lora import model_descriptor, scratch_model_folder
 
-        family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
-        unet, vae, tes = _checkpoint_configs(cfg)
-        prior = task in ("lora", "full") and bool(cfg.data.class_data)
+        if (folder := scratch_model_folder(cfg.model.pretrained)) is not None:  # a model trained from scratch
+            return _scratch_lora_workload(cfg, folder, model_descriptor(folder), res, batch, common)
+        prior = bool(cfg.data.class_data)
         extra = " + class images (prior preservation)" if prior else ""
         lora = task == "lora"
+        if is_flux_model(cfg.model.pretrained):  # FLUX.1: its previews (flow sampler) are not profiled yet
+            from .flux_workload import workload_of_run
+
+            return workload_of_run(cfg, batch, extra, **{**common, "preview": None}, adapter=cfg.lora.type,
+                                   lora_dropout=cfg.lora.dropout)
+        family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
+        unet, vae, tes = _checkpoint_configs(cfg)
         what = cfg.lora.type if lora else task
         return Workload("this job", f"{family} {what}, {res}²{extra}", family, task, res, batch,
                         lora_rank=cfg.lora.rank, adapter=cfg.lora.type, lora_conv=lora and cfg.lora.conv,
                         lora_dropout=cfg.lora.dropout if lora else 0.0,
                         lora_text_encoder=lora and cfg.lora.text_encoder, unet_overrides=unet, vae_overrides=vae,
                         text_encoder_overrides=tes, text_every_step=cfg.data.shuffle_tags, prior=prior,
-                        text_cache_batch=text_cache_batch(cfg), **common)
+                        text_cache_batch=text_cache_batch(cfg), class_images=class_images_to_draw(cfg),
+                        **common)
     builtin = cfg.data.source == "builtin"
     te = _text_config(_folder_config(cfg.model.text_encoder, "text_encoder")) if cfg.model.text_encoder else {}
     vae = _folder_config(cfg.model.vae, "vae") if cfg.model.vae else {}
@@ -306,6 +349,7 @@ class RunPlan:
     record: dict[str, Any]
     profile: MemoryProfile | None = None  # absent when read back from a run folder
     refusal: tuple[str, str] | None = None  # (problem, fix) when the trainer would refuse this config
+    reused: str | None = None  # the stored plan this one was read from (nothing was profiled), for the log
 
     @property
     def verdict(self) -> str:
@@ -349,7 +393,8 @@ class RunPlan:
             out.append("  settings changed: " + ", ".join(f"{k}={v}" for k, v in r.get("changed", {}).items()))
         if self.refusal is not None or r.get("refused"):
             out.append(f"refused: {r.get('refused')}")
-        return out + [f"note: {n}" for n in r.get("notes", [])]
+        out += [f"note: {n}" for n in r.get("notes", [])]
+        return out + ([f"note: {self.reused}"] if self.reused else [])
 
 
 def _card_record(card: Any, preset: str | None) -> dict[str, Any]:
@@ -371,18 +416,14 @@ def _profile_record(p: MemoryProfile) -> dict[str, Any]:
             "host_bytes": dict(p.host_bytes), "stages": dict(p.stages), "knobs": dict(p.knobs)}
 
 
-def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, str] | None = None,
-             preset: str | None = None) -> RunPlan:
-    """Profile ``cfg`` on ``card``; when it does not fit, let the planner switch knobs on (raises
-    MemoryPlanError when nothing fits, unless ``memory.force``). ``cfg`` is never changed: the plan
-    carries its own copy with the planner's settings, their sources saying so."""
-    sources = dict(sources or {name: "default" for name, _ in all_fields()})
-    card_rec = _card_record(card, preset)
-    refusal = (untrained_knobs(cfg, processes) or [None])[0]
-    wl, knobs = plan_inputs(cfg, card, processes)
-    job = {k: v for k, v in asdict(wl).items() if k not in ("id", "unet_overrides", "vae_overrides",
-                                                          "text_encoder_overrides", "lora_targets")}
-    base = {"card": card_rec, "job": job}
+class NotProfiled(Exception):
+    """A checkpoint whose own configs the profiler cannot build: the run trains without a plan."""
+
+
+def _decide(cfg: RunConfig, card: Any, wl: Workload, knobs: Knobs,
+            refusal: tuple[str, str] | None) -> tuple[dict[str, Any], MemoryProfile]:
+    """The expensive part of a plan (profiling, the planner's search): the verdict and its figures, the
+    settings the planner changed with the step that changed each (``changed_by``), the profile."""
     try:
         prof = profile_step(wl, knobs, card=card, vram_gib=cfg.memory.vram_gib)
     except LowvramError:
@@ -390,11 +431,7 @@ def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, s
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         if not (wl.unet_overrides or wl.vae_overrides or wl.text_encoder_overrides):
             raise  # the published layouts always profile: anything else is a bug to see, not to hide
-        # a checkpoint whose own configs the profiler cannot build (e.g. a custom SDXL variant)
-        note = (f"warning: memory not profiled for this model ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                "training without a plan")
-        return RunPlan(copy.deepcopy(cfg), sources, {**base, "verdict": "not profiled", "peak_bytes": None,
-                                                     "notes": [note]}, refusal=refusal)
+        raise NotProfiled(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
     notes = list(prof.notes)
     if wl.prior:
         notes.append(f"prior preservation: each micro-batch of {knobs.batch_size} instance image(s) also carries "
@@ -403,36 +440,89 @@ def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, s
         notes.append("the text encoder's vocabulary is built from the captions: profiled at 256 words")
     if prof.fits is not False and refusal is None and not cfg.memory.force:
         check_host(prof, cfg.memory.ram_gib, card)
-    record = {**base, "verdict": "fits" if prof.fits is not False else "does not fit", **_profile_record(prof),
-              "planner_steps": [], "changed": {}, "notes": notes}
-    planned = copy.deepcopy(cfg)
+    core: dict[str, Any] = {"verdict": "fits" if prof.fits is not False else "does not fit", **_profile_record(prof),
+                            "planner_steps": [], "changed": {}, "changed_by": {}, "notes": notes}
     if prof.fits is False and refusal is None:
         try:
             chosen: Plan = plan(wl, card, vram_gib=cfg.memory.vram_gib, ram_gib=cfg.memory.ram_gib, start=knobs,
                                 first=prof)
-        except MemoryPlanError:
+        except MemoryPlanError as e:
             if not cfg.memory.force:
+                if wl.class_images and prof.peak_phase == "class images":
+                    raise MemoryPlanError(
+                        f"drawing the {wl.class_images} missing class images: {e.problem}",
+                        "fill data.class_data with images drawn elsewhere (data.num_class_images=0 then uses "
+                        f"the folder as it is), or {e.fix or 'lower the resolution'}") from e
                 raise
-            record.update(verdict="forced")
+            core.update(verdict="forced")
             notes.append("no plan fits the card; training anyway because memory.force is set")
         else:
             changed = _changed(knobs, chosen.knobs)
-            for dotted, value in changed.items():
-                section, key = dotted.split(".")
-                setattr(getattr(planned, section), key, value)
+            changed_by = {}
             for dotted in changed:  # each changed value's source: the planner step that first set it
                 sec, k = dotted.split(".")
-                step = next((s.knob for s in chosen.steps if s.knobs.as_config()[sec].get(k) == changed[dotted]),
-                            "plan")
-                sources[dotted] = f"planner: {step}"
-            record.update(_profile_record(chosen.profile), verdict="planned", changed=changed,
-                          planner_steps=[{"knob": s.knob, "peak_bytes": s.peak_after, "saved_bytes": s.saved}
-                                         for s in chosen.steps])
-            record["notes"] = notes + [n for n in chosen.profile.notes if n not in notes]
+                changed_by[dotted] = next(
+                    (s.knob for s in chosen.steps if s.knobs.as_config()[sec].get(k) == changed[dotted]), "plan")
+            core.update(_profile_record(chosen.profile), verdict="planned", changed=changed, changed_by=changed_by,
+                        planner_steps=[{"knob": s.knob, "peak_bytes": s.peak_after, "saved_bytes": s.saved}
+                                       for s in chosen.steps])
+            core["notes"] = notes + [n for n in chosen.profile.notes if n not in notes]
             prof = chosen.profile
+    if wl.class_images:
+        drawing = prof.stages.get("class images", 0)
+        core["notes"].append(f"class images: {wl.class_images} to draw with the base model first (same frozen dtype "
+                             f"and attention; the VAE and text encoders on the card): {drawing / GIB:.2f} GiB")
+    return core, prof
+
+
+def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, str] | None = None,
+             preset: str | None = None) -> RunPlan:
+    """Profile ``cfg`` on ``card``; when it does not fit, let the planner switch knobs on (raises
+    MemoryPlanError when nothing fits, unless ``memory.force``). ``cfg`` is never changed: the plan
+    carries its own copy with the planner's settings, their sources saying so. An unchanged config on an
+    unchanged card reuses the stored plan (``plan_cache``: keyed by content) instead of profiling again."""
+    from .plan_cache import cached_decision
+
+    sources = dict(sources or {name: "default" for name, _ in all_fields()})
+    planned = copy.deepcopy(cfg)
+    family_notes: list[str] = []
+    if workload_is_flux(cfg):
+        from .flux_workload import safe_precision
+
+        before = planned.train.precision
+        family_notes = safe_precision(planned, card)  # the plan's copy computes in bf16/fp32, not fp16
+        if planned.train.precision != before:
+            sources["train.precision"] = "planner: FLUX.1 precision"
+    card_rec = _card_record(card, preset)
+    refusal = (untrained_knobs(planned, processes) or [None])[0]
+    wl, knobs = plan_inputs(planned, card, processes)
+    job = {k: v for k, v in asdict(wl).items() if k not in ("id", "unet_overrides", "vae_overrides",
+                                                          "text_encoder_overrides", "lora_targets")}
+    base = {"card": card_rec, "job": job}
+    try:
+        core, prof, reused = cached_decision(planned, card, processes, wl,
+                                             lambda: _decide(planned, card, wl, knobs, refusal))
+    except NotProfiled as e:  # a checkpoint whose own configs the profiler cannot build (e.g. a custom SDXL)
+        note = f"warning: memory not profiled for this model ({e}); training without a plan"
+        return RunPlan(planned, sources, {**base, "verdict": "not profiled", "peak_bytes": None,
+                                          "notes": family_notes + [note]}, refusal=refusal)
+    changed_by = core.pop("changed_by", {})
+    for dotted, value in core.get("changed", {}).items():
+        section, key = dotted.split(".")
+        setattr(getattr(planned, section), key, value)
+        sources[dotted] = f"planner: {changed_by.get(dotted, 'plan')}"
+    record = {**base, **core, "notes": family_notes + core["notes"]}
     if refusal is not None:
         record.update(verdict="refused", refused=f"{refusal[0]} — {refusal[1]}")
-    return RunPlan(planned, sources, record, prof, refusal)
+    return RunPlan(planned, sources, record, prof, refusal, reused)
+
+
+def workload_is_flux(cfg: RunConfig) -> bool:
+    if cfg.run.task not in ("lora", "full") or not cfg.model.pretrained:
+        return False
+    from ..models.flux import is_flux_model
+
+    return bool(is_flux_model(cfg.model.pretrained))
 
 
 def read_plan(folder: str | Path) -> RunPlan:

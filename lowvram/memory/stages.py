@@ -17,7 +17,7 @@ from torch import nn
 
 from .autocast import MetaAutocast
 from .tracker import StorageTracker
-from .workloads import Built, Knobs, Workload
+from .workloads import Built, Knobs, Preview, Workload
 
 STEP_RANGE = "lowvram.profile_step"
 
@@ -427,41 +427,52 @@ def preview_stage(built: Built, wl: Workload, knobs: Knobs, tl: Timeline, ema: A
                    offloaded: list[nn.Module]) -> None:
     """The sample grid: EMA weights swapped in, the frozen helpers back on the card, one image (fine-tune:
     one prompt at a time, under autocast) or every prompt at once (from scratch, fp32) sampled and decoded."""
+    tl.place(offloaded, host=False)
+    try:
+        with tl.stage("preview"), torch.no_grad(), _ema_swapped(ema, built, tl):
+            _draw(built, wl, tl, wl.preview)
+    finally:
+        tl.place(offloaded, host=True)
+
+
+def class_image_stage(built: Built, wl: Workload, knobs: Knobs, tl: Timeline) -> None:
+    """Drawing the missing class images (data.num_class_images) with the base model before caching: every
+    frozen weight on the card, one image at a time with guidance, decoded by the VAE (``FinetuneJob.draw_base``)."""
+    with tl.stage("class images"), torch.no_grad():
+        _draw(built, wl, tl, Preview(prompts=1, guided=True, size=None))
+
+
+def _draw(built: Built, wl: Workload, tl: Timeline, pv: Preview) -> None:
+    """One sampling step of ``pv``'s images (every step is the same; the previous output alive) + the decode."""
     from ..diffusion import make_scheduler_config
     from ..sample import make_sampler, sample
 
-    pv = wl.preview
     h, w = pv.size or (wl.resolution, wl.resolution)
     n = pv.prompts if wl.from_scratch else 1
     factor = built.vae_factor
     shape = (n, built.latent_shape[0], h // factor, w // factor)
     scheduler = make_sampler("ddim", make_scheduler_config("linear", 1000, built.prediction))
-    tl.place(offloaded, host=False)
-    try:
-        with tl.stage("preview"), torch.no_grad(), _ema_swapped(ema, built, tl):
-            with tl.autocast(not wl.from_scratch):
-                if wl.from_scratch:
-                    cond = _scratch_text(built, n, tl.device)
-                    uncond = _scratch_text(built, n, tl.device)
-                    kwargs: dict[str, Any] = {}
-                    dtype = torch.float32
-                else:
-                    c = encode_prompt(built, 1, tl.device)
-                    u = encode_prompt(built, 1, tl.device)
-                    cond, uncond, dtype = c["embeds"], u["embeds"], c["embeds"].dtype
-                    kwargs = built.unet_kwargs(2 if pv.guided else 1, tl.device, dtype)
+    with tl.autocast(not wl.from_scratch):
+        if wl.from_scratch:
+            cond = _scratch_text(built, n, tl.device)
+            uncond = _scratch_text(built, n, tl.device)
+            kwargs: dict[str, Any] = {}
+            dtype = torch.float32
+        else:
+            c = encode_prompt(built, 1, tl.device)
+            u = encode_prompt(built, 1, tl.device)
+            cond, uncond, dtype = c["embeds"], u["embeds"], c["embeds"].dtype
+            kwargs = built.unet_kwargs(2 if pv.guided else 1, tl.device, dtype)
 
-                # every sampling step is the same: one is run, with the previous step's output alive
-                previous = _empty(((2 if pv.guided else 1) * n, *shape[1:]), tl.device)
+        # every sampling step is the same: one is run, with the previous step's output alive
+        previous = _empty(((2 if pv.guided else 1) * n, *shape[1:]), tl.device)
 
-                def denoise(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-                    return built.unet(x, t, encoder_hidden_states=c, **kwargs).sample
+        def denoise(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return built.unet(x, t, encoder_hidden_states=c, **kwargs).sample
 
-                x = sample(denoise, shape, scheduler=scheduler, cond=cond, uncond=uncond,
-                           guidance_scale=3.0 if pv.guided else 1.0, steps=1, device=tl.device, dtype=dtype)
-                del cond, uncond, previous
-            if built.vae is not None:  # decoded outside autocast, in the VAE's dtype
-                images = built.vae.decode(x.to(built.vae.dtype)).sample.float()
-                del images
-    finally:
-        tl.place(offloaded, host=True)
+        x = sample(denoise, shape, scheduler=scheduler, cond=cond, uncond=uncond,
+                   guidance_scale=3.0 if pv.guided else 1.0, steps=1, device=tl.device, dtype=dtype)
+        del cond, uncond, previous
+    if built.vae is not None:  # decoded outside autocast, in the VAE's dtype
+        images = built.vae.decode(x.to(built.vae.dtype)).sample.float()
+        del images

@@ -74,13 +74,16 @@ class Workload:
     grad_clip: float = 1.0
     snr_gamma: float = 0.0
     text_cache_batch: int = 64  # captions the text cache encodes at once (at most 64; fewer in a small dataset)
+    class_images: int = 0  # class images still to draw with the base model before training (fine-tunes)
+    base_from_scratch: bool = False  # LoRA on a model lowvram trained from scratch (train/scratch_lora.py)
 
     def with_(self, **changes: Any) -> Workload:
         return dataclasses.replace(self, **changes)
 
     @property
     def from_scratch(self) -> bool:
-        return self.mode == "scratch"
+        """A from-scratch model's job (its data, text encoder and previews), trained whole or with LoRA."""
+        return self.mode == "scratch" or self.base_from_scratch
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -282,6 +285,25 @@ def _build_scratch(workload: Workload, device: str | torch.device) -> Built:
                  int(te.config.max_position_embeddings), vae_factor=max(1, factor))
 
 
+def _scratch_lora(built: Built, workload: Workload) -> Built:
+    """A from-scratch model frozen, with the adapter on its UNet (and text encoder), as
+    ``train.scratch_lora.attach_adapters`` attaches it; every weight stays fp32."""
+    from ..lora import attach_text_lora
+
+    for m in (built.unet, *built.text_encoders):
+        m.requires_grad_(False)
+    built.trainable = attach_lora(built.unet, workload.lora_rank, workload.lora_targets, workload.lora_dropout,
+                                  workload.lora_conv, workload.adapter)
+    built.trained = {"unet": built.unet}
+    built.text_trained = workload.lora_text_encoder
+    if workload.lora_text_encoder:
+        te = built.text_encoders[0]
+        built.trainable += attach_text_lora(te, workload.lora_rank, float(workload.lora_rank), workload.lora_dropout,
+                                            adapter=workload.adapter)
+        built.trained["text_encoder"] = te
+    return built
+
+
 def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
           recompute_context: Callable[[], Any] | None = None, helper_kernel: str = "sdpa",
           cpu_card: bool = False) -> Built:
@@ -303,6 +325,8 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
         built = _build_family(workload, knobs, device, notes)
     elif workload.mode == "scratch":
         built = _build_scratch(workload, device)
+    elif workload.base_from_scratch and workload.mode == "lora":
+        built = _scratch_lora(_build_scratch(workload, device), workload)
     else:
         raise ConfigError(f"a {workload.mode} fine-tune needs a Stable Diffusion family, not '{workload.model}'",
                           "use model sd15, sd2 or sdxl (with unet_overrides for a small test model)")

@@ -79,6 +79,11 @@ class FluxComponents:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def family(self) -> str:
+        """The name LoRA headers and the trainer's logs use (``flux-dev`` / ``flux-schnell``)."""
+        return self.variant
+
+    @property
     def guidance_embeds(self) -> bool:
         return self.variant == "flux-dev"  # the variant is read from guidance_in / the config's guidance_embeds
 
@@ -129,6 +134,21 @@ def _variant_of_keys(keys: dict[str, Any], where: str) -> str:
         raise ModelLoadError(f"'{where}': img_in takes {list(shape)[1]} channels: a FLUX.1 Fill/Depth/Kontext model",
                              "lowvram trains the text-to-image FLUX.1 dev and schnell models")
     return "flux-dev" if "guidance_in.in_layer.weight" in sub else "flux-schnell"
+
+
+def is_flux_model(path: str | Path | None) -> bool:
+    """Whether a local path holds a FLUX.1-like transformer (diffusers folder or .safetensors file): the
+    trainer's family switch. Chroma and Fill files count, so that loading refuses them with the reason."""
+    if not path:
+        return False
+    p = Path(path).expanduser()
+    if p.is_dir():
+        cfg_file = p / "transformer" / "config.json"
+        return cfg_file.is_file() and _read_json(cfg_file).get("_class_name") == "FluxTransformer2DModel"
+    if not (p.is_file() and p.suffix.lower() == ".safetensors"):
+        return False
+    _, sub = _strip(_safetensors_keys(p), TRANSFORMER_PREFIXES)
+    return FLUX_KEY in sub or CHROMA_KEY in sub
 
 
 def detect_variant(path: str | Path) -> str:

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 @dataclass
 class Event:
-    """Something that happened in a run: ``kind`` is start, step, val, sample, checkpoint, warning, end."""
+    """Something that happened in a run: ``kind`` is start, step, val, sample, checkpoint, warning, end;
+    ``phase`` when the run enters or finishes a phase (train/phases.py), ``phases`` for the time account."""
 
     kind: str
     step: int
@@ -34,13 +35,15 @@ def _clean(value: Any) -> Any:
 
 
 class JsonlLogger:
-    """Appends step, loss, lr, peak memory, it/s and validation numbers to ``metrics.jsonl``."""
+    """Appends step, loss, lr, peak memory, it/s, validation numbers and each finished phase's seconds to
+    ``metrics.jsonl``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def __call__(self, event: Event) -> None:
-        if event.kind not in ("step", "val", "eval", "nonfinite", "end"):
+        if event.kind not in ("step", "val", "eval", "nonfinite", "end", "phases") and not (
+                event.kind == "phase" and event.data.get("state") == "end"):
             return
         row = {"kind": event.kind, "step": event.step, **{k: _clean(v) for k, v in event.data.items()}}
         with self.path.open("a", encoding="utf-8") as f:
@@ -67,7 +70,7 @@ class TensorBoardLogger:
 
 
 class ProgressBar:
-    """A tqdm bar with step, loss, it/s, ETA and peak memory."""
+    """A tqdm bar with the current phase, step, loss, it/s, ETA and peak memory."""
 
     def __init__(self, total: int, initial: int = 0, disable: bool = False) -> None:
         from tqdm.auto import tqdm
@@ -91,6 +94,8 @@ class ProgressBar:
             self.bar.write(f"checkpoint: {event.data.get('path')}")
         elif event.kind == "val":
             self.bar.write(f"step {event.step}: validation loss {event.data.get('val_loss', float('nan')):.4f}")
+        elif event.kind == "phase" and event.data.get("state") == "start":
+            self.bar.set_description_str(str(event.data.get("phase", "")), refresh=True)
         elif event.kind == "end":
             self.bar.close()
 

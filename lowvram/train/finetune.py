@@ -24,6 +24,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from .events import Event
 from .loop import AUTOCAST, Trainer
+from .phases import PhaseClock
 from .step import compute_loss, phase_range
 
 SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
@@ -185,7 +186,7 @@ class FinetuneJob:
             m.to(device)
         self.frozen_on_device = True
         self.lora_name = run_dir.resolve().name or "lora"
-        self.prior_losses: deque[tuple[float, float]] = deque(maxlen=cfg.train.grad_accum)  # the last step's
+        self.prior_losses: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=cfg.train.grad_accum)  # the last step's
 
     # -- models --------------------------------------------------------------------------------------
     def text_encoders(self) -> dict[str, nn.Module]:
@@ -224,22 +225,31 @@ class FinetuneJob:
         out = self.images(self.data.dataset, self.data.latents, idx)
         if self.data.prior is not None:
             extra = self.images(self.data.prior.dataset, self.data.prior_latents, self.data.prior.pairs(idx))
+            if "loss_weights" in out or "loss_weights" in extra:  # an unmasked half weighs 1 everywhere
+                for part in (out, extra):
+                    part.setdefault("loss_weights", torch.ones(len(part["captions"]), 1, *part["x0"].shape[-2:]))
             out = {k: torch.cat([v, extra[k]]) if isinstance(v, torch.Tensor) else v + extra[k] for k, v in out.items()}
         out["n_instance"] = len(idx)
         return out
 
     def images(self, ds: Any, latents: Any, idx: list[int]) -> dict[str, Any]:
         """Latents (cached or encoded now), captions and SDXL size conditioning of ``ds``'s stream indices."""
+        from ..data.masks import batch_weights
+
         plans = [ds.plan(i) for i in idx]
         if latents is not None:
-            x0 = torch.stack([latents[i]["latents"] for i in idx]).float()
+            items = [latents[i] for i in idx]
+            x0 = torch.stack([it["latents"] for it in items]).float()
         else:
             from ..data.cache import encode_latents
 
-            pixels = torch.stack([ds[i]["pixel_values"] for i in idx])
+            items = [ds[i] for i in idx]
             with self.frozen_models_on_device():
-                x0 = encode_latents(self.c.vae, pixels).float()
+                x0 = encode_latents(self.c.vae, torch.stack([it["pixel_values"] for it in items])).float()
         out: dict[str, Any] = {"x0": x0, "captions": [p.caption for p in plans]}
+        weights = batch_weights([it.get("mask") for it in items], x0.shape[-2:], self.cfg.data.unmasked_weight)
+        if weights is not None:  # masked loss: at least one image of the batch has a loss mask
+            out["loss_weights"] = weights
         if self.sdxl:
             target = (x0.shape[-2] * self.vae_factor(), x0.shape[-1] * self.vae_factor())
             records = getattr(ds, "records", None)
@@ -308,11 +318,11 @@ class FinetuneJob:
         prior = batch.get("n_instance", len(batch["captions"])) < len(batch["captions"])
         loss = compute_loss(self.unet, batch["x0"].to(self.device), cond["embeds"], alphas_cumprod=self.alphas_cumprod,
                             prediction=self.prediction, generator=gen, unet_kwargs=kwargs,
-                            snr_gamma=self.cfg.train.snr_gamma, reduce=not prior)
+                            snr_gamma=self.cfg.train.snr_gamma, reduce=not prior, loss_weights=batch.get("loss_weights"))
         if not prior:
             return loss
         total, instance, prior_loss = prior_preservation_loss(loss, batch["n_instance"], self.cfg.train.prior_loss_weight)
-        self.prior_losses.append((instance.item(), prior_loss.item()))
+        self.prior_losses.append((instance, prior_loss))  # read on the host only when a step is logged
         return total
 
     def prior_metrics(self) -> dict[str, float]:
@@ -320,8 +330,8 @@ class FinetuneJob:
         if not self.prior_losses:
             return {}
         n = len(self.prior_losses)
-        return {"instance_loss": sum(i for i, _ in self.prior_losses) / n,
-                "prior_loss": sum(p for _, p in self.prior_losses) / n}
+        return {"instance_loss": sum(float(i) for i, _ in self.prior_losses) / n,
+                "prior_loss": sum(float(p) for _, p in self.prior_losses) / n}
 
     def validate(self) -> float:
         raise RuntimeError("fine-tune jobs have no held-out validation set")
@@ -349,24 +359,69 @@ class FinetuneJob:
         with torch.no_grad():
             return vae.decode(latents).sample.float().cpu()
 
-    def generate(self, spec: PromptSpec, guidance: float) -> torch.Tensor:
-        """One image [3, H, W] in [-1, 1]: ``pipe(prompt, negative_prompt, guidance_scale, steps, seed)``."""
+    def generate(self, specs: list[PromptSpec], guidance: float) -> list[torch.Tensor]:
+        """Images [3, H, W] in [-1, 1] of prompts that share size, steps and guidance, in one pipeline call:
+        ``pipe(prompts, negative_prompts, guidance_scale, steps, one generator per prompt)`` draws each image
+        as its own call would (the initial noise comes from each prompt's own seed)."""
         s = self.cfg.sample
         res = self.cfg.data.resolution or 512
-        width, height = spec.width or res, spec.height or res
-        negative = spec.negative if spec.negative is not None else s.negative_prompt
+        first = specs[0]
+        width, height = first.width or res, first.height or res
+        negatives = [spec.negative if spec.negative is not None else s.negative_prompt for spec in specs]
         kw: dict[str, Any] = {"original_size": (height, width), "target_size": (height, width)} if self.sdxl else {}
         self.pipe.scheduler = self.scheduler(s.sampler)
         precision = self.cfg.train.precision
         autocast = torch.autocast(self.device.type, dtype=AUTOCAST[precision]) if precision in AUTOCAST else nullcontext()
         with autocast:
             latents = self.pipe(
-                prompt=spec.prompt, negative_prompt=negative or None, height=height, width=width,
-                num_inference_steps=spec.steps or s.steps, guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(s.seed if spec.seed is None else spec.seed),
+                prompt=[spec.prompt for spec in specs], negative_prompt=negatives if any(negatives) else None,
+                height=height, width=width, num_inference_steps=first.steps or s.steps, guidance_scale=guidance,
+                generator=[torch.Generator().manual_seed(s.seed if spec.seed is None else spec.seed) for spec in specs],
                 output_type="latent", **kw,
             ).images
-        return self.decode(latents)[0]
+        # one image at a time through the VAE: decoding is the memory peak of sampling at full size
+        return [self.decode(latents[i : i + 1])[0] for i in range(len(specs))]
+
+    def preview_batches(self, specs: list[PromptSpec], scales: list[float]) -> list[list[tuple[int, int]]]:
+        """(row, column) cells drawn together: same size, steps, guidance and negative-or-not, at most
+        ``train.batch_size`` prompts (a guided pass keeps no activations for backward, so it stays within
+        what a training step of that batch held)."""
+        res = self.cfg.data.resolution or 512
+        groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+        for r, spec in enumerate(specs):
+            negative = spec.negative if spec.negative is not None else self.cfg.sample.negative_prompt
+            for c, w in enumerate([spec.cfg] if spec.cfg is not None else scales):
+                key = (spec.width or res, spec.height or res, spec.steps or self.cfg.sample.steps, w, bool(negative))
+                groups.setdefault(key, []).append((r, c))
+        size = max(1, self.cfg.train.batch_size)
+        return [cells[i : i + size] for cells in groups.values() for i in range(0, len(cells), size)]
+
+    @contextmanager
+    def sampling(self, adapters: bool = True) -> Iterator[None]:
+        """Trained models in eval mode and the frozen ones on the device for a block; ``adapters=False``
+        switches the adapters off too (the base model's own output, whatever the adapter type)."""
+        modules = [self.unet, *self.text_encoders().values()]
+        modes = [m.training for m in modules]
+        off = [m for m in modules if not adapters and getattr(m, "peft_config", None)]
+        for m in modules:
+            m.eval()
+        for m in off:
+            m.disable_adapters()
+        try:
+            with self.frozen_models_on_device():
+                yield
+        finally:
+            for m in off:
+                m.enable_adapters()
+            for m, mode in zip(modules, modes, strict=True):
+                m.train(mode)
+
+    @torch.no_grad()
+    def draw_base(self, prompt: str, seed: int) -> torch.Tensor:
+        """One image of the base model (adapters off) with the run's frozen dtype, attention kernel and
+        sample.* settings (sampler, steps, guidance, negative prompt) at data.resolution: a class image."""
+        with self.sampling(adapters=False):
+            return self.generate([PromptSpec(prompt, seed=seed)], self.cfg.sample.guidance)[0]
 
     @torch.no_grad()
     def preview(self) -> Any:
@@ -375,17 +430,15 @@ class FinetuneJob:
 
         specs = [parse_prompt_line(p) for p in self.sample_prompts]
         scales = list(self.cfg.sample.cfg_scales)
-        modules = [self.unet, *self.text_encoders().values()]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            with self.frozen_models_on_device():
-                rows = [[self.generate(spec, w) for w in ([spec.cfg] if spec.cfg is not None else scales)]
-                        for spec in specs]
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
+        drawn: dict[tuple[int, int], torch.Tensor] = {}
+        with self.sampling():
+            for cells in self.preview_batches(specs, scales):
+                r, c = cells[0]
+                spec = specs[r]
+                images = self.generate([specs[i] for i, _ in cells], spec.cfg if spec.cfg is not None else scales[c])
+                drawn.update(zip(cells, images, strict=True))
+        rows = [[drawn[(r, c)] for c in range(1 if spec.cfg is not None else len(scales))]
+                for r, spec in enumerate(specs)]
         height = max(img.shape[1] for row in rows for img in row)
         width = max(img.shape[2] for row in rows for img in row)
         cells = []
@@ -582,6 +635,24 @@ def stream_unet(unet: nn.Module, cfg: RunConfig, device: torch.device) -> str:
             f"({streamer.host_bytes / 2**30:.2f} GiB, {cfg.memory.stream_blocks:.0%} of the block weights)")
 
 
+def open_finetune_data(cfg: RunConfig, run_dir: Path, cache_only: bool = False, scan_class: bool = True) -> FinetuneData:
+    """The image folder (and class images, unless ``scan_class`` is off: some are still to be drawn) of a
+    fine-tune, validated before any model loads."""
+    from ..data.prior import open_class_images, scan_class_images
+
+    if cfg.data.source == "builtin":
+        raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
+                          "pass a folder of images with .txt captions (--data DIR)")
+    # class images are validated before any model loads, and before open_dataset rewrites data_report.json
+    # (a resumed run reuses their verdicts from it)
+    class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data and scan_class else None
+    ds, epoch_batches = open_dataset(cfg, run_dir)
+    prior = open_class_images(cfg, ds, run_dir, scan=class_scan) if class_scan is not None else None
+    if not cache_only:
+        epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
+    return FinetuneData(ds, epoch_batches, prior=prior)
+
+
 def default_prompts(ds: Any, n: int = 4) -> list[str]:
     caps = [ds.plan(i).caption for i in range(len(ds))]
     return list(dict.fromkeys(c for c in caps if c))[:n] or ["a photo"]
@@ -589,48 +660,84 @@ def default_prompts(ds: Any, n: int = 4) -> list[str]:
 
 def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
                    stop: Callable[[], bool] = lambda: False, resume: bool = False, cache_only: bool = False,
-                   world: Any = None) -> Any:
+                   world: Any = None, clock: PhaseClock | None = None) -> Any:
     """Fine-tune ``model.pretrained`` on the folder ``data.source``; returns a ``RunResult``.
 
     ``cache_only`` stops after the latent/text caches are built (``lowvram cache``); ``world``: the
-    processes of a multi-process run (the main one builds the caches, the others then read them)."""
+    processes of a multi-process run (the main one builds the caches, the others then read them);
+    ``clock`` times the phases (data check, load, caching, then the loop's)."""
     from ..distributed import SINGLE, main_first
+    from ..models.flux import is_flux_model
     from .run import RunResult
 
     world = world or SINGLE
+    if is_flux_model(cfg.model.pretrained):  # FLUX.1 is its own family: a transformer, T5 + CLIP, flow matching
+        from .flux_lora import train_flux_lora
+
+        return train_flux_lora(cfg, run_dir, device, emit, stop=stop, resume=resume, cache_only=cache_only, world=world,
+                               clock=clock)
     if cfg.memory.stream_blocks and world.distributed:
         raise ConfigError("memory.stream_blocks is not supported with several processes yet (DDP would see "
                           "UNet tensors in host memory)", "train in one process, or use --set memory.stream_blocks=0")
+    clock = clock or PhaseClock(emit)
 
-    if cfg.data.source == "builtin":
-        raise ConfigError("lora/full fine-tunes need your images: data.source is 'builtin'",
-                          "pass a folder of images with .txt captions (--data DIR)")
-    from ..data.prior import open_class_images, scan_class_images
+    from ..data.class_images import missing_numbers
 
-    # class images are validated before any model loads, and before open_dataset rewrites data_report.json
-    # (a resumed run reuses their verdicts from it)
-    class_scan = scan_class_images(cfg, run_dir) if cfg.data.class_data else None
-    ds, epoch_batches = open_dataset(cfg, run_dir)
-    prior = open_class_images(cfg, ds, run_dir, scan=class_scan) if class_scan is not None else None
-    if not cache_only:
-        epoch_batches(0)  # fails now (DataError) when no bucket fills a batch, not mid-run
-    comps = load_base(cfg)
-    for note in comps.notes:
-        print(f"note: {note}")
-    notes = prepare_models(cfg, comps, device)
-    prompts = cfg.sample.prompts or default_prompts(ds)
-    job = FinetuneJob(cfg, run_dir, comps, device, FinetuneData(ds, epoch_batches, prior=prior), prompts)
-    with main_first(world), phase_range("cache"):
-        build_caches(cfg, job)  # the UNet is not on the card yet: caching needs only the VAE and text encoders
+    # class images to draw first (data.num_class_images): validated after they exist, with the base loaded
+    to_draw = missing_numbers(cfg.data.class_data, cfg.data.num_class_images) if cfg.data.num_class_images else []
+    with clock.phase("data check"):
+        data = open_finetune_data(cfg, run_dir, cache_only, scan_class=not to_draw)
+    with clock.phase("load"):
+        comps = load_base(cfg)
+        for note in comps.notes:
+            print(f"note: {note}")
+        notes = prepare_models(cfg, comps, device)
+        prompts = cfg.sample.prompts or default_prompts(data.dataset)
+        job = FinetuneJob(cfg, run_dir, comps, device, data, prompts)
+
+    def unet_to_card() -> None:
+        if cfg.memory.stream_blocks:
+            notes.append(stream_unet(comps.unet, cfg, device))
+        else:
+            comps.unet.to(device)
+
+    if to_draw:
+        from ..data import class_images
+        from ..data.prior import open_class_images, scan_class_images
+
+        # drawing needs the whole base model on the card (memory/stages.py class_image_stage profiles it so);
+        # it stays there through caching
+        unet_to_card()
+        # one process alone: Ctrl-C/SIGTERM stops between images (the others of a multi-process run would
+        # wait for a folder that never fills, so there the drawing finishes and the first step stops)
+        halt = stop if not world.distributed else (lambda: False)
+        with clock.phase("class images"), main_first(world), phase_range("class images"):
+            if world.is_main:  # one process draws; the others then read the folder
+                class_images.generate(cfg.data.class_data, to_draw, cfg.data.class_prompt, cfg.run.seed,
+                                      job.draw_base, stop=halt)
+        if halt():  # nothing trained yet: no checkpoint to write; the next run draws the rest
+            return RunResult(run_dir, "stopped", 0)
+        with clock.phase("data check"):
+            job.data.prior = open_class_images(cfg, data.dataset, run_dir, scan=scan_class_images(cfg, run_dir))
+    with clock.phase("caching"), main_first(world), phase_range("cache"):
+        build_caches(cfg, job)  # without class images to draw the UNet is not on the card yet: VAE and text encoders only
     if cache_only:
-        ds.write_report(run_dir)
+        data.dataset.write_report(run_dir)
         return RunResult(run_dir, "cached", 0)
-    if cfg.memory.stream_blocks:
-        notes.append(stream_unet(comps.unet, cfg, device))
-    else:
-        comps.unet.to(device)
+    if not to_draw:
+        unet_to_card()
     print(f"{cfg.run.task} fine-tune of {comps.family} ({comps.prediction_type}) from {cfg.model.pretrained}; "
           + "; ".join(notes))
+    return fit_job(cfg, run_dir, job, data.epoch_batches, device, emit, stop=stop, resume=resume, world=world,
+                   clock=clock)
+
+
+def fit_job(cfg: RunConfig, run_dir: Path, job: FinetuneJob, epoch_batches: Callable[[int], list[list[int]]],
+            device: torch.device, emit: Callable[[Event], None], *, stop: Callable[[], bool], resume: bool,
+            world: Any, clock: PhaseClock) -> Any:
+    """Train a fine-tune job with the Trainer: LoRA files at every checkpoint, prior losses in the metrics,
+    the latest checkpoint resumed first; returns a ``RunResult``."""
+    from .run import RunResult
 
     holder: dict[str, Trainer] = {}
 
@@ -642,11 +749,13 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
             event.data.update(job.prior_metrics())
         emit(event)
 
-    trainer = Trainer(cfg, run_dir, job, job.batch, epoch_batches, device, emit_and_save, stop=stop, world=world)
+    with clock.phase("load"):
+        trainer = Trainer(cfg, run_dir, job, job.batch, epoch_batches, device, emit_and_save, stop=stop,
+                          world=world, clock=clock)
     holder["trainer"] = trainer
     if resume:
         trainer.resume_latest()
     status = trainer.fit()
     if world.is_main:
-        ds.write_report(run_dir)
+        job.data.dataset.write_report(run_dir)
     return RunResult(run_dir, status, trainer.step)

@@ -67,7 +67,8 @@ class ScratchJob:
     def loss(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
         cond = self.encode_text(drop_captions(batch["captions"], self.cfg.data.caption_dropout, gen))
         return compute_loss(self.c.unet, batch["x0"].to(self.device), cond, alphas_cumprod=self.c.alphas_cumprod,
-                            prediction=self.cfg.model.prediction, generator=gen, snr_gamma=self.cfg.train.snr_gamma)
+                            prediction=self.cfg.model.prediction, generator=gen, snr_gamma=self.cfg.train.snr_gamma,
+                            loss_weights=batch.get("loss_weights"))
 
     def pipeline(self) -> TextToImage:
         return TextToImage(
@@ -117,5 +118,5 @@ class ScratchJob:
     def save_final(self, step: int) -> Path:
         final = self.run_dir / "final"
         with atomic_dir(final) as tmp:  # a killed save never leaves a mix of two steps' files
-            self.pipeline().save(tmp, {"task": self.cfg.run.task, "step": step})
+            self.pipeline().save(tmp, {"task": self.cfg.run.task, "step": step, "size": self.cfg.model.size})
         return final

@@ -24,6 +24,7 @@ from ..optim import FusedBackward, build_optimizer, optimizer_from_tensors, opti
 from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .events import Event
 from .jobs import Job
+from .phases import PhaseClock
 from .signals import critical
 from .step import enable_checkpointing, optimizer_step, phase_range
 
@@ -112,10 +113,12 @@ class Trainer:
         emit: Callable[[Event], None],
         stop: Callable[[], bool] = lambda: False,
         world: World = SINGLE,
+        clock: PhaseClock | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.job, self.device, self.world = cfg, run_dir, job, device, world
         self.data, self.epoch_batches, self.stop = data, epoch_batches, stop
         self.emit = emit if world.is_main else _ignore
+        self.clock = clock or PhaseClock(self.emit)
         t = cfg.train
         self.model = torch.nn.ModuleDict(job.trainable_modules())
         if t.gradient_checkpointing:  # everything trained: the UNet and a jointly trained text encoder
@@ -134,9 +137,10 @@ class Trainer:
             self.optimizer: Any = FusedBackward(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                                 clip_per_param=t.grad_clip, scaler=self.scaler)
         else:
-            # foreach=False: the multi-tensor AdamW path keeps a temporary copy of the state (the profiler assumes none)
+            # fused: one in-place kernel per tensor (no temporaries beyond the per-tensor loop the profiler
+            # measures); else foreach=False: the multi-tensor path keeps a temporary copy of the state
             self.optimizer = build_optimizer(self.params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                             foreach=False)
+                                             foreach=False, fused=True)
         ema_device = "cpu" if t.ema_on_cpu else device
         self.ema = EMA(self.model, decay=t.ema_decay, device=ema_device) if t.ema_decay > 0 else None
         self.step = 0
@@ -219,13 +223,14 @@ class Trainer:
         """The main process writes the checkpoint; the others wait for it (``barrier``) so that a kill
         right after leaves a complete checkpoint that every process resumes from."""
         path = self.ckpt_dir / f"step-{self.step:08d}"
-        if self.world.is_main:
-            with critical(self.stop):  # a second Ctrl-C lets this write finish
-                tensors, meta = self.state()
-                path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
-                self.emit(Event("checkpoint", self.step, {"path": str(path)}))
-        if barrier:
-            wait(self.world)
+        with self.clock.phase("checkpoints", self.step):
+            if self.world.is_main:
+                with critical(self.stop):  # a second Ctrl-C lets this write finish
+                    tensors, meta = self.state()
+                    path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
+                    self.emit(Event("checkpoint", self.step, {"path": str(path)}))
+            if barrier:
+                wait(self.world)
         self.saved_step = self.step
         return path
 
@@ -234,14 +239,15 @@ class Trainer:
         ckpt = find_checkpoint(self.ckpt_dir, from_checkpoint) if from_checkpoint else latest_checkpoint(self.ckpt_dir)
         if ckpt is None:
             return False
-        tensors, meta = load_checkpoint(ckpt)
-        try:
-            self.load_state(tensors, meta)
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
-            raise CheckpointError(f"checkpoint '{ckpt}' does not fit this run: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}",
-                                  "resume with the run's own settings, or from another checkpoint "
-                                  "(--from-checkpoint step-N)") from None
+        with self.clock.phase("load"):
+            tensors, meta = load_checkpoint(ckpt)
+            try:
+                self.load_state(tensors, meta)
+            except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+                raise CheckpointError(f"checkpoint '{ckpt}' does not fit this run: {type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}",
+                                      "resume with the run's own settings, or from another checkpoint "
+                                      "(--from-checkpoint step-N)") from None
         self.saved_step = self.step
         self.emit(Event("resume", self.step, {"path": str(ckpt)}))
         return True
@@ -285,6 +291,7 @@ class Trainer:
         )
         total = 0.0
         finite = True
+        parts: list[torch.Tensor] = []
         self.set_lr(self.lr_at(self.step))
         if self.fused:
             self.optimizer.begin_step()
@@ -298,13 +305,18 @@ class Trainer:
             with nullcontext() if self.ddp is None or last else self.ddp.no_sync():
                 with autocast:
                     loss = self.ddp(batch, gen) if self.ddp is not None else self.job.loss(batch, gen)
-                # the mean over processes: what is logged, and non-finite on one process skips everywhere
-                value = mean_over_processes(w, loss.item())
-                if not math.isfinite(value):
-                    finite = False
-                    total = value
-                    break
-                total += value / t.grad_accum
+                parts.append(loss.detach().float())
+                if last:
+                    # One host read per optimizer step (not per micro-batch): the non-finite guard must know
+                    # before the weights change (a fused backward steps inside it). The mean over processes
+                    # is what is logged, and non-finite on one process skips the step everywhere. Summed on
+                    # the host in float64 as l0/k + l1/k + ...: the same number as N processes' mean of
+                    # their losses, so a multi-process run logs what one process accumulating logs.
+                    values = torch.stack(parts).tolist()
+                    total = mean_over_processes(w, sum(v / t.grad_accum for v in values))
+                    if not math.isfinite(total):
+                        finite = False
+                        break
                 self.scaler.scale(loss / t.grad_accum).backward()
         if finite:
             if not self.fused:
@@ -320,9 +332,6 @@ class Trainer:
         else:
             for p in self.params:  # drop what earlier micro-batches of this step accumulated
                 p.grad = None
-            # the rest of this step's micro-batches are consumed so the data position stays on schedule
-            for _ in range(micro + 1, t.grad_accum):
-                self.take(positions)
         self.step += 1
         return total
 
@@ -331,13 +340,13 @@ class Trainer:
         return self.ema.swapped(self.model) if self.ema is not None else nullcontext()
 
     def validate(self) -> float | None:
-        with phase_range("validation"), self.ema_weights():
+        with self.clock.phase("validation", self.step), phase_range("validation"), self.ema_weights():
             return self.job.validate()
 
     def write_samples(self, name: str) -> Path:
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        with phase_range("preview"), self.ema_weights():
+        with self.clock.phase("previews", self.step), phase_range("preview"), self.ema_weights():
             grid = self.job.preview()
         tmp = out.with_suffix(".tmp.png")
         grid.save(tmp)
@@ -348,7 +357,7 @@ class Trainer:
         return out
 
     def save_final(self) -> Path:
-        with self.ema_weights():
+        with self.clock.phase("final saves", self.step), self.ema_weights():
             return self.job.save_final(self.step)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -359,12 +368,15 @@ class Trainer:
         positions = self.batch_indices()
         self.emit(Event("start", self.step, {"total": r.steps}))
         window_start, window_steps = time.perf_counter(), 0
+        self.clock.step = self.step
+        self.clock.enter("steps")
         # A stop (Ctrl-C, SIGTERM, the panel's Stop) is honoured only at the top of the loop, between steps:
         # the state saved is then one step's weights, EMA, optimizer, data position and RNG.
         try:
             while self.step < r.steps:
                 if any_process(self.world, self.stop()):  # all processes stop together, or none
                     return self.stop_and_save()
+                self.clock.mark_first_step()
                 loss = self.train_step(positions)
                 window_steps += 1
                 if not math.isfinite(loss):
@@ -407,6 +419,9 @@ class Trainer:
             self.emit(Event("warning", self.step, {"message": "interrupted inside a step: nothing saved; newest "
                                                           f"checkpoint {latest_checkpoint(self.ckpt_dir)}"}))
             raise
+        finally:
+            self.clock.step = self.step
+            self.clock.leave()
         if self.saved_step != self.step:
             self.save()
         if any_process(self.world, self.stop()):  # the last step is saved; resuming writes samples and model
@@ -414,7 +429,8 @@ class Trainer:
         if main:
             if self.job.has_validation and r.val_every and self.step % r.val_every:
                 self.emit(Event("val", self.step, {"val_loss": self.validate()}))
-            self.write_samples("final")
+            if self.cfg.sample.final:
+                self.write_samples("final")
             final = self.save_final()
             self.emit(Event("end", self.step, {"final": str(final)}))
         wait(self.world)  # nobody exits (and tears down the process group) while the main process writes

@@ -28,6 +28,7 @@ from .checkpoint import (
 from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger
 from .jobs import ScratchJob
 from .loop import Trainer, shuffled_batches
+from .phases import PhaseClock
 from .setup import build_components, load_vae, resolve_defaults, resolve_device
 from .step import phase_range
 
@@ -40,6 +41,7 @@ class RunResult:
     run_dir: Path
     status: str  # done | stopped
     step: int
+    phases: dict[str, Any] | None = None  # the time account: seconds per phase, wall_s, first_step_s
 
 
 @dataclass
@@ -56,6 +58,7 @@ class ImageData:
     sample_prompts: list[str]
     epoch_batches: Callable[[int], list[list[int]]] | None = None
     all_captions: list[str] | None = None
+    masks: Callable[[list[int]], torch.Tensor] | None = None  # loss masks [B, 1, H, W] (masked loss), if any
 
     def __len__(self) -> int:
         return self.size
@@ -66,8 +69,9 @@ def open_images(cfg: RunConfig, split: str, run_dir: Path | None = None) -> Imag
     if cfg.data.source == "builtin":
         from ..data.builtin import ShapesDataset, eval_prompts, holdout
 
-        res = cfg.data.resolution
-        ds = ShapesDataset(cfg.data.num_images, res) if split == "train" else holdout(VAL_ITEMS, res)
+        res, exclude = cfg.data.resolution, tuple(cfg.data.builtin_exclude)
+        ds = (ShapesDataset(cfg.data.num_images, res, exclude=exclude) if split == "train"
+              else holdout(VAL_ITEMS, res, exclude=exclude))
         items = [ds[i] for i in range(len(ds))]
         # generated images are small: materialise once instead of redrawing every step
         pixels = torch.stack([it["pixel_values"] for it in items])
@@ -85,8 +89,12 @@ def open_images(cfg: RunConfig, split: str, run_dir: Path | None = None) -> Imag
     def captions(idx: list[int]) -> list[str]:
         return [ds.plan(i).caption for i in idx]
 
+    def masks(idx: list[int]) -> torch.Tensor:
+        return torch.stack([ds.mask(i) for i in idx])
+
     caps = captions(list(range(n)))
-    return ImageData(pixels, captions, n, cfg.sample.prompts or caps[:4], epoch_batches, caps)
+    return ImageData(pixels, captions, n, cfg.sample.prompts or caps[:4], epoch_batches, caps,
+                     masks if ds.has_masks else None)
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True,
@@ -151,12 +159,16 @@ def train(
     resume: bool = False,
     from_checkpoint: str | None = None,
     record: Mapping[str, str] | None = None,
+    clock: PhaseClock | None = None,
 ) -> RunResult:
     """Run the job ``cfg`` describes; with ``resume`` continue its run folder's latest checkpoint (or
     ``from_checkpoint``, an older one: the newer ones are set aside).
 
-    ``record``: the plan's files to keep in the run folder (``lowvram.api.train`` passes them). Under
-    ``accelerate launch`` / ``torchrun`` every process calls this; only the main one writes files."""
+    ``record``: the plan's files to keep in the run folder (``lowvram.api.train`` passes them). ``clock``
+    times the phases (the CLI passes one that already holds resolve and plan); the result carries the
+    account, also written to ``metrics.jsonl`` as a ``phases`` row.
+    Under ``accelerate launch`` / ``torchrun`` every process calls this; only the main one writes files."""
+    clock = clock or PhaseClock()
     resolve_defaults(cfg)
     device = resolve_device(cfg.run.device)
     check_zero(cfg.memory.zero_stage, cfg.memory.offload_optimizer, device)
@@ -169,16 +181,34 @@ def train(
         if from_checkpoint:
             set_aside_newer(run_dir / "checkpoints", from_checkpoint)
     wait(w)
+    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
+    clock.attach(emit)
     if cfg.run.task in ("lora", "full"):
         from .finetune import train_finetune
+        from .scratch_lora import scratch_model_folder, train_scratch_lora
 
-        emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
-        return train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w)
-    train_data = open_images(cfg, "train", run_dir)
-    val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None
-    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
+        if scratch_model_folder(cfg.model.pretrained) is not None:  # a model lowvram trained from scratch
+            result = train_scratch_lora(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume,
+                                        world=w, clock=clock)
+        else:
+            result = train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w,
+                                    clock=clock)
+    else:
+        result = train_from_scratch(cfg, run_dir, device, emit, w, clock, stop=stop, resume=resume)
+    summary = clock.summary(result.step)
+    emit(summary)
+    result.phases = summary.data
+    return result
+
+
+def train_from_scratch(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], w: World,
+                       clock: PhaseClock, *, stop: Callable[[], bool] | None, resume: bool) -> RunResult:
+    """The text2img / latent / autoencoder tasks: data, (autoencoder stage, latent cache), models, the loop."""
+    with clock.phase("data check"):
+        train_data = open_images(cfg, "train", run_dir)
+        val_data = open_images(cfg, "val") if cfg.data.source == "builtin" else None
     if cfg.run.task == "autoencoder":
-        with main_first(w):  # one process trains the autoencoder stage; it is not data-parallel
+        with clock.phase("autoencoder"), main_first(w):  # one process trains the autoencoder stage
             if w.is_main:
                 fit_autoencoder(cfg, run_dir, train_data, cfg.run.steps, device, emit)
         emit(Event("end", cfg.run.steps, {"final": str(run_dir / "autoencoder")}))
@@ -189,10 +219,10 @@ def train(
     val_x0 = val_data.pixels(list(range(len(val_data)))) if val_data else None
     if cfg.run.task == "latent":
         with main_first(w):  # the main process trains (or loads) the autoencoder, the others then load it
-            vae, scale = latent_stage(cfg, run_dir, train_data, device, emit)
+            vae, scale = latent_stage(cfg, run_dir, train_data, device, emit, clock)
         # the latent cache is encoded once, by the main process, and read by the others
         shared = run_dir / "cache"
-        with phase_range("cache"):
+        with clock.phase("caching"), phase_range("cache"):
             latents = computed_once(w, shared / "train_latents.safetensors",
                                     lambda: encode_all(vae, train_data.pixels, len(train_data), scale, device,
                                                        cfg.train.batch_size))
@@ -208,7 +238,7 @@ def train(
 
     tokenizer = None
     tok_dir = run_dir / "tokenizer"
-    with main_first(w):  # the main process builds and saves the tokenizer; the others load that one
+    with clock.phase("load"), main_first(w):  # the main process builds and saves the tokenizer; the others load it
         if (resume or not w.is_main) and tok_dir.is_dir():
             from transformers import AutoTokenizer
 
@@ -221,30 +251,43 @@ def train(
             comps.tokenizer.save_pretrained(tok_dir)
 
     def data(idx: list[int]) -> dict[str, Any]:
-        return {"x0": x0_of(idx), "captions": train_data.captions(idx)}
+        return with_loss_weights(cfg, train_data, idx, {"x0": x0_of(idx), "captions": train_data.captions(idx)})
 
     val_batch = {"x0": val_x0, "captions": val_data.all_captions} if val_data is not None else None
     prompts = cfg.sample.prompts or train_data.sample_prompts[:4]
     job = ScratchJob(cfg, run_dir, comps, device, val_batch, prompts)
     batches = train_data.epoch_batches or shuffled_batches(len(train_data), cfg.train.batch_size, cfg.run.seed)
-    trainer = Trainer(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False), world=w)
+    with clock.phase("load"):
+        trainer = Trainer(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False), world=w,
+                          clock=clock)
     if resume:
         trainer.resume_latest()
     status = trainer.fit()
     return RunResult(run_dir, status, trainer.step)
 
 
+def with_loss_weights(cfg: RunConfig, data: ImageData, idx: list[int], batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with the loss weights of its images' masks on the UNet's grid, when the data has masks."""
+    if data.masks is not None:
+        from ..data.masks import batch_weights
+
+        batch["loss_weights"] = batch_weights(list(data.masks(idx)), batch["x0"].shape[-2:], cfg.data.unmasked_weight)
+    return batch
+
+
 def latent_stage(cfg: RunConfig, run_dir: Path, data: ImageData, device: torch.device,
-                 emit: Callable[[Event], None]) -> tuple[torch.nn.Module, float]:
+                 emit: Callable[[Event], None], clock: PhaseClock) -> tuple[torch.nn.Module, float]:
     """The frozen autoencoder for latent training: given, already trained in this run, or trained now."""
-    if cfg.model.vae:
-        vae = load_vae(cfg.model.vae).to(device).eval().requires_grad_(False)
-        scale = float(getattr(vae.config, "scaling_factor", 1.0))
-        return vae, scale
-    done = load_autoencoder(run_dir)
-    if done is not None:
-        return done[0].to(device), done[1]
-    return fit_autoencoder(cfg, run_dir, data, cfg.train.autoencoder_steps, device, emit)
+    with clock.phase("load"):
+        if cfg.model.vae:
+            vae = load_vae(cfg.model.vae).to(device).eval().requires_grad_(False)
+            scale = float(getattr(vae.config, "scaling_factor", 1.0))
+            return vae, scale
+        done = load_autoencoder(run_dir)
+        if done is not None:
+            return done[0].to(device), done[1]
+    with clock.phase("autoencoder"):
+        return fit_autoencoder(cfg, run_dir, data, cfg.train.autoencoder_steps, device, emit)
 
 
 def fit_autoencoder(cfg: RunConfig, run_dir: Path, data: ImageData, steps: int, device: torch.device,

@@ -59,7 +59,8 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
     if cfg.data.resolution is None:
         from ..config import default_resolution
 
-        cfg.data.resolution = default_resolution(cfg.run.task, cfg.model.size) or model_spec(cfg).resolution
+        cfg.data.resolution = (default_resolution(cfg.run.task, cfg.model.size, cfg.model.pretrained)
+                               or model_spec(cfg).resolution)
     return cfg
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from types import FrameType
 from typing import Any
@@ -86,17 +86,8 @@ class GracefulStop:
     @contextmanager
     def installed(self) -> Iterator[GracefulStop]:
         """Handle SIGINT and SIGTERM for the block (main thread only); restore the previous handlers."""
-        previous: dict[int, Any] = {}
-        try:
-            for sig in HANDLED:
-                previous[sig] = signal.signal(sig, self.handle)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        try:
+        with handling(self.handle):
             yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
 
 @contextmanager
@@ -115,14 +106,22 @@ def forwarded_to(proc: Any) -> Iterator[GracefulStop]:
         else:
             print(f"{name} again: still waiting for the training processes to save", file=sys.stderr, flush=True)
 
+    with handling(handle):
+        yield stop
+
+
+@contextmanager
+def handling(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM during the block, the previous handlers restored after. Outside
+    the main thread Python refuses to set handlers: signals are then left alone."""
     previous: dict[int, Any] = {}
     try:
         for sig in HANDLED:
-            previous[sig] = signal.signal(sig, handle)
-    except ValueError:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
         pass
     try:
-        yield stop
+        yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

@@ -27,6 +27,7 @@ def compute_loss(
     unet_kwargs: dict[str, Any] | None = None,
     snr_gamma: float = 0.0,
     reduce: bool = True,
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Diffusion loss of ``unet`` on clean inputs ``x0`` (pixels or latents) with conditioning ``cond``.
 
@@ -34,7 +35,9 @@ def compute_loss(
     every device); without one (the profiler on ``meta``) they are drawn on ``x0``'s device.
     ``snr_gamma`` > 0 weights each sample by min-SNR-gamma (faster convergence; 5 is the paper's value).
     ``reduce=False`` returns the per-sample (weighted) losses [B] instead of their mean (prior preservation
-    weights the instance and class halves of a batch apart).
+    weights the instance and class halves of a batch apart). ``loss_weights`` [B, 1, h, w] at the output's
+    size weight each element's squared error (masked loss, ``data/masks.py``): the mean then runs over every
+    element, so a weight-0 element neither counts nor reaches the gradient.
     """
     batch = x0.shape[0]
     timesteps = alphas_cumprod.shape[0]
@@ -49,10 +52,15 @@ def compute_loss(
     out = unet(noisy, t, encoder_hidden_states=cond, **(unet_kwargs or {})).sample
     weights = min_snr_weights(t, acp, prediction, snr_gamma) if snr_gamma > 0 else None
     goal = target(x0, noise, t, acp, prediction)
-    if not reduce:
-        per_sample = (out.float() - goal.float()).pow(2).flatten(1).mean(1)
-        return per_sample * weights.float() if weights is not None else per_sample
-    return diffusion_loss(out, goal, weights)
+    if reduce and loss_weights is None:
+        return diffusion_loss(out, goal, weights)
+    err = (out.float() - goal.float()).pow(2)
+    if loss_weights is not None:
+        err = err * loss_weights.to(out.device, torch.float32)
+    per_sample = err.flatten(1).mean(1)
+    if weights is not None:
+        per_sample = per_sample * weights.float()
+    return per_sample.mean() if reduce else per_sample
 
 
 def optimizer_step(

@@ -23,7 +23,7 @@ TASK_LABELS: dict[str, str] = {
     "text2img": "From scratch: text-to-image (pixels)",
     "latent": "From scratch: text-to-image (latent)",
     "autoencoder": "From scratch: autoencoder only",
-    "lora": "LoRA on a checkpoint",
+    "lora": "LoRA on a checkpoint (SD 1.x/2.x/SDXL, FLUX.1)",
     "full": "Full fine-tune of a checkpoint",
 }
 FROM_SCRATCH = ("text2img", "latent", "autoencoder")
@@ -222,9 +222,15 @@ def check_model(model: str, task: str) -> Check:
     if not model or model in MODEL_SIZES:
         return Check(False, f"model.pretrained: task '{task}' needs a local checkpoint path "
                             "(a diffusers folder or an A1111/ComfyUI .safetensors file)")
+    from ..models.flux import detect_variant, is_flux_model
     from ..models.pretrained import detect_family
 
     try:
+        if is_flux_model(model):
+            variant = detect_variant(model)  # refuses Chroma, Fill/Depth with the reason
+            if task != "lora":
+                return Check(False, f"{variant}: FLUX.1 trains as a LoRA only — choose {TASK_LABELS['lora']!r}")
+            return Check(True, f"FLUX.1 model, {variant} (LoRA on the transformer; text encoders cached, then dropped)")
         family = detect_family(model)
     except LowvramError as e:
         return Check(False, _text(e))
@@ -516,7 +522,7 @@ def status_html(s: JobStatus) -> str:
     mem = "—" if s.peak_mem_mib is None else f"{s.peak_mem_mib:,.0f} MiB"
     mem_kind = {"process_rss": "process RSS", "gpu_allocated": "GPU tensors"}.get(s.mem_kind or "", s.mem_kind or "")
     tiles = [
-        tile("status", STATE_LABEL.get(s.state, s.state) + stage, "state"),
+        tile("status", STATE_LABEL.get(s.state, s.state) + stage, "state", f"phase: {s.phase}" if s.active and s.phase else ""),
         tile("step", f"{s.step}{total}", "step"),
         tile("loss", "—" if s.loss is None else f"{s.loss:.4f}", "loss"),
         tile("val loss", "—" if s.val_loss is None else f"{s.val_loss:.4f}", "val-loss"),

@@ -56,16 +56,20 @@ def stop_requested(stop_file: Path, parent_pid: int) -> Callable[[], bool]:
 def run(args: argparse.Namespace) -> int:
     from .. import api
     from ..errors import LowvramError
+    from ..train.phases import PhaseClock
 
+    clock = PhaseClock(since_process_start=True)  # the panel waits from the moment the process starts
+    with clock.phase("imports"):  # the trainer's libraries, loaded here so the phase account shows them
+        from ..train import run as _training  # noqa: F401
     events = EventWriter(args.events)
     stop = stop_requested(Path(args.stop_file), os.getppid())
     events.write("process", 0, {"pid": os.getpid()})
     try:
         if args.resume:
             overrides = {"run.steps": args.steps} if args.steps else {}
-            result = api.resume(args.resume, overrides, listeners=[events], stop=stop, progress=False)
+            result = api.resume(args.resume, overrides, listeners=[events], stop=stop, progress=False, clock=clock)
         else:  # the plan the panel made: its config, its sources and its record go into the run folder
-            result = api.train(api.read_plan(args.plan), listeners=[events], stop=stop, progress=False)
+            result = api.train(api.read_plan(args.plan), listeners=[events], stop=stop, progress=False, clock=clock)
     except LowvramError as e:
         events.write("error", 0, {"message": str(e), "type": type(e).__name__})
         print(f"error: {e}", file=sys.stderr)

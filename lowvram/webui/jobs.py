@@ -50,6 +50,7 @@ class JobStatus:
     run_dir: str | None = None
     task: str | None = None
     stage: str = "training"  # or "autoencoder" during a latent run's first stage
+    phase: str | None = None  # what the run is doing now: load, caching, steps, previews, ... (train/phases.py)
     step: int = 0
     total: int | None = None
     loss: float | None = None
@@ -130,6 +131,8 @@ class Job:
                 s.eta_s = max(s.total - step, 0) / s.it_s
             if s.state == "starting":
                 s.state = "running"
+        elif kind == "phase" and d.get("state") == "start":
+            s.phase = str(d.get("phase"))
         elif kind == "val":
             s.val_loss = _num(d.get("val_loss"))
         elif kind == "sample":
