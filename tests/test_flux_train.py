@@ -240,7 +240,9 @@ def test_plan_profiles_the_flux_transformer_and_keeps_fp16_off_a_card_without_bf
     assert (wl.model, wl.lora_rank, wl.unet_overrides["num_layers"]) == ("flux-dev", RANK, 2)  # the tiny model's own config
     rp = plan_run(cfg, preset.card)
     assert rp.profile is not None and rp.profile.knobs["precision"] == "fp32"
-    assert cfg.train.precision == "fp32" and any("overflow fp16" in n for n in rp.lines())
+    # the plan's config computes in fp32 and says why; the caller's config is not changed
+    assert rp.config.train.precision == "fp32" and cfg.train.precision == "fp16"
+    assert rp.sources["train.precision"] == "planner: FLUX.1 precision" and any("overflow fp16" in n for n in rp.lines())
     assert rp.profile.by_category["trainable_weights"] == 4 * sum(p.numel() for p in _lora_params(RANK))
 
 

@@ -70,7 +70,7 @@ def alternatives(name: str, default: Any, w: dict[str, Any]) -> list[dict[str, A
         "run.val_every": [{name: 0}],
         "run.sample_every": [{"sample.final": False, name: 0}],
         "sample.final": [{"run.sample_every": 0, name: False}],
-        "data.num_class_images": [{"data.class_data": str(w["cls"]), name: 5}],
+        "data.num_class_images": [{"data.class_data": str(w["cls"]), "data.class_prompt": "a dog", name: 5}],
     }
     if name in special:
         return special[name]

@@ -184,7 +184,8 @@ def plan(
     unhelpful = (f"; streaming every frozen block would remove at most {max(streamable.values()) / GIB:.2f} GiB"
                  if streamable and not current.knobs.get("stream_blocks") else "")
     err = MemoryPlanError(
-        f"{workload.id} does not fit: the leanest plan needs {current.peak_bytes / GIB:.2f} GiB of tensors, "
+        f"{workload.id} does not fit: the leanest plan needs {current.peak_bytes / GIB:.2f} GiB of tensors "
+        f"(during {current.peak_phase}), "
         f"the budget is {budget / GIB:.2f} GiB (short by {short / GIB:.2f} GiB) after switching on: "
         + ", ".join(s.knob for s in steps) + unhelpful,
         f"use a card with at least {(current.peak_bytes + current.context_bytes + current.margin_bytes) / GIB:.1f} GiB, "
