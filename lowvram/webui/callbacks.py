@@ -185,7 +185,8 @@ def default_resolution(task: str, model: str, preset: str = "cpu") -> int | None
     configured = load_preset(preset).knob("data.resolution")
     if configured:
         return int(configured)
-    return default_of(task, model if model in MODEL_SIZES else "tiny")
+    # a fine-tune's model field names its checkpoint (a from-scratch model: its own side)
+    return default_of(task, model if model in MODEL_SIZES else "tiny", None if model in MODEL_SIZES else model)
 
 
 # ---- checking fields as they are entered --------------------------------------------------------------
