@@ -12,7 +12,6 @@ new config (with the planner's settings and their sources) instead of changing t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 
 from .config import ConfigBuilder, RunConfig, load_yaml
 from .errors import ConfigError
+from .fsutil import write_text_atomic
 from .memory.run_plan import PLAN_NAME, SOURCES_NAME, RunPlan, plan_run, read_plan
 
 __all__ = ["ResolvedRun", "RunPlan", "Setting", "plan", "read_plan", "resolve", "resume", "save_plan", "train"]
@@ -100,14 +100,8 @@ def save_plan(p: RunPlan, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in p.files().items():
-        _write(folder / name, text)
+        write_text_atomic(folder / name, text)
     return folder
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def train(p: RunPlan, *, listeners: Iterable[Any] = (), stop: Callable[[], bool] | None = None,
@@ -135,7 +129,7 @@ def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None, **kw
     if overrides and (folder / SOURCES_NAME).is_file():
         sources = load_yaml(folder / SOURCES_NAME, "config sources")
         sources.update({k: "resume override" for k in overrides})
-        _write(folder / SOURCES_NAME, yaml.safe_dump(sources, sort_keys=False, allow_unicode=True))
+        write_text_atomic(folder / SOURCES_NAME, yaml.safe_dump(sources, sort_keys=False, allow_unicode=True))
     return result
 
 

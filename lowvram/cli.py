@@ -279,9 +279,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(args.cfg))
     out = Path(args.out or Path(args.run) / "samples" / f"sample-seed{args.seed}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    grid.save(tmp, format="JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else out.suffix[1:].upper())
-    os.replace(tmp, out)
+    from .fsutil import atomic_write
+
+    image_format = "JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else out.suffix[1:].upper()
+    atomic_write(out, lambda tmp: grid.save(tmp, format=image_format))
     print(f"wrote {out} ({len(prompts)} prompts x guidance {', '.join(map(str, args.cfg))})")
     return 0
 

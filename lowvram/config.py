@@ -256,7 +256,9 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML; ``--config`` on it reproduces the run."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .fsutil import write_text_atomic
+
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 SECTIONS: dict[str, type] = {f.name: get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}

@@ -130,12 +130,12 @@ def computed_once(w: World, path: Path, make: Callable[[], torch.Tensor]) -> tor
         return make()
     from safetensors.torch import load_file
 
-    from .lora import _atomic_save
+    from .fsutil import save_safetensors_atomic
 
     with main_first(w):
         if w.is_main:
             value = make()
-            _atomic_save({"value": value}, path, {})
+            save_safetensors_atomic({"value": value}, path, {})
         else:
             value = load_file(str(path))["value"]
     wait(w)  # everyone has read it: the file is only a hand-over, it need not stay in the run folder

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
+from .fsutil import write_text_atomic
 from .runs import load_run_model
 
 
@@ -53,7 +54,7 @@ def evaluate_run(
                               decode=decode_attributes, attributes_of=attributes_of_caption)
     report.update({"cfg_scale": cfg_scale, "guidance_rescale": cfg.sample.guidance_rescale, "steps": steps, "sampler": sampler, "seed": seed,
                    "samples_per_prompt": samples_per_prompt})
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(run_dir / "eval.json", json.dumps(report, indent=1))  # a killed eval keeps the last report
     with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps({"kind": "eval", "step": None, "adherence": report["overall"],
                             "cfg_scale": cfg_scale}) + "\n")

@@ -7,7 +7,6 @@ file (LDM key names from ``models/ldm_convert.py``), so it loads in every common
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ import torch
 
 from .adapters import merge_adapters, type_of_state
 from .errors import ModelLoadError
+from .fsutil import atomic_dir, save_safetensors_atomic
 from .lora import (
     TEXT_NAMES,
-    _atomic_save,
     _meta_strings,
     count_saved_modules,
     ensure_lora_loaded,
@@ -111,7 +110,7 @@ def export_lora(
     if format == "diffusers":  # older lowvram files named text-encoder keys after transformers 5.x's tree
         keep = {k: v for k, v in header.items() if not k.startswith("ss_")}
         keep.update(_meta_strings(metadata))
-        _atomic_save(canonical_pipeline_state(state), out, keep)
+        save_safetensors_atomic(canonical_pipeline_state(state), out, keep)
         return out
     try:
         tensors = to_kohya(state, family, alphas, unet_config, ranks, adapter)
@@ -120,7 +119,7 @@ def export_lora(
                              "pass the base model's UNet config (unet_config) or the right family") from None
     extra = {k: v for k, v in header.items() if k.startswith("ss_") and k not in ("ss_network_module", "ss_network_args")}
     extra.update(_meta_strings(metadata))
-    _atomic_save(tensors, out, kohya_metadata(family, rank, alphas.get("unet", rank), steps, extra, adapter))
+    save_safetensors_atomic(tensors, out, kohya_metadata(family, rank, alphas.get("unet", rank), steps, extra, adapter))
     return out
 
 
@@ -170,12 +169,9 @@ def merge_lora(
     out = Path(out_dir)
     written: dict[str, Path] = {}
     folder = out / "diffusers"
-    tmp = out / "diffusers.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    canonicalize_pipeline_folder(tmp)  # text_model.… keys, loadable by transformers 4.x too
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:  # a killed merge leaves the previous folder whole
+        pipe.save_pretrained(tmp)
+        canonicalize_pipeline_folder(tmp)  # text_model.… keys, loadable by transformers 4.x too
     written["diffusers"] = folder
     if single_file:
         tes = {n: getattr(pipe, n, None) for n in TEXT_NAMES}
@@ -185,7 +181,7 @@ def merge_lora(
         meta = {"lowvram_version": __version__, "lowvram_family": comps.family,
                 "lowvram_merged_lora": lora_file.name, "format": "pt"}
         path = out / f"{out.name or 'merged'}.safetensors"
-        _atomic_save(sd, path, meta)
+        save_safetensors_atomic(sd, path, meta)
         written["single_file"] = path
     return written
 

@@ -1,6 +1,8 @@
-"""Folders that appear whole or not at all, and the leftovers of writes that were killed.
+"""Files and folders that appear whole or not at all, and the leftovers of writes that were killed.
 
-A folder is written beside its final name (``.tmp-NAME-PID``) and renamed into place; a folder it
+A file is written to a temporary name beside it (``.NAME.PID.RANDOM.tmp``: two writers never share one)
+and renamed over its final name (``atomic_write`` and its text/bytes/safetensors forms). A folder is
+written beside its final name (``.tmp-NAME-PID``) and renamed into place; a folder it
 replaces is first renamed aside (``.old-NAME-PID``) and removed after. A kill at any moment leaves
 either the old folder or the new one under the real name, plus a leftover that the next start of the
 run sweeps (``sweep_leftovers``).
@@ -12,11 +14,16 @@ import errno
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import LowvramError
+
+if TYPE_CHECKING:
+    import torch
 
 LEFTOVER = re.compile(r"^\.(tmp|old)-.+-(\d+)$")
 # errors that mean "the disk cannot take this write", not "the program is wrong"
@@ -53,6 +60,50 @@ def sweep_leftovers(*folders: Path) -> list[Path]:
                 p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden name beside ``path`` that no other writer (process or thread) picks."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any], *, fsync: bool = False) -> Path:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one rename:
+    readers see the old file or the new one, never half of one. ``fsync``: flush the data to disk before
+    the rename (a power cut must not publish an empty file). A failed write leaves no temporary behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not stay full because of our half-written copy
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str, *, encoding: str = "utf-8", fsync: bool = False) -> Path:
+    """``path.write_text(text)``, atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding=encoding), fsync=fsync)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
+    """``path.write_bytes(data)``, atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                            metadata: Mapping[str, str] | None = None, *, fsync: bool = False) -> Path:
+    """A ``.safetensors`` file of contiguous CPU copies of ``tensors``, written atomically."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=None if metadata is None else dict(metadata)),
+                        fsync=fsync)
 
 
 def fsync_tree(folder: Path) -> None:

@@ -10,7 +10,6 @@ canonical ``text_model.`` layout whatever transformers is installed (``models/ke
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from .adapters import (
     type_of_state,
 )
 from .errors import ModelLoadError
+from .fsutil import save_safetensors_atomic
 from .models.key_names import canonical_pipeline_state, canonical_text_key, target_suffix
 
 # A1111/kohya's default set: every Linear / 1×1 conv inside the transformer blocks.
@@ -149,15 +149,6 @@ def _meta_strings(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def save_lora_diffusers(path: str | Path, unet: nn.Module, text_encoders: Mapping[str, nn.Module | None] | None = None,
                         family: str = "sd1", metadata: Mapping[str, Any] | None = None) -> Path:
     """Write the adapter as diffusers/peft ``.safetensors`` (what ``pipeline.load_lora_weights`` reads for LoRA
@@ -197,7 +188,7 @@ def write_with_diffusers(pipeline_cls: Any, path: Path, layers: dict[str, Any], 
     header.update(_meta_strings(metadata))
     header.setdefault("lowvram_family", family)
     header["lowvram_adapter"] = adapter
-    _atomic_save(tensors, path, header)
+    save_safetensors_atomic(tensors, path, header)
     (tmp_dir / "lora.safetensors").unlink()
     tmp_dir.rmdir()
     return path
@@ -312,7 +303,7 @@ def save_lora_kohya(path: str | Path, unet_sd: Mapping[str, torch.Tensor],
     adapter = adapter or type_of_state(state)
     tensors = to_kohya(state, family, alphas, unet_config, ranks, adapter)
     path = Path(path)
-    _atomic_save(tensors, path, kohya_metadata(family, rank, alpha, steps, metadata, adapter))
+    save_safetensors_atomic(tensors, path, kohya_metadata(family, rank, alpha, steps, metadata, adapter))
     return path
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..fsutil import save_safetensors_atomic
 from .buckets import BucketBatchSampler
 from .images import ImageProblem
 from .report import write_json_atomic
@@ -189,12 +189,7 @@ class ShardStore:
             return
         self._mkdirs()
         name = f"{uuid.uuid4().hex}.safetensors"
-        tmp = self.shard_dir / f".{name}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"lowvram": f"{self.kind}-v{CACHE_VERSION}"})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.shard_dir / name)
+        save_safetensors_atomic(tensors, self.shard_dir / name, {"lowvram": f"{self.kind}-v{CACHE_VERSION}"}, fsync=True)
         record = {"sha256": _file_sha256(self.shard_dir / name), "bytes": (self.shard_dir / name).stat().st_size,
                   "count": len(tensors)}
         keys = sorted({k.split(".", 1)[0] for k in tensors})

@@ -10,13 +10,13 @@ uninterrupted one would have drawn.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from ..errors import DataError
+from ..fsutil import atomic_write, write_text_atomic
 from . import images
 from .sources import _walk_images
 
@@ -55,14 +55,6 @@ def image_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % (2**63)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # hidden: never listed as an image, even if left behind
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def to_pil(image: torch.Tensor) -> object:
     """[3, H, W] in [-1, 1] -> an 8-bit RGB PIL image."""
     from PIL import Image
@@ -94,8 +86,9 @@ def generate(folder: str | Path, numbers: Iterable[int], prompt: str, seed: int,
         if stop():
             break
         base = folder / NAME.format(k)
-        _write_atomic(base.with_suffix(".txt"), lambda p: p.write_text(prompt + "\n", encoding="utf-8"))
+        # temp files are hidden (".class-….tmp"): never listed as an image, even if left behind
+        write_text_atomic(base.with_suffix(".txt"), prompt + "\n", fsync=True)
         img = to_pil(draw(prompt, image_seed(seed, k)))
-        _write_atomic(base.with_suffix(".png"), lambda p, img=img: img.save(p, format="PNG"))  # type: ignore[attr-defined]
+        atomic_write(base.with_suffix(".png"), lambda p, img=img: img.save(p, format="PNG"), fsync=True)  # type: ignore[attr-defined]
         written.append(base.with_suffix(".png"))
     return written

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..fsutil import write_text_atomic
 
 REPORT_NAME = "data_report.json"
 MIDRUN_NAME = "data_report.midrun.jsonl"
@@ -160,20 +161,8 @@ def write_report(report: DataReport, run_dir: str | Path) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file in the same folder and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write JSON via a temp file in the same folder, flushed, then renamed: readers never see half a file."""
+    write_text_atomic(path, json.dumps(data, indent=1), fsync=True)
 
 
 def known_from(path: str | Path | None, source: str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:

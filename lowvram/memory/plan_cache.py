@@ -16,9 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable
 from functools import lru_cache
 from importlib import metadata
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..fsutil import write_text_atomic
 from .profiler import MemoryProfile
 
 log = logging.getLogger("lowvram.memory")
@@ -120,9 +119,6 @@ def _store(path: Path, data: dict[str, Any]) -> None:
     """Write atomically (temp file + rename): several runs may plan at once; a cache that cannot be
     written (read-only home) only costs the next run its profiling time."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(data, default=str), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(data, default=str))
     except OSError as e:
         log.warning("plan cache not written (%s): the next run profiles again", e)

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, MemoryPlanError
+from ..fsutil import write_text_atomic
 from .bound import lower_bound
 from .planner import baseline, candidates
 from .profiler import GIB, MemoryProfile, profile_step
@@ -171,7 +172,7 @@ def _write_profile(path: Path, table: dict[str, Any]) -> None:
     lines = text.splitlines()
     cut = next((i for i, line in enumerate(lines) if line.startswith("memory_profile:")), len(lines))
     body = yaml.safe_dump({"memory_profile": table}, sort_keys=False, default_flow_style=False)
-    path.write_text("\n".join(lines[:cut]) + "\n" + body, encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines[:cut]) + "\n" + body)
 
 
 def update_preset_profile(name: str) -> str:

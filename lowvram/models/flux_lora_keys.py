@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..lora import ADAPTER, _adapter_alpha, _atomic_save, _peft_state, kohya_metadata, write_with_diffusers
+from ..fsutil import save_safetensors_atomic
+from ..lora import ADAPTER, _adapter_alpha, _peft_state, kohya_metadata, write_with_diffusers
 
 # diffusers' train_dreambooth_lora_flux.py defaults (attention + feed-forward of the double blocks) plus
 # the single blocks' attention, MLP input and output; the AdaLN modulation linears are optional.
@@ -164,6 +165,6 @@ def save_lora_comfy(path: str | Path, transformer: nn.Module, variant: str = "fl
              "modelspec.implementation": "https://github.com/black-forest-labs/flux",
              "lowvram_version": __version__, **(metadata or {})}
     path = Path(path)
-    _atomic_save(tensors, path, kohya_metadata(variant, rank, alpha, steps, extra))
+    save_safetensors_atomic(tensors, path, kohya_metadata(variant, rank, alpha, steps, extra))
     return path
 

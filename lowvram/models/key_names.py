@@ -12,12 +12,13 @@ diffusers' ``model_index.json`` names) cannot read: the hub's ``vocab.json`` + `
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..fsutil import save_safetensors_atomic, write_text_atomic
 
 TEXT_MODEL = "text_model."
 # the submodules of CLIP's text transformer: what sits under ``text_model.`` in the canonical layout
@@ -52,16 +53,13 @@ def canonical_pipeline_state(state: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 def _rewrite_safetensors(path: Path) -> bool:
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
         if all(canonical_text_key(k) == k for k in keys):
             return False
         tensors = {canonical_text_key(k): f.get_tensor(k) for k in keys}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors_atomic(tensors, path, meta)
     return True
 
 
@@ -74,9 +72,7 @@ def canonicalize_text_encoder_folder(folder: str | Path) -> int:
     if index.is_file():
         data = json.loads(index.read_text())
         data["weight_map"] = {canonical_text_key(k): v for k, v in data.get("weight_map", {}).items()}
-        tmp = index.with_name(index.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, index)
+        write_text_atomic(index, json.dumps(data, indent=2))
     return changed
 
 
@@ -93,9 +89,7 @@ def complete_tokenizer_folder(folder: str | Path) -> bool:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     for name, text in (("vocab.json", json.dumps(model["vocab"], ensure_ascii=False)),
                        ("merges.txt", "#version: 0.2\n" + "".join(m + "\n" for m in merges))):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)
+        write_text_atomic(folder / name, text)
     return True
 
 

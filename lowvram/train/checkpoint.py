@@ -7,7 +7,6 @@ the previous checkpoint intact and never a half-written one under a real name.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..fsutil import fsync_tree, replace_dir
+from ..fsutil import atomic_dir
 
 PREFIX = "step-"
 NAME = re.compile(r"^step-(\d{1,12})$")
@@ -45,20 +44,12 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    # on failure the half-written copy is removed (a full disk must not stay full because of it);
+    # re-saving the same step replaces it whole
+    with atomic_dir(final) as tmp:
         for name, group in tensors.items():
             save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        fsync_tree(tmp)
-    except BaseException:
-        # a full disk must not stay full because of our half-written copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, final)  # re-saving the same step replaces it whole
     _prune(root, keep)
     return final
 

@@ -517,11 +517,13 @@ class FinetuneJob:
         """Every checkpoint: the current LoRA files, plus a kohya copy named by step (to pick an earlier one)."""
         if not self.lora:
             return
+        from ..fsutil import write_bytes_atomic
+
         paths = self.save_lora(step)
         steps_dir = self.run_dir / STEP_LORA_DIR
         steps_dir.mkdir(parents=True, exist_ok=True)
         target = steps_dir / f"{self.lora_name}-step{step:08d}.safetensors"
-        target.write_bytes(paths["kohya"].read_bytes())
+        write_bytes_atomic(target, paths["kohya"].read_bytes())
 
     def save_final(self, step: int) -> Path:
         if self.lora:
@@ -530,8 +532,7 @@ class FinetuneJob:
 
     def save_model(self, step: int) -> Path:
         """Full fine-tune: the whole pipeline as a diffusers folder and as one A1111/ComfyUI file."""
-        from ..fsutil import atomic_dir
-        from ..lora import _atomic_save
+        from ..fsutil import atomic_dir, save_safetensors_atomic
         from ..models.key_names import canonicalize_pipeline_folder
         from ..models.ldm_convert import pipeline_to_ldm
 
@@ -542,7 +543,7 @@ class FinetuneJob:
             sd = pipeline_to_ldm(self.unet, self.c.vae, self.text_encoders(), self.c.family)
             meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata(step).items()
                     if k.startswith("lowvram_") and k != "lowvram_unet_config"}
-            _atomic_save(sd, tmp / f"{self.lora_name}.safetensors", {**meta, "format": "pt"})
+            save_safetensors_atomic(sd, tmp / f"{self.lora_name}.safetensors", {**meta, "format": "pt"})
         return out
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import ConfigError, ModelLoadError
+from ..fsutil import atomic_write
 from .events import Event
 from .finetune import (
     LOAD_DTYPES,
@@ -316,7 +317,5 @@ def export_flux_run(run_dir: Path, formats: tuple[str, ...], merge: bool, out_di
         if not source.is_file():
             raise ModelLoadError(f"'{source}' is missing: the run has not saved its LoRA yet",
                                  f"train until a checkpoint is written, or `lowvram train --resume {run_dir}`")
-        tmp = out_dir / (target + ".tmp")
-        shutil.copyfile(source, tmp)
-        written.append(tmp.replace(out_dir / target))
+        written.append(atomic_write(out_dir / target, lambda tmp, source=source: shutil.copyfile(source, tmp)))
     return written

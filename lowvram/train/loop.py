@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..distributed import SINGLE, World, any_process, mean_over_processes, wait, wrap_ddp
 from ..ema import EMA
 from ..errors import CheckpointError, TrainingDiverged
+from ..fsutil import atomic_write
 from ..optim import FusedBackward, build_optimizer, optimizer_from_tensors, optimizer_to_tensors
 from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .events import Event
@@ -348,9 +349,7 @@ class Trainer:
         out.parent.mkdir(parents=True, exist_ok=True)
         with self.clock.phase("previews", self.step), phase_range("preview"), self.ema_weights():
             grid = self.job.preview()
-        tmp = out.with_suffix(".tmp.png")
-        grid.save(tmp)
-        tmp.replace(out)
+        atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))  # the panel never shows half a grid
         s = self.cfg.sample
         self.emit(Event("sample", self.step, {"path": str(out), "prompts": self.job.sample_prompts,
                                               "cfg_scales": list(s.cfg_scales)}))

@@ -16,7 +16,7 @@ import torch
 from ..config import ConfigBuilder, RunConfig, load_yaml
 from ..distributed import World, check_zero, computed_once, main_first, training_device, wait, world
 from ..errors import CheckpointError, ConfigError
-from ..fsutil import sweep_leftovers
+from ..fsutil import sweep_leftovers, write_text_atomic
 from .autoencoder import encode_all, latent_scale, load_autoencoder, save_autoencoder, train_autoencoder
 from .checkpoint import (
     check_checkpoint,
@@ -111,9 +111,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True,
         run_dir.mkdir(parents=True, exist_ok=True)
         if record:
             for name, text in record.items():
-                tmp = run_dir / f".{name}.tmp"
-                tmp.write_text(text, encoding="utf-8")
-                tmp.replace(run_dir / name)
+                write_text_atomic(run_dir / name, text)
         else:
             cfg.save(run_dir / CONFIG_NAME)
     return run_dir

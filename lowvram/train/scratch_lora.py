@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, save_safetensors_atomic
 from ..pipeline import MODEL_JSON, TextToImage
 from .events import Event
 from .jobs import ScratchJob
@@ -108,7 +108,7 @@ class ScratchLoraJob(ScratchJob):
     """The from-scratch job over a frozen base with adapters: saves the adapter and the merged model."""
 
     def save_final(self, step: int) -> Path:
-        from ..lora import ADAPTER, _atomic_save, lora_state_dict_peft
+        from ..lora import ADAPTER, lora_state_dict_peft
 
         tes = {"text_encoder": self.c.text_encoder} if self.c.train_text_encoder else {}
         meta = {"lowvram_family": "scratch", "lowvram_base_model": str(self.cfg.model.pretrained),
@@ -116,7 +116,7 @@ class ScratchLoraJob(ScratchJob):
                 "lowvram_adapter": self.cfg.lora.type}
         for name, m in {"unet": self.c.unet, **tes}.items():
             meta[f"{name}_lora_adapter_metadata"] = json.dumps(m.peft_config[ADAPTER].to_dict(), default=str)
-        _atomic_save(lora_state_dict_peft(self.c.unet, tes), self.run_dir / LORA_FILE, meta)
+        save_safetensors_atomic(lora_state_dict_peft(self.c.unet, tes), self.run_dir / LORA_FILE, meta)
         te = merged_copy(self.c.text_encoder) if tes else self.c.text_encoder
         merged = TextToImage(
             unet=merged_copy(self.c.unet), text_encoder=te, tokenizer=self.c.tokenizer,

@@ -17,6 +17,7 @@ from ..attention import set_attention
 from ..config import RunConfig
 from ..diffusion import make_scheduler_config
 from ..errors import ConfigError, ModelLoadError
+from ..fsutil import write_text_atomic
 from ..models import scratch
 from ..models.tokenizer import build_tokenizer
 
@@ -163,6 +164,4 @@ def load_vae(path: str) -> torch.nn.Module:
 
 
 def save_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1))
