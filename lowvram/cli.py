@@ -205,9 +205,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.phases:
         print("\n".join(summary_lines(result.phases)))
     if result.status == "stopped":
+        from .run_folder import CHECKPOINTS_DIR
         from .train.checkpoint import latest_checkpoint
 
-        ckpt = latest_checkpoint(result.run_dir / "checkpoints")
+        ckpt = latest_checkpoint(result.run_dir / CHECKPOINTS_DIR)
         cause = f"stopped by {graceful.name}" if graceful.signum else "stopped"
         saved = f"checkpoint {ckpt}" if ckpt else "nothing trained yet, no checkpoint"
         print(f"{cause} at step {result.step}: {saved}; run folder {result.run_dir}")
@@ -260,9 +261,9 @@ def split_plan_output(text: str) -> dict[str, str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .run_folder import load_run_config
     from .runs import load_run_model
     from .sample import make_grid
-    from .train.run import load_run_config
     from .validate import check_sample_args
 
     check_sample_args(args)
@@ -470,10 +471,11 @@ def _interrupted(args: argparse.Namespace | None, e: KeyboardInterrupt) -> int:
     if run_dir is None or getattr(args, "command", None) != "train":
         print("interrupted: nothing was saved", file=sys.stderr)
         return exit_code(signum)
+    from .run_folder import CHECKPOINTS_DIR
     from .train.checkpoint import latest_checkpoint
 
     try:
-        ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+        ckpt = latest_checkpoint(Path(run_dir) / CHECKPOINTS_DIR)
     except LowvramError:
         ckpt = None
     kept = f"the newest checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"

@@ -32,7 +32,7 @@ def evaluate_run(
     ``cfg_scale`` None: the run's ``sample.guidance`` (the scale its recipe samples best at)."""
     from .data.builtin import attributes_of_caption, decode_attributes, eval_prompts, matches
     from .evaluate import prompt_adherence
-    from .train.run import load_run_config
+    from .run_folder import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

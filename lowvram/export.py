@@ -27,9 +27,10 @@ from .lora import (
     to_kohya,
 )
 from .models.key_names import canonical_pipeline_state, canonicalize_pipeline_folder
+from .run_folder import LORA_FILE as RUN_LORA_FILE
+from .run_folder import load_run_config
 
 # Where a run keeps its LoRA (diffusers/peft format, written by lora.save_lora_diffusers).
-RUN_LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"
 FORMATS = ("kohya", "diffusers")
 LORA_META_KEY = "lora_adapter_metadata"  # diffusers' header key with the adapter configs (r, lora_alpha)
 UNET_CONFIG_KEY = "lowvram_unet_config"  # the trained UNet's config (SDXL kohya names depend on its layout)
@@ -190,7 +191,6 @@ def export_cli(run: str | Path, fmt: str = "kohya", merge: bool = False, out: st
                dtype: str = "fp16") -> list[Path]:
     """``lowvram export``: a LoRA run's file(s) in ``fmt`` (kohya, diffusers or both) into ``out``
     (default ``RUN/export``); ``merge`` also fuses the LoRA into the run's base model. Returns the paths."""
-    from .train.run import load_run_config
 
     if fmt not in EXPORT_FORMATS:
         raise ModelLoadError(f"unknown LoRA format '{fmt}'", f"use one of {', '.join(EXPORT_FORMATS)}")

@@ -146,10 +146,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def checkpoint_bytes(run_dir: Path) -> int:
     """Bytes of the run's newest complete checkpoint: about what the next one needs."""
+    from .run_folder import CHECKPOINTS_DIR
     from .train.checkpoint import latest_checkpoint
 
     try:
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        ckpt = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
     except LowvramError:
         return 0
     return sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()) if ckpt else 0

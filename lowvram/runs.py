@@ -8,12 +8,13 @@ import torch
 
 from .errors import CheckpointError
 from .pipeline import MODEL_JSON, TextToImage
+from .run_folder import CHECKPOINTS_DIR, FINAL_DIR, load_run_config
 
 
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu", which: str = "auto") -> TextToImage:
     """``which``: 'final' (the saved model), 'latest' (newest checkpoint, EMA weights) or 'auto' (final if any)."""
     run_dir = Path(run_dir)
-    final = run_dir / "final"
+    final = run_dir / FINAL_DIR
     if which in ("auto", "final") and (final / MODEL_JSON).is_file():
         return TextToImage.load(final, device)
     if which == "final":
@@ -27,11 +28,10 @@ def _from_checkpoint(run_dir: Path, device: torch.device) -> TextToImage:
     from .models.local import load_local
     from .train.autoencoder import load_autoencoder
     from .train.checkpoint import latest_checkpoint, load_checkpoint
-    from .train.run import load_run_config
     from .train.setup import build_components
 
     cfg = load_run_config(run_dir)
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    ckpt = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
     if ckpt is None:
         raise CheckpointError(f"run '{run_dir}' has no final model and no checkpoint", "train it first (lowvram train)")
     tok = load_local(AutoTokenizer, run_dir / "tokenizer", weights=False)

@@ -227,7 +227,7 @@ def check_config_flags(args: Any) -> None:
 
 def check_sample_args(args: Any) -> None:
     """sample / eval: the run folder, sampling settings, the device and the output file."""
-    from .train.run import load_run_config
+    from .run_folder import load_run_config
 
     check_run_dir("--run", args.run)
     cfg = load_run_config(args.run)  # a damaged config.yaml is refused here, before any model loads

@@ -19,6 +19,7 @@ import yaml
 
 from ..config import RunConfig, all_fields, default_resolution
 from ..errors import ConfigError, LowvramError, MemoryPlanError
+from ..run_folder import CONFIG_NAME, PLAN_NAME, SOURCES_NAME
 from .planner import Plan, plan
 from .profiler import GIB, MemoryProfile, effective_attention, profile_step
 from .streaming import check_host
@@ -26,9 +27,6 @@ from .workloads import Knobs, Preview, Workload
 
 # models/pretrained.py names families by checkpoint; the profiler by published architecture
 SD_FAMILY_WORKLOAD = {"sd1": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
-PLAN_NAME = "plan.yaml"
-SOURCES_NAME = "config_sources.yaml"
-CONFIG_NAME = "config.yaml"
 VALIDATION_ITEMS = 64  # train.run.VAL_ITEMS: the builtin data's held-out images
 
 # Config fields that allocate nothing on the card, each with the reason. Every other field must change

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..run_folder import FINAL_DIR, LORA_FILE, STEP_LORA_DIR, RunResult
 from .events import Event
 from .loop import AUTOCAST, Trainer
 from .phases import PhaseClock
@@ -29,7 +30,6 @@ from .step import compute_loss, phase_range
 
 SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
 LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
-STEP_LORA_DIR = Path("lora") / "steps"
 
 
 # ---- kohya-style sample prompt lines ------------------------------------------------------------------
@@ -503,12 +503,11 @@ class FinetuneJob:
 
     def save_lora(self, step: int, kohya_path: Path | None = None) -> dict[str, Path]:
         """Write the LoRA as diffusers/peft (``lora/pytorch_lora_weights.safetensors``) and kohya files."""
-        from ..export import RUN_LORA_FILE
         from ..lora import save_lora_diffusers, save_lora_kohya_from_models
 
         tes = self.text_encoders() if self.train_text else {}
         meta = self.metadata(step)
-        diff = save_lora_diffusers(self.run_dir / RUN_LORA_FILE, self.unet, tes, self.c.family, meta)
+        diff = save_lora_diffusers(self.run_dir / LORA_FILE, self.unet, tes, self.c.family, meta)
         kohya = save_lora_kohya_from_models(kohya_path or self.run_dir / "lora" / f"{self.lora_name}.safetensors",
                                             self.unet, tes, self.c.family, meta, steps=step)
         return {"diffusers": diff, "kohya": kohya}
@@ -536,7 +535,7 @@ class FinetuneJob:
         from ..models.key_names import canonicalize_pipeline_folder
         from ..models.ldm_convert import pipeline_to_ldm
 
-        out = self.run_dir / "final"
+        out = self.run_dir / FINAL_DIR
         with atomic_dir(out) as tmp:  # both files of one step appear together, or neither
             self.pipe.save_pretrained(tmp / "diffusers")
             canonicalize_pipeline_folder(tmp / "diffusers")  # text_model.… keys, loadable by transformers 4.x too
@@ -669,7 +668,6 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     ``clock`` times the phases (data check, load, caching, then the loop's)."""
     from ..distributed import SINGLE, main_first
     from ..models.flux import is_flux_model
-    from .run import RunResult
 
     world = world or SINGLE
     if is_flux_model(cfg.model.pretrained):  # FLUX.1 is its own family: a transformer, T5 + CLIP, flow matching
@@ -738,7 +736,6 @@ def fit_job(cfg: RunConfig, run_dir: Path, job: FinetuneJob, epoch_batches: Call
             world: Any, clock: PhaseClock) -> Any:
     """Train a fine-tune job with the Trainer: LoRA files at every checkpoint, prior losses in the metrics,
     the latest checkpoint resumed first; returns a ``RunResult``."""
-    from .run import RunResult
 
     holder: dict[str, Trainer] = {}
 

@@ -24,6 +24,7 @@ from torch import nn
 from ..config import RunConfig
 from ..errors import ConfigError, ModelLoadError
 from ..fsutil import atomic_write
+from ..run_folder import LORA_FILE, RunResult
 from .events import Event
 from .finetune import (
     LOAD_DTYPES,
@@ -250,11 +251,10 @@ class FluxLoraJob(FinetuneJob):
 
     def save_lora(self, step: int, kohya_path: Path | None = None) -> dict[str, Path]:
         """The diffusers file (``lora/pytorch_lora_weights.safetensors``) and the kohya/BFL file ComfyUI loads."""
-        from ..export import RUN_LORA_FILE
         from ..models.flux_lora_keys import save_lora_comfy, save_lora_diffusers
 
         meta = self.metadata(step)
-        diff = save_lora_diffusers(self.run_dir / RUN_LORA_FILE, self.unet, self.c.variant, meta)
+        diff = save_lora_diffusers(self.run_dir / LORA_FILE, self.unet, self.c.variant, meta)
         comfy = save_lora_comfy(kohya_path or self.run_dir / "lora" / f"{self.lora_name}.safetensors", self.unet,
                                 self.c.variant, meta, steps=step)
         return {"diffusers": diff, "kohya": comfy}
@@ -268,7 +268,6 @@ def train_flux_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit: C
     from ..models.flux import load_flux
     from .finetune import build_caches, default_prompts, fit_job, open_finetune_data
     from .phases import PhaseClock
-    from .run import RunResult
 
     world = world or SINGLE
     clock = clock or PhaseClock(emit)
@@ -303,13 +302,11 @@ def export_flux_run(run_dir: Path, formats: tuple[str, ...], merge: bool, out_di
     """``lowvram export`` of a FLUX.1 run: copies of the files the job wrote (diffusers, kohya/BFL for ComfyUI)."""
     import shutil
 
-    from ..export import RUN_LORA_FILE
-
     if merge:
         raise ModelLoadError("merging a LoRA into the FLUX.1 transformer (a 24 GB model file) is not supported",
                              "load the LoRA file beside the model (ComfyUI: LoraLoaderModelOnly; diffusers: load_lora_weights)")
     files = {"kohya": (run_dir / "lora" / f"{name}.safetensors", f"{name}.safetensors"),
-             "diffusers": (run_dir / RUN_LORA_FILE, RUN_LORA_FILE.name)}
+             "diffusers": (run_dir / LORA_FILE, LORA_FILE.name)}
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:

@@ -18,6 +18,7 @@ from ..diffusion import validation_loss
 from ..fsutil import atomic_dir
 from ..models.tokenizer import encode
 from ..pipeline import TextToImage
+from ..run_folder import FINAL_DIR
 from .setup import Components
 from .step import compute_loss
 
@@ -116,7 +117,7 @@ class ScratchJob:
                                         guidance_rescale=s.guidance_rescale)
 
     def save_final(self, step: int) -> Path:
-        final = self.run_dir / "final"
+        final = self.run_dir / FINAL_DIR
         with atomic_dir(final) as tmp:  # a killed save never leaves a mix of two steps' files
             self.pipeline().save(tmp, {"task": self.cfg.run.task, "step": step, "size": self.cfg.model.size})
         return final

@@ -22,6 +22,7 @@ from ..ema import EMA
 from ..errors import CheckpointError, TrainingDiverged
 from ..fsutil import atomic_write
 from ..optim import FusedBackward, build_optimizer, optimizer_from_tensors, optimizer_to_tensors
+from ..run_folder import CHECKPOINTS_DIR
 from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .events import Event
 from .jobs import Job
@@ -149,7 +150,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.nonfinite_streak = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk that matches this state
-        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt_dir = run_dir / CHECKPOINTS_DIR
 
     @property
     def effective_batch(self) -> int:

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigBuilder, RunConfig, load_yaml
+from ..config import RunConfig
 from ..distributed import World, check_zero, computed_once, main_first, training_device, wait, world
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..fsutil import sweep_leftovers, write_text_atomic
+from ..run_folder import CHECKPOINTS_DIR, CONFIG_NAME, RunResult, load_run_config
 from .autoencoder import encode_all, latent_scale, load_autoencoder, save_autoencoder, train_autoencoder
 from .checkpoint import (
     check_checkpoint,
@@ -32,16 +33,7 @@ from .phases import PhaseClock
 from .setup import build_components, load_vae, resolve_defaults, resolve_device
 from .step import phase_range
 
-CONFIG_NAME = "config.yaml"
 VAL_ITEMS = 64
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    status: str  # done | stopped
-    step: int
-    phases: dict[str, Any] | None = None  # the time account: seconds per phase, wall_s, first_step_s
 
 
 @dataclass
@@ -102,7 +94,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True,
     """Check the run folder (every process, so all refuse alike); ``write``: create it, save the config
     (``record``: the plan's files, config.yaml among them, written as they are)."""
     run_dir = Path(cfg.run.out)
-    if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
+    if not resume and latest_checkpoint(run_dir / CHECKPOINTS_DIR) is not None:
         raise ConfigError(
             f"run folder '{run_dir}' already holds a run",
             f"continue it with `lowvram train --resume {run_dir}`, or choose another --out",
@@ -115,18 +107,6 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, write: bool = True,
         else:
             cfg.save(run_dir / CONFIG_NAME)
     return run_dir
-
-
-def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The saved config of a run folder, with ``overrides`` (e.g. more steps) applied on top."""
-    path = Path(run_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a lowvram run folder (no {CONFIG_NAME})", "point --resume at a run's --out folder")
-    b = ConfigBuilder().apply(load_yaml(path, "run config"), f"run config {path}")
-    b.set("run.out", str(run_dir), "the run folder resumed")  # the folder may have moved since
-    for key, value in (overrides or {}).items():
-        b.set(key, value, f"{key} given with --resume")
-    return b.build()
 
 
 def make_emitter(run_dir: Path, cfg: RunConfig, listeners: Iterable[Listener], progress: bool,
@@ -175,9 +155,9 @@ def train(
     run_dir = prepare_run_dir(cfg, resume, write=w.is_main, record=record)
     if w.is_main:
         # what earlier processes left half-written (killed saves) only fills the disk
-        sweep_leftovers(run_dir, run_dir / "checkpoints")
+        sweep_leftovers(run_dir, run_dir / CHECKPOINTS_DIR)
         if from_checkpoint:
-            set_aside_newer(run_dir / "checkpoints", from_checkpoint)
+            set_aside_newer(run_dir / CHECKPOINTS_DIR, from_checkpoint)
     wait(w)
     emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
     clock.attach(emit)
@@ -323,7 +303,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, from
     """Continue a run folder from its latest checkpoint, or the older one ``from_checkpoint``
     (``overrides`` may extend ``run.steps``)."""
     cfg = load_run_config(run_dir, overrides)
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
     # refuse an unknown name or a damaged checkpoint before any work (and before anything is written)
     ckpt = find_checkpoint(ckpt_dir, from_checkpoint) if from_checkpoint else latest_checkpoint(ckpt_dir)
     if ckpt is not None:

@@ -27,13 +27,12 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..fsutil import atomic_dir, save_safetensors_atomic
 from ..pipeline import MODEL_JSON, TextToImage
+from ..run_folder import CONFIG_NAME, FINAL_DIR, LORA_FILE, RunResult
 from .events import Event
 from .jobs import ScratchJob
 from .loop import Trainer, shuffled_batches
 from .phases import PhaseClock
 from .setup import Components
-
-LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"
 
 
 def scratch_model_folder(path: str | Path | None) -> Path | None:
@@ -41,7 +40,7 @@ def scratch_model_folder(path: str | Path | None) -> Path | None:
     if not path:
         return None
     p = Path(path).expanduser()
-    for folder in (p, p / "final"):
+    for folder in (p, p / FINAL_DIR):
         if (folder / MODEL_JSON).is_file():
             return folder
     return None
@@ -123,7 +122,7 @@ class ScratchLoraJob(ScratchJob):
             scheduler_config=self.c.scheduler_config, sample_shape=self.c.sample_shape, vae=self.c.vae,
             latent_scale=self.c.latent_scale, device=self.device,
         )
-        final = self.run_dir / "final"
+        final = self.run_dir / FINAL_DIR
         with atomic_dir(final) as tmp:  # a killed save never leaves a mix of two steps' files
             merged.save(tmp, {"task": "lora", "step": step, "base": str(self.cfg.model.pretrained),
                               "lora": str(LORA_FILE), "adapter": self.cfg.lora.type})
@@ -150,7 +149,7 @@ def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit
     """LoRA-train ``model.pretrained`` (a from-scratch model folder) on ``data.source``; returns a ``RunResult``
     (``clock`` times its phases: load, data check, then the loop's)."""
     from ..distributed import SINGLE
-    from .run import CONFIG_NAME, RunResult, open_images, with_loss_weights
+    from .run import open_images, with_loss_weights
 
     world = world or SINGLE
     clock = clock or PhaseClock(emit)

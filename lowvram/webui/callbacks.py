@@ -467,8 +467,8 @@ def start_job(state: PanelState, form: Form) -> str:
 
 def resume_job(state: PanelState, out: str, steps: Any = None) -> str:
     """Continue the run in ``out`` from its latest checkpoint (``steps``: the new total, if larger)."""
+    from ..run_folder import load_run_config
     from ..train.checkpoint import latest_checkpoint
-    from ..train.run import load_run_config
 
     out = (out or "").strip()
     try:

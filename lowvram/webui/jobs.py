@@ -261,7 +261,7 @@ class JobManager:
         extra = ["--resume", str(run_dir)] + (["--steps", str(int(steps))] if steps else [])
         task = "?"
         try:
-            from ..train.run import load_run_config
+            from ..run_folder import load_run_config
 
             task = load_run_config(run_dir).run.task
         except LowvramError:
