@@ -291,3 +291,15 @@ def test_preset_mismatch_warnings():
     assert warn_if_preset_mismatch(load_preset("cpu"), probe(CPU)) is None
     # A smaller preset on a bigger card of the same kind is fine.
     assert warn_if_preset_mismatch(load_preset("rx570"), probe(RX570_8)) is None
+
+
+def test_probing_reads_no_preset_file_until_the_recommendation_is_asked_for(monkeypatch):
+    import lowvram.presets as presets
+
+    real, loaded = presets.load_preset, []
+    monkeypatch.setattr(presets, "load_preset", lambda name: loaded.append(name) or real(name))
+    info = probe(RTX3070)
+    assert loaded == []  # a run that names its preset never reads the others
+    assert info.recommended_preset == "rtx3070-8gb" and sorted(loaded) == presets.list_presets()
+    assert info.recommended_preset == "rtx3070-8gb" and len(loaded) == len(presets.list_presets())  # read once
+    assert doctor_dict(info, findings=[])["recommended_preset"] == "rtx3070-8gb"

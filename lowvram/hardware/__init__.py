@@ -1,13 +1,14 @@
 """The machine: read its facts, decide what it can really run, self-test it, report it (``lowvram doctor``).
 
 Read-only: nothing here changes torch's global state. The rooms: ``facts`` (reading), ``caps`` (capability
-tables and ``HardwareInfo``), ``probe`` (deciding), ``advice`` (notes), ``matching`` (which preset),
-``selftest``, ``install`` (installed packages and platform mistakes), ``report`` (``lowvram doctor``).
+tables and ``HardwareInfo``), ``probe`` (deciding), ``advice`` (notes), ``selftest``, ``install``
+(installed packages and platform mistakes), ``report`` (``lowvram doctor``). Which preset suits the machine is
+the presets' business (``lowvram.presets.recommend_preset``, re-exported here with the mismatch warning).
 """
 
+from ..presets import recommend_preset, warn_if_preset_mismatch
 from .caps import GIB, ArchCaps, HardwareInfo, arch_caps, is_gtx16
 from .facts import DeviceFacts, read_facts
-from .matching import recommend_preset, warn_if_preset_mismatch
 from .probe import probe
 from .report import doctor, doctor_dict, doctor_report
 from .selftest import (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .facts import DeviceFacts
 
@@ -133,8 +134,15 @@ class HardwareInfo:
     precision: str  # the precision to train in on this device
     attention: str  # what memory.attention=auto resolves to
     notes: tuple[str, ...] = ()
-    recommended_preset: str = "cpu"
     facts: DeviceFacts = field(default_factory=DeviceFacts, repr=False, compare=False)
+
+    @cached_property
+    def recommended_preset(self) -> str:
+        """The preset for this machine (``presets.recommend_preset``), read from the preset files on first use
+        only: probing for a run that names its preset reads none."""
+        from ..presets import recommend_preset
+
+        return recommend_preset(self)
 
     @property
     def device(self) -> str:

@@ -8,7 +8,6 @@ import re
 from .advice import notes_for
 from .caps import HardwareInfo, arch_caps
 from .facts import DeviceFacts, read_facts
-from .matching import recommend_preset
 
 
 def _version_at_least(version: str | None, minimum: tuple[int, ...]) -> bool:
@@ -52,4 +51,4 @@ def probe(facts: DeviceFacts | None = None) -> HardwareInfo:
         facts=facts,
     )
     notes = notes_for(info, caps)
-    return dataclasses.replace(info, notes=tuple(notes), recommended_preset=recommend_preset(info))
+    return dataclasses.replace(info, notes=tuple(notes))

@@ -92,6 +92,7 @@ def doctor_dict(info: HardwareInfo, self_test_results: list[SelfTestResult] | No
     """The same as ``doctor_report`` as plain JSON-ready data (``lowvram doctor --json``)."""
     findings = install_findings(info.facts) if findings is None else findings
     data = {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "facts"}
+    data["recommended_preset"] = info.recommended_preset
     data["torch_build"] = torch_build(info.facts)
     data["packages"] = {name: version for name, version in info.facts.packages}
     data["install_problems"] = [dataclasses.asdict(x) for x in findings]
