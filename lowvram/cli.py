@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import MODEL_SIZES, TASKS, RunConfig, field_help
+from .config import FINETUNE_TASKS, MODEL_SIZES, TASKS, RunConfig, field_help
 from .errors import ConfigError, LowvramError
 from .runtime_env import offline_and_quiet
 
@@ -324,7 +324,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if not run.config.model.pretrained or run.config.data.source == "builtin":
         raise ConfigError("lowvram cache needs a checkpoint (--model PATH) and a folder of images (--data DIR)",
                           "e.g. lowvram cache --model sd15.safetensors --data my_images")
-    task = [] if run.config.run.task in ("lora", "full") else \
+    task = [] if run.config.run.task in FINETUNE_TASKS else \
         [Setting("run.task", "lora", "lowvram cache (the pretrained VAE and text encoder of a fine-tune)")]
     # no training batches are drawn, so any dataset size can be cached
     one = [Setting("train.batch_size", 1, "lowvram cache (encodes one image at a time)")]

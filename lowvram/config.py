@@ -20,6 +20,7 @@ import yaml
 from .errors import ConfigError
 
 TASKS = ("text2img", "latent", "autoencoder", "lora", "full")
+FINETUNE_TASKS = ("lora", "full")  # start from model.pretrained; the other tasks train a model from scratch
 MODEL_SIZES = ("tiny", "celeba64", "ddpm64")
 SCHEDULES = ("linear", "cosine", "scaled_linear")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -405,7 +406,7 @@ class ConfigBuilder:
         size = self.values.get("model.size", ModelSection.size)
         task = self.values.get("run.task", RunSection.task)
         # a fine-tune follows its checkpoint (prediction type, schedule), not a from-scratch recipe
-        from_scratch = task not in ("lora", "full")
+        from_scratch = task not in FINETUNE_TASKS
         for key, value in (recipe_for(size) if from_scratch else {}).items():
             if key not in self.values:
                 self.set(key, value, f"recipe of model size {size}")
@@ -477,7 +478,7 @@ FINETUNE_RESOLUTION = 512  # what lora/full fine-tunes train at unless data.reso
 def default_resolution(task: str, size: str, pretrained: str | None = None) -> int | None:
     """The resolution a run trains at when ``data.resolution`` is not set (None: unknown size): a fine-tune
     of SD 512, of a model lowvram trained from scratch (``pretrained`` names its folder) that model's side."""
-    if task in ("lora", "full"):
+    if task in FINETUNE_TASKS:
         if pretrained:
             from .train.scratch_lora import model_resolution, scratch_model_folder
 
@@ -540,7 +541,7 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
         bad("data.bucket_max_ratio", cfg.data.bucket_max_ratio, "1 or more (long side / short side)")
     if any(w < 0 for w in cfg.sample.cfg_scales) or any(w > 100 for w in cfg.sample.cfg_scales):
         bad("sample.cfg_scales", cfg.sample.cfg_scales, "guidance scales from 0 to 100")
-    if cfg.run.task not in ("lora", "full") and 0 < cfg.model.timesteps < cfg.sample.steps:
+    if cfg.run.task not in FINETUNE_TASKS and 0 < cfg.model.timesteps < cfg.sample.steps:
         bad("sample.steps", cfg.sample.steps, f"at most model.timesteps = {cfg.model.timesteps} sampling steps")
     if cfg.data.caption_ext not in (".txt", ".caption"):
         bad("data.caption_ext", cfg.data.caption_ext, "'.txt' or '.caption'")
@@ -557,7 +558,7 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
         bad("data.resolution", cfg.data.resolution, "a multiple of 8")
     if cfg.run.max_nonfinite < 1:
         bad("run.max_nonfinite", cfg.run.max_nonfinite, "1 or more")
-    if cfg.data.class_data and cfg.run.task not in ("lora", "full"):
+    if cfg.data.class_data and cfg.run.task not in FINETUNE_TASKS:
         bad("data.class_data", cfg.data.class_data, f"no class images for task '{cfg.run.task}' "
             "(prior preservation is for lora / full fine-tunes; unset data.class_data)")
     if cfg.data.num_class_images < 0:
@@ -575,7 +576,7 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
             bad("data.builtin_exclude", cfg.data.builtin_exclude, f"{problem[1]} ({problem[0]})")
     if not cfg.sample.cfg_scales:
         bad("sample.cfg_scales", cfg.sample.cfg_scales, "at least one guidance scale")
-    if cfg.run.task in ("lora", "full") and not cfg.model.pretrained:
+    if cfg.run.task in FINETUNE_TASKS and not cfg.model.pretrained:
         bad("model.pretrained", None, f"a local checkpoint path for task '{cfg.run.task}' (--model PATH)")
     if cfg.memory.vram_gib is not None and cfg.memory.vram_gib <= 0:
         bad("memory.vram_gib", cfg.memory.vram_gib, "a positive number of GiB")

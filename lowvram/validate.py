@@ -178,6 +178,8 @@ def check_run_dir(flag: str, value: str | None) -> Path:
 # ---- whole commands -----------------------------------------------------------------------------------
 def check_config_paths(cfg: Any, source_of: Any) -> None:
     """The paths of a resolved config: data and model inputs exist, the run folder can be written."""
+    from .config import FINETUNE_TASKS  # here, not at the top: config calls into this module
+
     def src(key: str) -> str:
         return source_of(key)
 
@@ -194,7 +196,7 @@ def check_config_paths(cfg: Any, source_of: Any) -> None:
         check_output_dir("data.class_data", cfg.data.class_data, src("data.class_data"))
     elif cfg.data.class_data:
         check_existing_path("data.class_data", cfg.data.class_data, kind="dir", source=src("data.class_data"))
-    if cfg.run.task not in ("lora", "full") and cfg.model.pretrained:
+    if cfg.run.task not in FINETUNE_TASKS and cfg.model.pretrained:
         raise ConfigError(
             f"model.pretrained = {cfg.model.pretrained!r} (from {src('model.pretrained')}) is a checkpoint, "
             f"but the task is '{cfg.run.task}' (from {src('run.task')}), which trains from scratch",

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig, all_fields, default_resolution
+from ..config import FINETUNE_TASKS, RunConfig, all_fields, default_resolution
 from ..errors import ConfigError, LowvramError, MemoryPlanError
 from ..run_folder import CONFIG_NAME, PLAN_NAME, SOURCES_NAME
 from .planner import Plan, plan
@@ -164,7 +164,7 @@ def preview_of(cfg: RunConfig) -> Preview:
     s = cfg.sample
     guided = any(float(w) != 1.0 for w in s.cfg_scales)
     size = None
-    if cfg.run.task in ("lora", "full") and s.prompts:
+    if cfg.run.task in FINETUNE_TASKS and s.prompts:
         from ..train.finetune import parse_prompt_line
 
         res = int(cfg.data.resolution or default_resolution(cfg.run.task, cfg.model.size, cfg.model.pretrained) or 512)
@@ -226,7 +226,7 @@ def text_cache_batch(cfg: RunConfig) -> int:
 def class_images_to_draw(cfg: RunConfig) -> int:
     """How many class images the run draws with the base model before it trains (data.num_class_images
     less those already in data.class_data): a count of files, nothing is opened."""
-    if not (cfg.run.task in ("lora", "full") and cfg.data.class_data and cfg.data.num_class_images):
+    if not (cfg.run.task in FINETUNE_TASKS and cfg.data.class_data and cfg.data.num_class_images):
         return 0
     from ..data.class_images import missing_numbers
 
@@ -256,7 +256,7 @@ def workload_for(cfg: RunConfig) -> Workload:
     previews = cfg.sample.final or cfg.run.sample_every > 0
     common = dict(ema=cfg.train.ema_decay > 0, preview=preview_of(cfg) if previews else None,
                   grad_clip=cfg.train.grad_clip, snr_gamma=cfg.train.snr_gamma)
-    if task in ("lora", "full"):
+    if task in FINETUNE_TASKS:
         from ..models.flux import is_flux_model
         from ..models.pretrained import detect_family
         from ..train.scratch_lora import model_descriptor, scratch_model_folder
@@ -516,7 +516,7 @@ def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, s
 
 
 def workload_is_flux(cfg: RunConfig) -> bool:
-    if cfg.run.task not in ("lora", "full") or not cfg.model.pretrained:
+    if cfg.run.task not in FINETUNE_TASKS or not cfg.model.pretrained:
         return False
     from ..models.flux import is_flux_model
 

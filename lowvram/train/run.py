@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import FINETUNE_TASKS, RunConfig
 from ..distributed import World, check_zero, computed_once, main_first, training_device, wait, world
 from ..errors import ConfigError
 from ..fsutil import sweep_leftovers, write_text_atomic
@@ -161,7 +161,7 @@ def train(
     wait(w)
     emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
     clock.attach(emit)
-    if cfg.run.task in ("lora", "full"):
+    if cfg.run.task in FINETUNE_TASKS:
         from .finetune import train_finetune
         from .scratch_lora import scratch_model_folder, train_scratch_lora
 

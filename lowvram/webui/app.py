@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..config import SAMPLERS, field_help
+from ..config import FINETUNE_TASKS, SAMPLERS, field_help
 from ..errors import LowvramError
 from . import callbacks as cb
 from .auth import resolve_auth
@@ -147,7 +147,7 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
         preset.input(on_preset, [preset, task, model], [card, lr, batch, accum, rank])
 
         def on_task(task_v: str, model_v: str, data_v: str, preset_v: str) -> tuple[Any, ...]:
-            if task_v in ("lora", "full") and model_v in cb.MODEL_SIZES:
+            if task_v in FINETUNE_TASKS and model_v in cb.MODEL_SIZES:
                 model_v = ""
             elif task_v in cb.FROM_SCRATCH and model_v not in cb.MODEL_SIZES:
                 model_v = "tiny"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MODEL_SIZES, RunConfig
+from ..config import FINETUNE_TASKS, MODEL_SIZES, RunConfig
 from ..errors import ConfigError, LowvramError
 from .jobs import JobManager, JobStatus
 from .tail import JsonlTail
@@ -335,7 +335,7 @@ def validate_form(form: Form, *, for_resume: bool = False) -> tuple[RunConfig | 
     task = cfg.run.task if cfg else form.task
     checks = [check_data(cfg.data.source if cfg else form.data)]
     model_value = (cfg.model.pretrained or cfg.model.size) if cfg else form.model
-    if cfg is None or task in ("lora", "full") or (form.model or "").strip():
+    if cfg is None or task in FINETUNE_TASKS or (form.model or "").strip():
         checks.append(check_model(model_value or "", task))
     if not for_resume:
         checks.append(check_out(form.out))
@@ -353,7 +353,7 @@ def check_out_live(state: PanelState, out: str) -> Check:
 
 def form_from_config(cfg: RunConfig, preset: str) -> Form:
     """The form that reproduces ``cfg`` over ``preset``: the main fields, the rest as extra lines."""
-    model = cfg.model.pretrained if cfg.run.task in ("lora", "full") else cfg.model.size
+    model = cfg.model.pretrained if cfg.run.task in FINETUNE_TASKS else cfg.model.size
     form = Form(preset=preset, task=cfg.run.task, data=cfg.data.source, model=model or "", out=cfg.run.out,
                 steps=cfg.run.steps, lr=f"{cfg.train.lr:g}", rank=cfg.lora.rank, resolution=cfg.data.resolution,
                 batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum)
