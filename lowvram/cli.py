@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import FINETUNE_TASKS, MODEL_SIZES, TASKS, RunConfig, field_help
 from .errors import ConfigError, LowvramError
-from .runtime_env import offline_and_quiet
+from .runtime_env import no_compile_while_importing, offline_and_quiet
 
 PLAN_FILE_MARK = "# ==> "  # lowvram plan: the line before each file it prints
 
@@ -149,10 +149,11 @@ def resume_command(run_dir: str | Path) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import launched, launched_as_main, relaunch
+    from .train.phases import PhaseClock, summary_lines
     from .train.signals import GracefulStop, exit_code
     from .validate import check_config_flags, check_device, check_run_dir
 
+    clock = PhaseClock(since_process_start=True)  # the account starts when the process did
     if args.from_checkpoint is not None and args.resume is None:
         raise ConfigError("--from-checkpoint needs --resume RUN", "e.g. lowvram train --resume RUN --from-checkpoint step-00000400")
     if args.resume is not None:
@@ -162,13 +163,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.processes is not None and args.processes > 1:
         import torch
 
+        from .distributed import relaunch
+
         check_config_flags(args)
         # this process only launches the N training processes and passes on their exit code
         return relaunch(args.processes, args.argv, cpu=args.device == "cpu" or not torch.cuda.is_available())
-    from .train.phases import PhaseClock, summary_lines
-
-    clock = PhaseClock(since_process_start=True)  # the account starts when the process did
-    with clock.phase("imports"):  # torch and diffusers: seconds before anything else can happen
+    with clock.phase("imports"), no_compile_while_importing():  # torch, diffusers: seconds before anything else
+        from .distributed import launched, launched_as_main
         from .train import run as _training  # noqa: F401
     from . import api
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Set only where the user has not: a user who really wants the hub back can say so.
 OFFLINE_ENV = {
@@ -31,3 +33,24 @@ def offline_and_quiet() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     quiet_imports()
+
+
+@contextmanager
+def no_compile_while_importing() -> Iterator[None]:
+    """Import the training libraries without the ``torch.compile`` calls they make at import time.
+
+    bitsandbytes (imported by diffusers and peft whenever it is installed) wraps a few generic fallback
+    kernels (4-bit dequantize, LAMB-style preconditioning) in ``torch.compile`` when imported, which loads
+    TorchInductor: ~550 modules, 1-2 s of every run's start on a CPU. lowvram never compiles and uses only
+    bitsandbytes' 8-bit optimizers, whose CPU and CUDA kernels are not those; with torch's own switch
+    ``TORCHDYNAMO_DISABLE`` set for the duration of the imports the wrappers hold the plain functions.
+    The variable is removed afterwards (torch reads it per call); a value the user set is left alone.
+    """
+    if "TORCHDYNAMO_DISABLE" in os.environ:
+        yield
+        return
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCHDYNAMO_DISABLE", None)

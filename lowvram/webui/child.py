@@ -54,12 +54,13 @@ def stop_requested(stop_file: Path, parent_pid: int) -> Callable[[], bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import api
     from ..errors import LowvramError
+    from ..runtime_env import no_compile_while_importing
     from ..train.phases import PhaseClock
 
     clock = PhaseClock(since_process_start=True)  # the panel waits from the moment the process starts
-    with clock.phase("imports"):  # the trainer's libraries, loaded here so the phase account shows them
+    with clock.phase("imports"), no_compile_while_importing():  # the trainer's libraries (api imports torch)
+        from .. import api
         from ..train import run as _training  # noqa: F401
     events = EventWriter(args.events)
     stop = stop_requested(Path(args.stop_file), os.getppid())
