@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from vs_diffusers import make_images, tiny_pipeline  # noqa: E402
+from vs_diffusers import make_images, med, ratio, tiny_pipeline  # noqa: E402
 
 LIBRARIES = ("import torch; from diffusers import AutoencoderKL, UNet2DConditionModel; "
              "from transformers import CLIPTextModel, CLIPTokenizer; import peft")
@@ -63,10 +63,6 @@ def second_run(src: Path, work: Path, threads: int, cache: Path) -> dict:
     return next(r for r in rows if r["kind"] == "phases")
 
 
-def med(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.2f}" + (f" ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1 else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -98,16 +94,16 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nimporting the libraries alone ({LIBRARIES}): {med(libs)} s")
-    print("| lowvram | first step, s | model loading, s | first step without loading, s | that / libraries' import |")
-    print("|---|---|---|---|---|")
+    print("| lowvram | first step, s | model loading, s | first step without loading, s | that / libraries' import "
+          "| first step / this checkout's |")
+    print("|---|---|---|---|---|---|")
     notes: list[str] = []
     for src in sources:
         first = [a["first_step_s"] for a in runs[src]]
         load = [a["seconds"].get("load", 0.0) for a in runs[src]]
         bare = [f - ld for f, ld in zip(first, load, strict=True)]
-        ratios = [b / lib for b, lib in zip(bare, libs, strict=True)]
-        print(f"| {src} | {med(first)} | {med(load)} | {med(bare)} | {statistics.median(ratios):.2f}x "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+        here = [a["first_step_s"] for a in runs[sources[0]]]
+        print(f"| {src} | {med(first)} | {med(load)} | {med(bare)} | {ratio(bare, libs)} | {ratio(first, here)} |")
         phases = {k: statistics.median(a["seconds"].get(k, 0.0) for a in runs[src])
                   for k in runs[src][-1]["seconds"] if k not in ("steps", "checkpoints", "final saves")}
         notes.append(f"{src}: phases before the first step (median s): "
