@@ -53,13 +53,12 @@ def test_dynamo_is_off_only_while_importing(monkeypatch):
 
 
 def test_a_second_run_loads_only_what_its_first_step_needs(tmp_path):
-    from lowvram.cli import build_parser, resolve_config
-    from lowvram.memory.run_plan import plan_or_refuse
+    from lowvram import api
+    from lowvram.cli import build_parser, resolve_run
 
     flags = ["train", *tiny_flags(tmp_path / "run"), "--set", "run.steps=1", "--set", "run.val_every=0",
              "--no-final-samples"]
-    cfg, preset, _ = resolve_config(build_parser().parse_args(flags))
-    plan_or_refuse(cfg, preset.card)  # the first run's plan: the one below reuses it
+    api.plan(resolve_run(build_parser().parse_args(flags)))  # the first run's plan: the one below reuses it
     seen_file = tmp_path / "seen.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("TORCHDYNAMO_DISABLE", None)
