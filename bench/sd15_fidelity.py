@@ -7,6 +7,9 @@ Cases (each a LoRA rank 16 run of 2 steps, a preview at the end, batch 1, on the
 - ``w1``: the knobs W1's plan on the rx570 preset runs with (the planner's, from the preset's), trained on the
   CPU: the step model at full size under CPU autocast rules (the card's figure, with CUDA rules, is printed too);
 - ``fp32``: an fp32 plan (fp32 weights and compute, gradient checkpointing, SDPA).
+The measure is the CPU allocator's count of every thread's bytes plus the storages mapped from the checkpoint
+(lowvram/memory/fidelity.py): the text encoder is cast to the run's dtype on transformers' loading threads,
+which torch.profiler's own events do not follow (they once read 0.46 GiB below the fp32 weights).
 Heavy: several GB of RAM and minutes of CPU per case (run it under the shared lock).
 """
 
@@ -81,7 +84,7 @@ def run_case(case: str, model: Path, data: Path, work: Path, resolution: int) ->
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far (Linux: KiB)
     return {"case": case, "what": CASES[case], "resolution": resolution, "predicted_bytes": predicted,
             "measured_bytes": measured, "error": (predicted - measured) / measured, "peak_stage": record["peak_stage"],
-            "stages": record["stages"], "knobs": knobs, "card_figure_bytes": extra.get("card_peak"),
+            "stages": record["stages"], "by_category": record["by_category"], "knobs": knobs, "card_figure_bytes": extra.get("card_peak"),
             "seconds": round(time.perf_counter() - start, 1), "process_peak_rss_bytes": rss, "argv": argv}
 
 

@@ -1,13 +1,20 @@
 """Check the profiler against reality: the same step on real CPU tensors, measured by the allocator.
 
-The measurement is independent of the storage tracker: ``torch.profiler`` records every allocation and
-free of the CPU allocator (``profile_memory=True``); their running sum's maximum inside the step is the
-real peak. Only the model code and training step are shared — the same step, two ways of counting.
+The measurement is independent of the storage tracker: ``torch.profiler`` records the allocations and frees
+of the CPU allocator (``profile_memory=True``) with the allocator's own count of the bytes it holds (every
+thread's, not only the threads the profiler follows) and the storages mapped from files; the maximum inside
+the step is the real peak. Only the model code and training step are shared — the same step, two ways of
+counting.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,26 +27,100 @@ from .stages import STEP_RANGE
 from .workloads import Knobs, Workload
 
 
+@contextmanager
+def _every_thread_counted() -> Iterator[bool]:
+    """While open, the CPU allocator keeps its byte count for allocations on every thread; yields whether it
+    does.
+
+    ``torch.profiler`` reports an allocation only on threads the profiler follows (the one that started it,
+    autograd's and intra-op workers): a Python thread pool's allocations — transformers loads a checkpoint's
+    tensors and casts them to the load dtype on one — are not reported, although the tensors then live in the
+    model for the whole run. With c10's ``caffe2_report_cpu_memory_usage`` flag (no Python setter: it is set
+    in libc10's data) the allocator counts every thread's bytes, and each event it reports carries that count.
+    Outside the measure the flag is as it was, as the profiler's own counting is: only bytes allocated while
+    measuring are ever counted.
+    """
+    name = {"win32": "c10.dll", "darwin": "libc10.dylib"}.get(sys.platform, "libc10.so")
+    try:
+        flag = ctypes.c_bool.in_dll(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name)),
+                                    "FLAGS_caffe2_report_cpu_memory_usage")
+    except (OSError, ValueError):
+        warnings.warn("the fidelity measure cannot count tensors made on threads torch.profiler does not follow "
+                      f"(no FLAGS_caffe2_report_cpu_memory_usage in {name}); it may read low", stacklevel=3)
+        yield False
+        return
+    before = flag.value
+    flag.value = True
+    try:
+        yield True
+    finally:
+        flag.value = before
+
+
+def _allocations(prof: Any, every_thread: bool) -> list[tuple[int, int]]:
+    """(time, live bytes after it) of each CPU allocation or free the profiler reported, in time order.
+
+    Two kinds of reports: the CPU allocator's, each with the allocator's running total, and those of storages
+    mapped from files (a safetensors checkpoint's tensors until they are copied or cast: the whole file),
+    reported with a total of 0. Live bytes: the allocator's total (every thread's bytes with
+    ``every_thread``, from the first report's) plus the mapped storages held; without ``every_thread``, the
+    running sum of all reports (the profiled threads' bytes only).
+    """
+    if not every_thread:
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        out, live = [], 0
+        for t, nbytes in events:
+            live += nbytes
+            out.append((t, live))
+        return out
+    found: list[tuple[int, int, int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        extra = node.extra_fields
+        if type(extra).__name__ == "_ExtraFields_Allocation" and extra.device.type == "cpu":
+            found.append((node.start_time_ns, extra.alloc_size, extra.total_allocated, extra.ptr))
+    found.sort(key=lambda f: f[0])
+    out = []
+    base = None  # the allocator's total before the measured function
+    total = mapped = 0
+    mapped_at: set[int] = set()
+    for t, nbytes, allocated, ptr in found:
+        if (nbytes > 0 and allocated == 0) or (nbytes < 0 and ptr in mapped_at):  # a mapped file's storage
+            mapped += nbytes
+            (mapped_at.add if nbytes > 0 else mapped_at.discard)(ptr)
+        else:
+            if base is None:
+                base = allocated - nbytes
+            total = allocated - base
+        out.append((t, total + mapped))
+    return out
+
+
 def allocator_peak(fn: Any, window: str | None = STEP_RANGE) -> tuple[int, Any]:
     """Run ``fn()`` under the profiler; returns (peak bytes the CPU allocator held, fn's result).
 
     With ``window`` (a ``record_function`` name, or a prefix ending in ``.`` for every range named so),
     the peak is taken inside those ranges only (all bytes allocated before them still count): the
-    step, not the model building that precedes it.
+    step, not the model building that precedes it. Bytes allocated on threads the profiler does not follow
+    count too (see ``_every_thread_counted``), read at the next event the profiled threads report.
     """
-    # Frees of tensors allocated before the profiler started count as negative bytes and would lower the
-    # peak: collect earlier garbage now and keep the collector from freeing any inside the window.
+    # Frees of tensors allocated before the profiler started would lower the peak where the fallback counts
+    # events: collect earlier garbage now and keep the collector from freeing any inside the window.
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _every_thread_counted() as every_thread, \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            torch.empty(1)  # the first report: the allocator's total before fn (other threads may allocate first)
             result = fn()
     finally:
         if enabled:
             gc.enable()
     kineto = prof.profiler.kineto_results.events()
-    events = sorted((e.start_ns(), e.nbytes()) for e in kineto if e.name() == "[memory]")
 
     def named(name: str) -> bool:
         return name == window or (window is not None and window.endswith(".") and name.startswith(window))
@@ -50,10 +131,9 @@ def allocator_peak(fn: Any, window: str | None = STEP_RANGE) -> tuple[int, Any]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    live = peak = 0
+    peak = 0
     j = 0
-    for t, nbytes in events:
-        live += nbytes
+    for t, live in _allocations(prof, every_thread):
         if window is None:
             peak = max(peak, live)
             continue
