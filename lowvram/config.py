@@ -220,6 +220,11 @@ class MemorySection:
         0.0, "Fraction (0-1) of the frozen UNet block weights kept in host RAM and copied to the card one block "
         "ahead of use (LoRA only; costs bus time every step; 0 = off, the planner turns it on when nothing else fits)."
     )
+    vae_tiling: bool = _f(
+        False, "Encode and decode with the VAE in overlapping tiles (caching, previews, class images of "
+        "fine-tunes): far less memory at 1024², slower, tiles blend with little visible change; the planner "
+        "turns it on when the VAE sets the peak."
+    )
     vram_gib: float | None = _f(None, "Memory budget in GiB (default: the preset's card).")
     ram_gib: float | None = _f(None, "Host RAM in GiB the plan is checked against (default: this machine's).")
     force: bool = _f(False, "Train even when the plan does not fit the budget.")

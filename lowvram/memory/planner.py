@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import MemoryPlanError
 from .profiler import GIB, MemoryProfile, card_budget, profile_step
 from .streaming import check_host, streamable_bytes
-from .workloads import Knobs, Workload, fp16_compute_safe
+from .workloads import Knobs, Workload, fp16_compute_safe, vae_tiles
 
 STREAM_STEPS = (0.25, 0.5, 0.75, 1.0)  # fractions of the frozen block bytes the planner tries
 
@@ -122,6 +122,11 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
     if workload.mode != "lora" and k.optimizer != "adafactor":
         k = k.with_(optimizer="adafactor")
         yield "factored optimizer state (Adafactor)", k
+    # VAE tiling costs time only while caching and drawing previews (the overlaps: about twice the pixels)
+    # and changes latents and images a little: late, but before streaming, which costs bus time every step
+    if not k.vae_tiling and vae_tiles(workload):
+        k = k.with_(vae_tiling=True)
+        yield "VAE in tiles (caching, previews)", k
     # bf16 trainable weights and DeepSpeed ZeRO-2 are profiled when a config asks for them, but the trainer
     # does not run them yet (run_plan.untrained_knobs): the planner never picks what cannot train.
     # Streaming the frozen blocks from host RAM costs bus time on every step (twice the streamed bytes
@@ -193,4 +198,5 @@ def plan(
         "--set memory.force=true trains anyway at your own risk",
     )
     err.leanest_bytes = current.peak_bytes
+    err.leanest = current  # its profile: host bytes and knobs of the closest plan
     raise err

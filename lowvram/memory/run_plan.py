@@ -315,20 +315,20 @@ def knobs_from_config(cfg: Any, workload: Workload | None = None, card: Any = No
         attention_chunk=m.attention_chunk, batch_size=batch, grad_accum=accum, cache_latents=m.cache_latents,
         cache_text=m.cache_text, offload_frozen=m.offload_frozen, ema_on_cpu=t.ema_on_cpu,
         fused_backward=m.fused_backward, zero_stage=m.zero_stage, offload_optimizer=m.offload_optimizer,
-        stream_blocks=float(m.stream_blocks),
+        stream_blocks=float(m.stream_blocks), vae_tiling=m.vae_tiling,
     )
 
 
 def plan_job(wl: Workload, knobs: Knobs, card: Any, vram_gib: float | None = None,
-             ram_gib: float | None = None) -> tuple[MemoryProfile, Plan | None]:
+             ram_gib: float | None = None, profile: Any = profile_step) -> tuple[MemoryProfile, Plan | None]:
     """The one way a job is planned (runs, presets' tables, ``lowvram profile``): profile it with its knobs;
     over budget, the planner's first plan that fits from there (raises MemoryPlanError when none does, or
-    when the plan would exhaust host RAM)."""
-    prof = profile_step(wl, knobs, card=card, vram_gib=vram_gib)
+    when the plan would exhaust host RAM). ``profile``: ``profile_step`` or a memo of it."""
+    prof = profile(wl, knobs, card=card, vram_gib=vram_gib)
     if prof.fits is not False:
         check_host(prof, ram_gib, card)
         return prof, None
-    return prof, plan(wl, card, vram_gib=vram_gib, ram_gib=ram_gib, start=knobs, first=prof)
+    return prof, plan(wl, card, vram_gib=vram_gib, ram_gib=ram_gib, start=knobs, first=prof, profile=profile)
 
 
 def plan_inputs(cfg: RunConfig, card: Any = None, processes: int = 1) -> tuple[Workload, Knobs]:

@@ -95,15 +95,15 @@ WORKLOADS: dict[str, Workload] = {
     "W3": Workload("W3", "SD 1.5 UNet, full fine-tune, 512², batch 1", "sd15", "full", 512, 1, ema=True),
     "W4": Workload("W4", "from scratch: celeba64 latent text-to-image (UNet 64/128/256, text 77x512), batch 16",
                    "celeba64", "scratch", 64, 16, ema=True),
-    # FLUX.1 is planned but not trained yet: the steady-state step alone (no cache stage, no previews, no EMA)
+    # FLUX.1 (train/flux_lora.py) keeps an EMA of its LoRA like the others (train.ema_decay 0.999); its profile
+    # is the steady-state step with that EMA (no cache stage, no previews replayed yet)
     "W5": Workload("W5", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 512², batch 1",
-                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS, preview=None),
+                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None),
     "W6": Workload("W6", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 1024², batch 1",
-                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS, preview=None),
+                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None),
 }
-# The jobs the presets' memory tables show: the ones lowvram trains (FLUX.1 is planned, not trained yet:
-# `lowvram profile --workload W5` profiles it)
-TABLE_WORKLOADS = ("W1", "W2", "W3", "W4")
+# The jobs the presets' memory tables show: every standard job (all of them train through `lowvram train`)
+TABLE_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
 
 
 def get_workload(name: str) -> Workload:
@@ -136,6 +136,7 @@ class Knobs:
     zero_stage: int = 0  # DeepSpeed ZeRO: 0 off, 2 = optimizer state and gradients partitioned over processes
     offload_optimizer: bool = False  # ZeRO-2's optimizer state in host memory (ZeRO-Offload)
     stream_blocks: float = 0.0  # fraction of the frozen block bytes kept in host RAM and streamed (0 = off)
+    vae_tiling: bool = False  # a fine-tune's VAE encodes/decodes in tiles (models/vae_tiles.py)
 
     def with_(self, **changes: Any) -> Knobs:
         return dataclasses.replace(self, **changes)
@@ -152,6 +153,8 @@ class Knobs:
             memory.update(zero_stage=self.zero_stage, offload_optimizer=self.offload_optimizer)
         if self.stream_blocks:
             memory["stream_blocks"] = self.stream_blocks
+        if self.vae_tiling:
+            memory["vae_tiling"] = True
         return {"train": train, "memory": memory}
 
 
@@ -198,6 +201,21 @@ def attach_lora(unet: nn.Module, rank: int, targets: tuple[str, ...], dropout: f
 def fp16_compute_safe(workload: Workload) -> bool:
     """False where fp16 activations overflow (FLUX.1): such jobs compute in bf16, or fp32 without bf16 (gfx803)."""
     return workload.model not in FLUX_MODELS
+
+
+def vae_tiles(workload: Workload) -> bool:
+    """Whether ``memory.vae_tiling`` changes this job: a fine-tune of an SD family whose images (training
+    resolution, largest preview) are larger than a tile. FLUX.1's profile has no VAE stage yet, and
+    from-scratch jobs keep their VAE whole."""
+    from ..models.sd_configs import SD_FAMILIES
+    from ..models.vae_tiles import TILE_LATENTS
+
+    if workload.from_scratch or workload.model not in SD_FAMILIES:
+        return False
+    vae = {**SD_FAMILIES[workload.model].vae, **workload.vae_overrides}
+    tile = TILE_LATENTS * 2 ** (len(vae["block_out_channels"]) - 1)
+    sides = [workload.resolution, *(workload.preview.size or () if workload.preview else ())]
+    return max(sides) > tile
 
 
 def _is_family(name: str) -> bool:
@@ -345,6 +363,11 @@ def build(workload: Workload, knobs: Knobs, device: str | torch.device = "meta",
         kernel = fused
         notes.append(f"attention {knobs.attention}: modelled as a fused O(N) kernel (output + fp32 logsumexp)")
     set_attention(built.unet, kernel, knobs.attention_chunk)
+    if knobs.vae_tiling and built.vae is not None and not workload.from_scratch:
+        from ..models.vae_tiles import tile_vae
+
+        # the fine-tunes' VAE, as the trainer tiles it (from-scratch jobs keep theirs whole)
+        built.notes.append(tile_vae(built.vae))
     if built.vae is not None:
         # training keeps diffusers' SDPA processor in the VAE: the card's fused kernel, or math without one
         set_attention(built.vae, fused if helper_kernel == "sdpa" and str(device) == "meta" else helper_kernel)

@@ -602,6 +602,10 @@ def prepare_models(cfg: RunConfig, comps: Any, device: torch.device) -> list[str
             te.to(dt)
     if comps.vae.dtype != vae_dt:
         nn.Module.to(comps.vae, vae_dt)  # diffusers' own .to(dtype) warns about an empty list of fp32 modules
+    if cfg.memory.vae_tiling:  # caching, class images and previews (the pipeline decodes with this VAE)
+        from ..models.vae_tiles import tile_vae
+
+        notes.append(tile_vae(comps.vae))
     torch.manual_seed(cfg.run.seed)  # LoRA's random init: the same run gives the same adapter
     if cfg.run.task == "lora":
         lo = cfg.lora

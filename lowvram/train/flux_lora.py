@@ -113,6 +113,10 @@ class FluxLoraJob(FinetuneJob):
             m.to(self.text_device)
         self.frozen = [comps.vae]
         comps.vae.to(device)
+        if cfg.memory.vae_tiling:  # the latent cache's encode and the previews' decode
+            from ..models.vae_tiles import tile_vae
+
+            print(f"note: {tile_vae(comps.vae)}")
         self.frozen_on_device = True
         self.lora_name = run_dir.resolve().name or "lora"
         self.prior_losses: deque[tuple[float, float]] = deque(maxlen=cfg.train.grad_accum)
