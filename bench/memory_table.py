@@ -20,7 +20,6 @@ card has no fused one), full batch.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -28,8 +27,8 @@ import time
 from lowvram.errors import MemoryPlanError
 from lowvram.memory.bound import lower_bound
 from lowvram.memory.planner import baseline, plan
-from lowvram.memory.profiler import GIB, card_budget, profile_step
-from lowvram.memory.report import leanest
+from lowvram.memory.profiler import GIB, profile_step
+from lowvram.memory.report import leanest, preset_start, shared_profile
 from lowvram.memory.workloads import WORKLOADS, Knobs
 from lowvram.presets import load_preset
 
@@ -62,41 +61,15 @@ def row(wid: str) -> dict:
             "bound_terms": bound.terms, "notes": lean.notes, "seconds": round(time.perf_counter() - t, 1)}
 
 
-_PROFILES: dict[tuple, object] = {}
-
-
-def shared_profile(wl, knobs, card=None, vram_gib=None, **kw):
-    """``profile_step``, reused for the same knobs on a card with the same kernels and bus (the budget is the card's)."""
-    key = (wl.id, knobs, getattr(card, "backend", None), getattr(card, "flash_attention", False),
-           getattr(card, "xformers", False), getattr(card, "pcie_gb_s", None))
-    if key not in _PROFILES:
-        _PROFILES[key] = profile_step(wl, knobs, card=card, vram_gib=vram_gib, **kw)
-    vram, context, margin, budget = card_budget(card, vram_gib)
-    return dataclasses.replace(_PROFILES[key], vram_bytes=vram, context_bytes=context, margin_bytes=margin,
-                               budget_bytes=budget)
-
-
-def preset_start(preset, wl) -> Knobs:
-    """The knobs a run of ``wl`` starts from with this preset's config (FLUX.1 never in fp16, as ``lowvram train``)."""
-    from lowvram.config import ConfigBuilder
-    from lowvram.memory.flux_workload import safe_precision
-    from lowvram.memory.report import knobs_from_config
-    from lowvram.memory.workloads import FLUX_MODELS
-
-    cfg = ConfigBuilder().apply(preset.config, preset.source).build()
-    if wl.model in FLUX_MODELS:
-        safe_precision(cfg, preset.card)
-    return knobs_from_config(cfg, wl, preset.card)
-
-
 def preset_row(name: str, wid: str, ram_gib: float) -> dict:
     """The plan ``lowvram train`` would choose for workload ``wid`` with preset ``name`` (its config's knobs
     first, then the planner's), or the leanest plan when none fits."""
     preset = load_preset(name)
-    wl, card = WORKLOADS[wid], preset.card
+    wl, start = preset_start(WORKLOADS[wid], preset)
+    card = preset.card
     t = time.perf_counter()
     try:
-        chosen = plan(wl, card, ram_gib=ram_gib, start=preset_start(preset, wl), profile=shared_profile)
+        chosen = plan(wl, card, ram_gib=ram_gib, start=start, profile=shared_profile)
         prof, knobs, error = chosen.profile, chosen.knobs, ""
     except MemoryPlanError as e:
         knobs = leanest(wl, card)

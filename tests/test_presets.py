@@ -14,6 +14,7 @@ from lowvram.presets import (
     list_presets,
     load_preset,
     preset_dir,
+    presets_markdown,
     presets_table,
 )
 
@@ -191,13 +192,19 @@ def test_presets_table(tmp_path):
             lambda d: d.update(
                 name="profiled",
                 memory_profile={"workloads": {
-                    "W1": {"peak_gib": 1.23, "fits": True},
-                    "W2": {"peak_gib": 6.1, "fits": False, "planned_peak_gib": 3.36, "fits_with_planner": True},
+                    "W1": {"peak_gib": 1.23, "host_gib": 0.0, "fits": True},
+                    "W2": {"peak_gib": 6.1, "host_gib": 0.5, "fits": False, "planned_peak_gib": 3.36,
+                           "planned_host_gib": 7.25, "fits_with_planner": True, "stream_blocks": 0.5},
                     "W3": {"peak_gib": 9.0, "fits": False, "planned_peak_gib": 5.0, "fits_with_planner": False},
+                    "W5": {"peak_gib": 2.46, "host_gib": 17.55, "fits": True, "stream_blocks": 1.0},
                 }},
             ),
         )
     )
     table = presets_table([load_preset("rx570"), profiled])
-    assert "memory profile" in table and "W1 1.2G, W2 planned 3.4G, W3 no" in table
+    # card bytes, and host bytes where a plan keeps some there (an old table without them: card only)
+    assert "memory profile" in table and "W1 1.2G, W2 planned 3.4G+7.2G host, W3 no, W5 2.5G+17.6G host" in table
+    md = presets_markdown([profiled])
+    assert "| W2 SDXL LoRA r16, 1024² | 6.1 | 0.5 | fits with the planner | 3.36 | 7.25 | 50% |" in md
+    assert "| W5 FLUX.1-dev LoRA r16, 512² | 2.46 | 17.55 | fits |  |  | 100% |" in md
     assert "adamw8bit_portable" in table and "chunked" in table

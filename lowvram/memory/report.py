@@ -6,6 +6,7 @@ table and ``check_preset_profile`` says where a stored table no longer matches a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,16 @@ import yaml
 from ..errors import ConfigError, MemoryPlanError
 from ..fsutil import write_text_atomic
 from .bound import lower_bound
+from .flux_workload import safe_precision
 from .planner import baseline, candidates
-from .profiler import GIB, MemoryProfile, profile_step
+from .profiler import GIB, MemoryProfile, card_budget, profile_step
 from .run_plan import knobs_from_config, plan_job
-from .workloads import TABLE_WORKLOADS, WORKLOADS, Knobs, Workload, get_workload
+from .workloads import FLUX_MODELS, TABLE_WORKLOADS, WORKLOADS, Knobs, Workload, get_workload
 
 PROFILE_TOLERANCE = 0.01  # a stored peak may differ from a fresh one by 1 % (library updates move bytes)
+# A stored table must not depend on the RAM of the machine that wrote it: it shows the host bytes for the
+# reader to hold against theirs (a run checks its own machine's RAM), so it plans as if RAM were plentiful.
+TABLE_RAM_GIB = 1024.0
 
 
 def leanest(workload: Workload, card: Any = None) -> Knobs:
@@ -57,23 +62,43 @@ def preset_start(workload: Workload, preset: Any) -> tuple[Workload, Knobs]:
     from ..config import ConfigBuilder
 
     cfg = ConfigBuilder().apply(preset.config, preset.source).build()
+    if workload.model in FLUX_MODELS:  # as `lowvram train` plans a FLUX.1 run: never in fp16
+        safe_precision(cfg, preset.card)
     wl = workload.with_(ema=workload.ema and cfg.train.ema_decay > 0)
     return wl, knobs_from_config(cfg, wl, preset.card)
 
 
+_PROFILES: dict[tuple, MemoryProfile] = {}
+
+
+def shared_profile(workload: Workload, knobs: Knobs, card: Any = None, vram_gib: float | None = None,
+                   **kw: Any) -> MemoryProfile:
+    """``profile_step``, kept for this process and reused for the same job and knobs on any card with the same
+    kernels, autocast rules and bus (the profile reads nothing else of a card; only the budget is the card's):
+    the presets' tables plan the same candidates on several cards."""
+    key = (repr(workload), knobs, getattr(card, "backend", None), getattr(card, "flash_attention", False),
+           getattr(card, "xformers", False), getattr(card, "pcie_gb_s", None), tuple(sorted(kw.items())))
+    if key not in _PROFILES:
+        _PROFILES[key] = profile_step(workload, knobs, card=card, vram_gib=vram_gib, **kw)
+    vram, context, margin, budget = card_budget(card, vram_gib)
+    return dataclasses.replace(_PROFILES[key], vram_bytes=vram, context_bytes=context, margin_bytes=margin,
+                               budget_bytes=budget)
+
+
 def standard_plan(workload: Workload, card: Any, start: Knobs, vram_gib: float | None = None,
-                  ram_gib: float | None = None) -> dict[str, Any]:
+                  ram_gib: float | None = None, profile: Any = profile_step) -> dict[str, Any]:
     """The one figure of a standard job on a card: its knobs' profile and, over budget, the planner's first
     plan that fits from there (``lowvram profile``, the presets' tables and the panel all show this)."""
     try:
-        prof, chosen = plan_job(workload, start, card, vram_gib, ram_gib)
+        prof, chosen = plan_job(workload, start, card, vram_gib, ram_gib, profile=profile)
     except MemoryPlanError as e:
-        first = profile_step(workload, start, card=card, vram_gib=vram_gib)
+        first = profile(workload, start, card=card, vram_gib=vram_gib)
         return {"start": first, "chosen": None, "steps": [{"error": str(e)}],
-                "leanest_bytes": getattr(e, "leanest_bytes", None)}
+                "leanest_bytes": getattr(e, "leanest_bytes", None), "leanest": getattr(e, "leanest", None)}
     steps = [{"knob": s.knob, "peak_bytes": s.peak_after, "saved_bytes": s.saved} for s in chosen.steps] \
         if chosen else []
-    return {"start": prof, "chosen": chosen.profile if chosen else prof, "steps": steps, "leanest_bytes": None}
+    return {"start": prof, "chosen": chosen.profile if chosen else prof, "steps": steps, "leanest_bytes": None,
+            "leanest": None}
 
 
 def profile_workload(workload: Workload, card: Any = None, vram_gib: float | None = None,
@@ -146,22 +171,35 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 # ---- presets' memory tables ----------------------------------------------------------------------
 
+def _gib(n: int | float) -> float:
+    return round(n / GIB, 3)
+
+
 def preset_table(preset: Any) -> dict[str, Any]:
-    """The ``memory_profile`` of a loaded preset: W1–W4 profiled with the preset's own knobs, and where they
-    do not fit, the planner's first plan that fits from there (what ``lowvram train`` would run)."""
+    """The ``memory_profile`` of a loaded preset: W1–W6 profiled with the preset's own knobs, and where they
+    do not fit, the planner's first plan that fits from there (what ``lowvram train`` would run), or its
+    leanest plan. Each with the bytes on the card and in host memory (streamed weights, parked models,
+    the EMA on the CPU ...) at the card's peak, and the streamed share of the frozen block weights."""
     table: dict[str, Any] = {"generated_by": "lowvram profile --update-presets",
                              "budget_gib": None, "workloads": {}}
     for wid in TABLE_WORKLOADS:
         workload = WORKLOADS[wid]
         wl, start = preset_start(workload, preset)
-        planned = standard_plan(wl, preset.card, start)
+        planned = standard_plan(wl, preset.card, start, ram_gib=TABLE_RAM_GIB, profile=shared_profile)
         p = planned["start"]
-        table["budget_gib"] = round(p.budget_bytes / GIB, 3)
-        row = {"peak_gib": round(p.peak_bytes / GIB, 3), "fits": bool(p.fits)}
+        table["budget_gib"] = _gib(p.budget_bytes)
+        row: dict[str, Any] = {"peak_gib": _gib(p.peak_bytes), "host_gib": _gib(sum(p.host_bytes.values())),
+                               "fits": bool(p.fits)}
+        shown = p
         if not p.fits:
             chosen = planned["chosen"]
+            shown = chosen if chosen is not None else planned["leanest"]
             peak = chosen.peak_bytes if chosen is not None else planned["leanest_bytes"]
-            row.update(planned_peak_gib=round(peak / GIB, 3), fits_with_planner=chosen is not None)
+            row.update(planned_peak_gib=_gib(peak), fits_with_planner=chosen is not None)
+            if shown is not None:
+                row["planned_host_gib"] = _gib(sum(shown.host_bytes.values()))
+        if shown is not None and shown.knobs.get("stream_blocks"):
+            row["stream_blocks"] = shown.knobs["stream_blocks"]
         table["workloads"][wid] = row
     return table
 
@@ -176,13 +214,14 @@ def _write_profile(path: Path, table: dict[str, Any]) -> None:
 
 
 def update_preset_profile(name: str) -> str:
-    """Profile W1–W4 with preset ``name``'s knobs and write its ``memory_profile``; returns the verdicts."""
+    """Profile W1–W6 with preset ``name``'s knobs and write its ``memory_profile``; returns the verdicts."""
     from ..presets import load_preset
 
     preset = load_preset(name)
     table = preset_table(preset)
     _write_profile(preset.path, table)
-    return ", ".join(f"{w} {r['peak_gib']:.2f} GiB {'fits' if r['fits'] else 'no'}" for w, r in table["workloads"].items())
+    return ", ".join(f"{w} {r['peak_gib']:.2f} GiB (host {r['host_gib']:.2f}) {'fits' if r['fits'] else 'no'}"
+                     for w, r in table["workloads"].items())
 
 
 def check_preset_profile(name: str) -> list[str]:
@@ -200,8 +239,9 @@ def check_preset_profile(name: str) -> list[str]:
         if not isinstance(old, dict):
             problems.append(f"{name} {wid}: missing from the stored table")
             continue
-        if abs(float(old.get("peak_gib", -1)) - row["peak_gib"]) > PROFILE_TOLERANCE * row["peak_gib"] + 0.001:
-            problems.append(f"{name} {wid}: stored peak {old.get('peak_gib')} GiB, fresh {row['peak_gib']} GiB")
+        for key, what in (("peak_gib", "peak"), ("host_gib", "host bytes")):
+            if abs(float(old.get(key, -1)) - row[key]) > PROFILE_TOLERANCE * row[key] + 0.001:
+                problems.append(f"{name} {wid}: stored {what} {old.get(key)} GiB, fresh {row[key]} GiB")
         if old.get("fits") != row["fits"]:
             problems.append(f"{name} {wid}: stored fits={old.get('fits')}, fresh fits={row['fits']}")
     return problems
