@@ -444,6 +444,12 @@ class FusedBackward:
         # one fused in-place AdamW kernel per tensor where torch has one (else foreach=False): as the non-fused trainer
         self.optimizers = [build_optimizer([p], name, lr, weight_decay, betas, eps, foreach=False, fused=True)
                            for p in self.params]
+        # one set of the portable 8-bit optimizer's code tables (0.5 MiB each, per device and sign) for every
+        # per-tensor optimizer, not a set each: an SDXL LoRA's 1,435 tensors held 1.4 GiB of copies
+        codes: dict[tuple[torch.device, bool], QuantCode] = {}
+        for opt in self.optimizers:
+            if isinstance(opt, AdamW8bitPortable):
+                opt._codes = codes
         self.clip_per_param = clip_per_param
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.stepping = True
