@@ -319,7 +319,7 @@ def presets_markdown(presets: list[Preset] | None = None) -> str:
            "the training steps with EMA, validation, sample previews), profiled on the meta device, see",
            "[memory.md](memory.md). *peak* uses the preset's own knobs; when that does not fit, *planned* is the",
            "first plan the planner finds from there (what `lowvram train`, `lowvram plan`, `lowvram profile",
-           "--preset` and the web panel run and show for that job), or how close its leanest plan came. The",
+           "--preset` and the web panel run and show for that job), or the closest plan it profiled. The",
            "planner only switches on what the trainer runs. The budget is the card's memory minus the runtime",
            "context and a safety margin. *host* is what the same plan keeps in host RAM at the card's peak",
            "(streamed block weights and the pinned allocator's rounding, the VAE/text encoders parked after",
@@ -341,7 +341,7 @@ def presets_markdown(presets: list[Preset] | None = None) -> str:
                 "|---|---|---|---|---|---|---|"]
         for wid, row in table.items():
             verdict = "fits" if row.get("fits") else ("fits with the planner" if row.get("fits_with_planner")
-                                                      else "does not fit (leanest plan shown)")
+                                                      else "does not fit (the planner's closest shown)")
             cells = [row.get(k, "") for k in ("peak_gib", "host_gib")] + [verdict] + \
                 [row.get(k, "") for k in ("planned_peak_gib", "planned_host_gib")]
             streamed = f"{row['stream_blocks']:.0%}" if row.get("stream_blocks") else ""
