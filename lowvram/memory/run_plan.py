@@ -23,7 +23,7 @@ from ..run_folder import CONFIG_NAME, PLAN_NAME, SOURCES_NAME
 from .planner import Plan, plan
 from .profiler import GIB, MemoryProfile, effective_attention, profile_step
 from .streaming import check_host
-from .workloads import Knobs, Preview, Workload
+from .workloads import FLUX_MODELS, Knobs, Preview, Workload
 
 # models/pretrained.py names families by checkpoint; the profiler by published architecture
 SD_FAMILY_WORKLOAD = {"sd1": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
@@ -484,7 +484,8 @@ def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, s
     sources = dict(sources or {name: "default" for name, _ in all_fields()})
     planned = copy.deepcopy(cfg)
     family_notes: list[str] = []
-    if workload_is_flux(cfg):
+    wl = workload_for(planned)  # the job does not depend on the compute precision; the knobs do
+    if wl.model in FLUX_MODELS:
         from .flux_workload import safe_precision
 
         before = planned.train.precision
@@ -493,7 +494,7 @@ def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, s
             sources["train.precision"] = "planner: FLUX.1 precision"
     card_rec = _card_record(card, preset)
     refusal = (untrained_knobs(planned, processes) or [None])[0]
-    wl, knobs = plan_inputs(planned, card, processes)
+    knobs = knobs_from_config(planned, None, card).with_(processes=processes)
     job = {k: v for k, v in asdict(wl).items() if k not in ("id", "unet_overrides", "vae_overrides",
                                                           "text_encoder_overrides", "lora_targets")}
     base = {"card": card_rec, "job": job}
@@ -513,14 +514,6 @@ def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, s
     if refusal is not None:
         record.update(verdict="refused", refused=f"{refusal[0]} — {refusal[1]}")
     return RunPlan(planned, sources, record, prof, refusal, reused)
-
-
-def workload_is_flux(cfg: RunConfig) -> bool:
-    if cfg.run.task not in FINETUNE_TASKS or not cfg.model.pretrained:
-        return False
-    from ..models.flux import is_flux_model
-
-    return bool(is_flux_model(cfg.model.pretrained))
 
 
 def read_plan(folder: str | Path) -> RunPlan:
