@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .pinning import exact_pinning
 
 # The blocks diffusers checkpoints one by one (``_gradient_checkpointing_func(block, ...)``): streaming at
 # that granularity is what lets recomputation bring a block's weights back through its own hooks.
@@ -162,6 +163,8 @@ class BlockStreamer:
                                       "stream blocks that own their weights (memory.stream_blocks=0 for this model)")
                 seen.add(id(s.host))
         self.pinned = (self.device.type == "cuda") if pin is None else pin
+        if self.pinned:
+            exact_pinning()  # the weights are pinned once for the run: rounding them up would only waste RAM
         self._host_device = torch.device(host) if host is not None else \
             torch.device("meta") if self.device.type == "meta" else torch.device("cpu")
         self._cache: dict[int, list[torch.Tensor]] = {}  # unit -> device copies (fetched or prefetched)

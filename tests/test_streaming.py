@@ -393,3 +393,38 @@ def test_diffusers_group_offloading_is_not_usable_for_training():
     # it: after backward every block is on the device (nothing saved in backward)
     assert r["onload_backward"] > 0 and r["nan_grads"] == 0
     assert r["groups_on_device_after_step"] >= r["groups"] - 1
+
+
+# ---- host RAM: streamed weights pinned without torch's power-of-two rounding ----------------------------
+
+def test_pinned_weights_are_not_rounded_up_unless_the_user_asks(stream_wl, monkeypatch):
+    from lowvram.pinning import ROUND_KEY, exact_pinning
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    knobs = Knobs(attention="math", batch_size=2, stream_blocks=1.0)
+    exact = profile_step(stream_wl, knobs)  # no card: a CUDA one, whose streamed weights are pinned
+    assert "pinned_rounding" not in exact.host_bytes
+    # the engine tells torch's pinned allocator so before it pins anything
+    assert exact_pinning() and f"{ROUND_KEY}:0" in torch._C._accelerator_getAllocatorSettings()
+
+    # a threshold of the user's own (here: above every block) is left alone and counted
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", f"{ROUND_KEY}:4096")
+    assert not exact_pinning()
+    rounded = profile_step(stream_wl, knobs)
+    built = build_streamed_host_sizes(stream_wl, knobs)
+    assert rounded.host_bytes["pinned_rounding"] == sum((1 << (n - 1).bit_length()) - n for n in built if n > 0)
+    assert rounded.host_bytes["pinned_rounding"] > 0
+    assert rounded.host_bytes["streamed_weights"] == exact.host_bytes["streamed_weights"]
+
+
+def build_streamed_host_sizes(wl, knobs: Knobs) -> list[int]:
+    """Byte size of every streamed host tensor of ``wl``'s UNet under ``knobs`` (each is one pinned block)."""
+    from lowvram.memory.workloads import build
+
+    unet = build(wl, knobs.with_(stream_blocks=0.0), "meta").unet
+    streamer = BlockStreamer(unet, "meta", stream_units(unet), pin=False)
+    try:
+        return [t.numel() * t.element_size() for t in streamer.host_tensors()]
+    finally:
+        streamer.close()

@@ -57,8 +57,10 @@ def library_versions() -> dict[str, str]:
 def key_material(cfg: RunConfig, card: Any, processes: int | None, workload: Any = None) -> dict[str, Any]:
     """Everything a plan depends on, as JSON-able values (the key is their sha256): the config less the
     fields ``run_plan.MEMORY_NEUTRAL`` declares (the one list: tests/test_plan_fields.py holds it), the
-    job as read from the checkpoint's files and the data folders, the card, host RAM, processes, code, libraries."""
+    job as read from the checkpoint's files and the data folders, the card, host RAM and how it is pinned,
+    processes, code, libraries."""
     from ..distributed import process_count
+    from ..pinning import round_threshold
     from .run_plan import MEMORY_NEUTRAL, workload_for
     from .streaming import host_budget
 
@@ -72,7 +74,8 @@ def key_material(cfg: RunConfig, card: Any, processes: int | None, workload: Any
     host_ram, _ = host_budget(cfg.memory.ram_gib)
     return {"version": PLAN_CACHE_VERSION, "config": config,
             "workload": dataclasses.asdict(workload) if workload is not None else None, "card": card_state,
-            "host_ram": host_ram, "processes": processes or process_count(), "code": code_fingerprint(),
+            "host_ram": host_ram, "pinned_round_threshold": round_threshold(),
+            "processes": processes or process_count(), "code": code_fingerprint(),
             "libraries": library_versions()}
 
 

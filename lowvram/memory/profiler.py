@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..pinning import round_threshold
 from .stages import (
     Timeline,
     autoencoder_stage,
@@ -267,7 +268,9 @@ def _finish(workload: Workload, knobs: Knobs, card: Any, vram_gib: float | None,
             host["frozen_weights"] = rest
         host["streamed_weights"] = streamer.host_bytes
         if pinned(card):
-            host["pinned_rounding"] = pinned_overhead(streamer.host_tensors())
+            rounding = pinned_overhead(streamer.host_tensors(), round_threshold())
+            if rounding:
+                host["pinned_rounding"] = rounding
     if knobs.zero_stage:
         scale, note = zero_scale(knobs)
         peak, by_category = tracker.scaled_peak(scale)

@@ -32,11 +32,12 @@ def pinned(card: Any = None) -> bool:
     return getattr(card, "backend", "cuda") in ("cuda", "rocm")
 
 
-def pinned_overhead(tensors: list[torch.Tensor]) -> int:
-    """Bytes torch's pinned-memory allocator adds to ``tensors``: it rounds each block up to a power of
-    two (torch 2.13's default; ``PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:N`` turns that off)."""
+def pinned_overhead(tensors: list[torch.Tensor], threshold: int | None = None) -> int:
+    """Bytes torch's pinned-memory allocator adds to ``tensors``: each block up to ``threshold`` bytes
+    (None: every block) is rounded up to a power of two."""
     sizes = [t.numel() * t.element_size() for t in tensors]
-    return sum((1 << (n - 1).bit_length()) - n for n in sizes if n > 0)
+    return sum((1 << (n - 1).bit_length()) - n for n in sizes
+               if n > 0 and (threshold is None or n <= threshold))
 
 
 def bus_gb_s(card: Any = None) -> float:
