@@ -446,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", metavar="USER:PASS", help="Require this user and password (default: LOWVRAM_UI_AUTH).")
     p = parsers["profile"]
     p.add_argument("--preset", help="Card preset whose budget to plan against.")
-    p.add_argument("--workload", action="append", choices=("W1", "W2", "W3", "W4"),
-                   help="Standard workload (repeatable; default: all four).")
+    p.add_argument("--workload", action="append", choices=("W1", "W2", "W3", "W4", "W5", "W6"),
+                   help="Standard workload (repeatable; default: all six).")
     p.add_argument("--vram", type=float, help="Card memory in GiB (instead of a preset's).")
     p.add_argument("--ram", type=float, help="Host RAM in GiB to check plans against (default: this machine's).")
     p.add_argument("--json", action="store_true", help="Print JSON: peak_bytes, budget_bytes, fits, lower_bound_bytes, ...")

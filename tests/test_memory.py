@@ -250,3 +250,12 @@ def test_stored_preset_memory_table_matches_a_fresh_profile(name):
     from lowvram.memory.report import check_preset_profile
 
     assert check_preset_profile(name) == []
+
+
+def test_profile_command_accepts_every_standard_workload():
+    from lowvram.cli import build_parser
+    from lowvram.memory.workloads import WORKLOADS
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["profile"]._actions
+                  if "--workload" in a.option_strings)
+    assert set(action.choices) == set(WORKLOADS)  # W5/W6 (FLUX.1) were refused by `lowvram profile --workload`
