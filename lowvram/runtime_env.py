@@ -19,7 +19,9 @@ OFFLINE_ENV = {
 # bitsandbytes 0.50 logs on import, on CPUs with AVX512-BF16, that it could not fetch a 4-bit *inference*
 # kernel from the Hub ("Failed to load CPU gemm_4bit_forward ..."). lowvram never runs 4-bit inference,
 # so the line is noise on every command; its 8-bit optimizers are unaffected.
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# transformers 5.x warns, when diffusers' FLUX.1 pipeline module is imported, that its CLIP/SigLIP *image*
+# processors fall back to PIL without torchvision; lowvram never processes images with them.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "transformers.utils.import_utils")
 
 
 def quiet_imports() -> None:

@@ -161,3 +161,12 @@ def test_commands_print_no_dependency_noise(command):
     assert out.returncode == 0, out.stderr
     assert "gemm_4bit" not in out.stderr and "kernels-community" not in out.stderr
     assert out.stderr.strip() == ""
+
+
+def test_flux_pipeline_import_is_quiet_under_the_command_environment():
+    """Importing diffusers' FLUX.1 pipeline (lowvram's FLUX loading and profiling do) prints nothing on stderr."""
+    code = ("from lowvram.runtime_env import offline_and_quiet\noffline_and_quiet()\n"
+            "import diffusers.pipelines.flux.pipeline_flux\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == ""
