@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", type=float, help="Host RAM in GiB to check plans against (default: this machine's).")
     p.add_argument("--json", action="store_true", help="Print JSON: peak_bytes, budget_bytes, fits, lower_bound_bytes, ...")
     p.add_argument("--update-presets", action="store_true",
-                   help="Re-profile W1-W4 with each preset's knobs and write its memory_profile table.")
+                   help="Re-profile W1-W6 (only the --workload ones, if given: the other stored rows are kept) "
+                        "with each preset's knobs (only --preset's, if given) and write its memory_profile table.")
     p = parsers["export"]
     p.add_argument("--run", required=True, help="Run folder of a lora task (a train --out).")
     p.add_argument("--format", choices=("kohya", "diffusers", "both"), default="kohya", help="LoRA file format(s) to write.")

@@ -259,3 +259,22 @@ def test_profile_command_accepts_every_standard_workload():
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["profile"]._actions
                   if "--workload" in a.option_strings)
     assert set(action.choices) == set(WORKLOADS)  # W5/W6 (FLUX.1) were refused by `lowvram profile --workload`
+
+
+def test_updating_some_rows_of_a_preset_table_keeps_the_others(tmp_path):
+    import yaml
+
+    from lowvram.memory.report import preset_table, update_preset_profile
+    from lowvram.presets import load_preset, preset_dir
+
+    path = tmp_path / "mine.yaml"
+    data = yaml.safe_load((preset_dir() / "rx570.yaml").read_text())
+    data["name"] = "mine"
+    stale = {"peak_gib": 99.0, "host_gib": 9.0, "fits": False}
+    data["memory_profile"]["workloads"] = {w: dict(stale) for w in ("W1", "W2", "W3", "W4", "W5", "W6")}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    update_preset_profile(str(path), ["W4"])
+    rows = load_preset(str(path)).memory_profile["workloads"]
+    assert list(rows) == ["W1", "W2", "W3", "W4", "W5", "W6"]
+    assert all(rows[w] == stale for w in ("W1", "W2", "W3", "W5", "W6"))
+    assert rows["W4"] == preset_table(load_preset(str(path)), ["W4"])["workloads"]["W4"] != stale

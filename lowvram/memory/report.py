@@ -135,7 +135,7 @@ def profile_command(preset: str | None = None, workloads: list[str] | None = Non
 
     if update_presets:
         names = [preset] if preset else list_presets()
-        lines = [f"{n}: {update_preset_profile(n)}" for n in names]
+        lines = [f"{n}: {update_preset_profile(n, workloads)}" for n in names]
         return "\n".join(lines)
     loaded = load_preset(preset) if preset else None
     card = loaded.card if loaded else None
@@ -175,14 +175,15 @@ def _gib(n: int | float) -> float:
     return round(n / GIB, 3)
 
 
-def preset_table(preset: Any) -> dict[str, Any]:
+def preset_table(preset: Any, workloads: list[str] | None = None) -> dict[str, Any]:
     """The ``memory_profile`` of a loaded preset: W1–W6 profiled with the preset's own knobs, and where they
     do not fit, the planner's first plan that fits from there (what ``lowvram train`` would run), or its
     leanest plan. Each with the bytes on the card and in host memory (streamed weights, parked models,
-    the EMA on the CPU ...) at the card's peak, and the streamed share of the frozen block weights."""
+    the EMA on the CPU ...) at the card's peak, and the streamed share of the frozen block weights.
+    ``workloads``: only these rows (default: all of ``TABLE_WORKLOADS``)."""
     table: dict[str, Any] = {"generated_by": "lowvram profile --update-presets",
                              "budget_gib": None, "workloads": {}}
-    for wid in TABLE_WORKLOADS:
+    for wid in workloads or TABLE_WORKLOADS:
         workload = WORKLOADS[wid]
         wl, start = preset_start(workload, preset)
         planned = standard_plan(wl, preset.card, start, ram_gib=TABLE_RAM_GIB, profile=shared_profile)
@@ -213,15 +214,20 @@ def _write_profile(path: Path, table: dict[str, Any]) -> None:
     write_text_atomic(path, "\n".join(lines[:cut]) + "\n" + body)
 
 
-def update_preset_profile(name: str) -> str:
-    """Profile W1–W6 with preset ``name``'s knobs and write its ``memory_profile``; returns the verdicts."""
+def update_preset_profile(name: str, workloads: list[str] | None = None) -> str:
+    """Profile W1–W6 (or only ``workloads``, keeping the other stored rows) with preset ``name``'s knobs and
+    write its ``memory_profile``; returns the verdicts of the rows profiled."""
     from ..presets import load_preset
 
     preset = load_preset(name)
-    table = preset_table(preset)
+    table = preset_table(preset, workloads)
+    if workloads:  # a change that moves some rows need not re-profile the others
+        stored = dict((preset.memory_profile or {}).get("workloads") or {})
+        stored.update(table["workloads"])
+        table["workloads"] = {w: stored[w] for w in TABLE_WORKLOADS if w in stored}
     _write_profile(preset.path, table)
     return ", ".join(f"{w} {r['peak_gib']:.2f} GiB (host {r['host_gib']:.2f}) {'fits' if r['fits'] else 'no'}"
-                     for w, r in table["workloads"].items())
+                     for w, r in table["workloads"].items() if not workloads or w in workloads)
 
 
 def check_preset_profile(name: str) -> list[str]:
