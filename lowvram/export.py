@@ -202,12 +202,15 @@ def export_cli(run: str | Path, fmt: str = "kohya", merge: bool = False, out: st
     lora_file = find_run_lora(run_dir)
     out_dir = Path(out).expanduser() if out else run_dir / "export"
     name = run_dir.resolve().name or "lora"
-    from .models.flux import is_flux_model
+    from .families import family_of
 
-    if is_flux_model(cfg.model.pretrained):  # the FLUX.1 job writes both formats itself
-        from .train.flux_lora import export_flux_run
-
-        return export_flux_run(run_dir, FORMATS if fmt == "both" else (fmt,), merge, out_dir, name)
+    try:
+        family = family_of(cfg.model)
+    except ModelLoadError:  # base moved, or a model trained from scratch: the LoRA file alone converts
+        family = None
+    own = family.export_run(run_dir, FORMATS if fmt == "both" else (fmt,), merge, out_dir, name) if family else None
+    if own is not None:  # the family's job wrote its files in their formats itself (FLUX.1)
+        return own
     written = []
     for f in FORMATS if fmt == "both" else (fmt,):
         target = out_dir / (f"{name}.safetensors" if f == "kohya" else "pytorch_lora_weights.safetensors")

@@ -28,7 +28,7 @@ from lowvram import lora as L
 from lowvram.cli import main
 from lowvram.errors import ConfigError
 from lowvram.export import RUN_LORA_FILE, export_cli
-from lowvram.train.finetune import PromptSpec, parse_prompt_line
+from lowvram.train.prompts import PromptSpec, parse_prompt_line
 
 PROMPT = "a photo of sks dog"
 SCALES = (1.0, 3.0)
@@ -207,7 +207,7 @@ def test_streamed_lora_run_equals_the_resident_run(world, trained, capsys):
 
 def test_v_prediction_comes_from_the_checkpoint_not_the_config_default(tmp_path):
     from lowvram.config import RunConfig
-    from lowvram.train.finetune import load_base
+    from lowvram.train.finetune_models import load_base
 
     pipe = BUILDERS["sd2"](tmp_path, prediction="v_prediction")
     pipe.save_pretrained(tmp_path / "sd2v")

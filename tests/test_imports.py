@@ -103,7 +103,8 @@ def test_trainer_and_exporter_share_the_run_folder_layout_not_each_other():
     """The cycle train.run → finetune → export → train.run carried a file name and a config loader."""
     graph = import_graph(ROOT, lazy=True)  # function-level imports count here
     assert "lowvram.train.run" not in graph["lowvram.export"]
-    assert "lowvram.export" not in graph["lowvram.train.finetune"] | graph["lowvram.train.flux_lora"]
-    assert "lowvram.train.run" not in graph["lowvram.train.finetune"] | graph["lowvram.train.flux_lora"]
+    job = graph["lowvram.train.finetune"] | graph["lowvram.families.flux"] | graph["lowvram.families.sd"]
+    assert "lowvram.export" not in job
+    assert "lowvram.train.run" not in job
     assert graph["lowvram.run_folder"] <= {"lowvram.config", "lowvram.errors"}
     assert "lowvram.run_folder" in graph["lowvram.export"] & graph["lowvram.train.run"]

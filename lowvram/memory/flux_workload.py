@@ -80,7 +80,7 @@ def build_flux(workload: Any, knobs: Any, device: str | torch.device, compute: t
     variant = workload.model
     model = flux.build_transformer(variant, device, workload.unet_overrides)
     vae = build_vae(variant, device, helper_dtype)
-    # the FLUX.1 job drops CLIP-L and T5 once their outputs are cached, offloaded or not (train/flux_lora.py)
+    # the FLUX.1 job drops CLIP-L and T5 once their outputs are cached, offloaded or not (families/flux.py)
     encoders = [] if knobs.cache_text else list(_text_encoders(variant, device, helper_dtype).values())
     side = workload.resolution // 8  # FLUX.1's VAE: 8x down, 16 channels
     latent = (model.config.in_channels // 4, side, side)
@@ -98,7 +98,7 @@ def workload_of_run(cfg: Any, batch: int, prior: str = "", **common: Any) -> Any
     import json
     from pathlib import Path
 
-    from ..train.flux_lora import check_flux_config
+    from ..families.flux_rules import check_flux_config
     from .workloads import FLUX_LORA_TARGETS, Workload
 
     check_flux_config(cfg)  # what FLUX.1 cannot train is refused before any profiling

@@ -154,7 +154,7 @@ def profile_step(
     rules apply (a CPU card: CPU's, and host memory is the card's); ``device`` is ``meta`` for planning or
     ``cpu`` (with ``autocast_device="cpu"``) for the fidelity check.
     """
-    from ..train.finetune import frozen_stay_on_device
+    from ..train.finetune_data import frozen_stay_on_device
 
     start = time.perf_counter()
     notes: list[str] = []

@@ -23,7 +23,7 @@ from ..run_folder import CONFIG_NAME, PLAN_NAME, SOURCES_NAME
 from .planner import Plan, plan
 from .profiler import GIB, MemoryProfile, effective_attention, profile_step
 from .streaming import check_host
-from .workloads import FLUX_MODELS, Knobs, Preview, Workload
+from .workloads import Knobs, Preview, Workload
 
 # models/pretrained.py names families by checkpoint; the profiler by published architecture
 SD_FAMILY_WORKLOAD = {"sd1": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
@@ -165,7 +165,7 @@ def preview_of(cfg: RunConfig) -> Preview:
     guided = any(float(w) != 1.0 for w in s.cfg_scales)
     size = None
     if cfg.run.task in FINETUNE_TASKS and s.prompts:
-        from ..train.finetune import parse_prompt_line
+        from ..train.prompts import parse_prompt_line
 
         res = int(cfg.data.resolution or default_resolution(cfg.run.task, cfg.model.size, cfg.model.pretrained) or 512)
         specs = [parse_prompt_line(p) for p in s.prompts]
@@ -257,30 +257,13 @@ def workload_for(cfg: RunConfig) -> Workload:
     common = dict(ema=cfg.train.ema_decay > 0, preview=preview_of(cfg) if previews else None,
                   grad_clip=cfg.train.grad_clip, snr_gamma=cfg.train.snr_gamma)
     if task in FINETUNE_TASKS:
-        from ..models.flux import is_flux_model
-        from ..models.pretrained import detect_family
+        from ..families import family_of
         from ..train.scratch_lora import model_descriptor, scratch_model_folder
 
         if (folder := scratch_model_folder(cfg.model.pretrained)) is not None:  # a model trained from scratch
             return _scratch_lora_workload(cfg, folder, model_descriptor(folder), res, batch, common)
-        prior = bool(cfg.data.class_data)
-        extra = " + class images (prior preservation)" if prior else ""
-        lora = task == "lora"
-        if is_flux_model(cfg.model.pretrained):  # FLUX.1: its previews (flow sampler) are not profiled yet
-            from .flux_workload import workload_of_run
-
-            return workload_of_run(cfg, batch, extra, **{**common, "preview": None}, adapter=cfg.lora.type,
-                                   lora_dropout=cfg.lora.dropout)
-        family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
-        unet, vae, tes = _checkpoint_configs(cfg)
-        what = cfg.lora.type if lora else task
-        return Workload("this job", f"{family} {what}, {res}²{extra}", family, task, res, batch,
-                        lora_rank=cfg.lora.rank, adapter=cfg.lora.type, lora_conv=lora and cfg.lora.conv,
-                        lora_dropout=cfg.lora.dropout if lora else 0.0,
-                        lora_text_encoder=lora and cfg.lora.text_encoder, unet_overrides=unet, vae_overrides=vae,
-                        text_encoder_overrides=tes, text_every_step=cfg.data.shuffle_tags, prior=prior,
-                        text_cache_batch=text_cache_batch(cfg), class_images=class_images_to_draw(cfg),
-                        **common)
+        extra = " + class images (prior preservation)" if cfg.data.class_data else ""
+        return family_of(cfg.model).workload(cfg, res, batch, extra, common)  # the family knows its model
     builtin = cfg.data.source == "builtin"
     te = _text_config(_folder_config(cfg.model.text_encoder, "text_encoder")) if cfg.model.text_encoder else {}
     vae = _folder_config(cfg.model.vae, "vae") if cfg.model.vae else {}
@@ -485,13 +468,11 @@ def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, s
     planned = copy.deepcopy(cfg)
     family_notes: list[str] = []
     wl = workload_for(planned)  # the job does not depend on the compute precision; the knobs do
-    if wl.model in FLUX_MODELS:
-        from .flux_workload import safe_precision
-
+    if (family := family_of_run(planned)) is not None:  # the family's precision rule (FLUX.1: never fp16)
         before = planned.train.precision
-        family_notes = safe_precision(planned, card)  # the plan's copy computes in bf16/fp32, not fp16
+        family_notes = family.plan_precision(planned, card)  # FLUX.1: the plan's copy computes in bf16/fp32
         if planned.train.precision != before:
-            sources["train.precision"] = "planner: FLUX.1 precision"
+            sources["train.precision"] = f"planner: {family.label} precision"
     card_rec = _card_record(card, preset)
     refusal = (untrained_knobs(planned, processes) or [None])[0]
     knobs = knobs_from_config(planned, None, card).with_(processes=processes)
@@ -514,6 +495,35 @@ def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, s
     if refusal is not None:
         record.update(verdict="refused", refused=f"{refusal[0]} — {refusal[1]}")
     return RunPlan(planned, sources, record, prof, refusal, reused)
+
+
+def sd_workload(cfg: RunConfig, res: int, batch: int, extra: str, common: dict[str, Any]) -> Workload:
+    """The Workload of an SD 1.x/2.x/SDXL fine-tune (their families' ``workload``): the checkpoint's own
+    UNet/VAE/text-encoder configs, the adapter, the text cache, class images."""
+    from ..models.pretrained import detect_family
+
+    task, lora = cfg.run.task, cfg.run.task == "lora"
+    family = SD_FAMILY_WORKLOAD[cfg.model.family or detect_family(cfg.model.pretrained, None)]
+    unet, vae, tes = _checkpoint_configs(cfg)
+    what = cfg.lora.type if lora else task
+    return Workload("this job", f"{family} {what}, {res}²{extra}", family, task, res, batch,
+                    lora_rank=cfg.lora.rank, adapter=cfg.lora.type, lora_conv=lora and cfg.lora.conv,
+                    lora_dropout=cfg.lora.dropout if lora else 0.0,
+                    lora_text_encoder=lora and cfg.lora.text_encoder, unet_overrides=unet, vae_overrides=vae,
+                    text_encoder_overrides=tes, text_every_step=cfg.data.shuffle_tags, prior=bool(cfg.data.class_data),
+                    text_cache_batch=text_cache_batch(cfg), class_images=class_images_to_draw(cfg),
+                    **common)
+
+
+def family_of_run(cfg: RunConfig) -> Any:
+    """The model family a fine-tune config trains (the registry's answer), or None: a from-scratch task, or a
+    LoRA of a model lowvram trained from scratch."""
+    if cfg.run.task not in FINETUNE_TASKS or not cfg.model.pretrained:
+        return None
+    from ..families import family_of
+    from ..train.scratch_lora import scratch_model_folder
+
+    return None if scratch_model_folder(cfg.model.pretrained) is not None else family_of(cfg.model)
 
 
 def read_plan(folder: str | Path) -> RunPlan:

@@ -95,7 +95,7 @@ WORKLOADS: dict[str, Workload] = {
     "W3": Workload("W3", "SD 1.5 UNet, full fine-tune, 512², batch 1", "sd15", "full", 512, 1, ema=True),
     "W4": Workload("W4", "from scratch: celeba64 latent text-to-image (UNet 64/128/256, text 77x512), batch 16",
                    "celeba64", "scratch", 64, 16, ema=True),
-    # FLUX.1 (train/flux_lora.py) keeps an EMA of its LoRA like the others (train.ema_decay 0.999); its profile
+    # FLUX.1 (families/flux.py) keeps an EMA of its LoRA like the others (train.ema_decay 0.999); its profile
     # is the steady-state step with that EMA (no cache stage, no previews replayed yet)
     "W5": Workload("W5", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 512², batch 1",
                    "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None),
@@ -231,7 +231,7 @@ def _build_family(workload: Workload, knobs: Knobs, device: str | torch.device, 
 
     from ..models import sd_configs
     from ..quant import store_frozen_unet
-    from ..train.finetune import helper_dtypes
+    from ..train.finetune_models import helper_dtypes
 
     fam = sd_configs.get_family(workload.model)
     with torch.device(device):

@@ -6,7 +6,7 @@ set here to 32 latent cells (256 px on SD's 8x VAE), so that 512² and 1024² do
 temporaries are 1/4 (512²) and 1/16 (1024²) of the whole image's, and the mid block's attention sees 1,024
 tokens instead of 4,096 or 16,384. diffusers' overlap (a quarter of a tile, blended) is kept: tiled latents
 and images differ a little from untiled ones, and the VAE runs on about twice the pixels (the overlaps).
-The trainer (train/finetune.py, train/flux_lora.py) and the profiler (memory/workloads.py) both call
+The trainer (train/finetune_models.py, families/flux.py) and the profiler (memory/workloads.py) both call
 ``tile_vae``, so the plan replays the same tiles the run computes.
 """
 
