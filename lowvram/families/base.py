@@ -33,6 +33,7 @@ class ModelFamily:
     label: ClassVar[str] = ""  # what messages call it: "Stable Diffusion 1.x/2.x"
     variants: ClassVar[tuple[str, ...]] = ()  # what ``model.family`` / the loaded components call it: sd1, sdxl, ...
     denoiser_key: ClassVar[str] = "unet"  # the trained model's name in checkpoints (resume reads it back)
+    tasks: ClassVar[tuple[str, ...]] = ("lora", "full")  # the fine-tune tasks (run.task) it trains
 
     # -- about a checkpoint, nothing loaded ------------------------------------------------------------
     @classmethod
@@ -42,7 +43,7 @@ class ModelFamily:
         raise NotImplementedError
 
     @classmethod
-    def describe(cls, path: Path, task: str) -> str:
+    def describe(cls, path: Path) -> str:
         """The panel's one line about a checkpoint of this family; raises a LowvramError to refuse it."""
         return f"{cls.label} checkpoint"
 

@@ -76,6 +76,7 @@ class FluxFamily(ModelFamily):
     label = "FLUX.1"
     variants = ("flux-dev", "flux-schnell")
     denoiser_key = "transformer"
+    tasks = ("lora",)  # the 12 B transformer does not fit a small card as trainable weights
 
     @classmethod
     def detect(cls, path: Path, allow_pickle: bool = False) -> bool:
@@ -84,14 +85,10 @@ class FluxFamily(ModelFamily):
         return is_flux_model(path)  # Chroma and Fill files count: loading refuses them with the reason
 
     @classmethod
-    def describe(cls, path: Path, task: str) -> str:
+    def describe(cls, path: Path) -> str:
         from ..models.flux import detect_variant
 
         variant = detect_variant(path)  # refuses Chroma, Fill/Depth with the reason
-        if task != "lora":
-            from ..errors import ConfigError
-
-            raise ConfigError(f"{variant}: FLUX.1 trains as a LoRA only", "choose the LoRA task")
         return f"FLUX.1 model, {variant} (LoRA on the transformer; text encoders cached, then dropped)"
 
     @classmethod

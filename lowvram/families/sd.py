@@ -70,7 +70,7 @@ class SDFamily(ModelFamily):
         return sd_variant(path, allow_pickle) in cls.variants
 
     @classmethod
-    def describe(cls, path: Path, task: str) -> str:
+    def describe(cls, path: Path) -> str:
         from ..models.pretrained import detect_family
 
         return f"Stable Diffusion checkpoint, family {detect_family(path)}"

@@ -223,19 +223,18 @@ def check_model(model: str, task: str) -> Check:
     if not model or model in MODEL_SIZES:
         return Check(False, f"model.pretrained: task '{task}' needs a local checkpoint path "
                             "(a diffusers folder or an A1111/ComfyUI .safetensors file)")
-    from ..models.flux import detect_variant, is_flux_model
-    from ..models.pretrained import detect_family
+    from ..families import detect
 
-    try:
-        if is_flux_model(model):
-            variant = detect_variant(model)  # refuses Chroma, Fill/Depth with the reason
-            if task != "lora":
-                return Check(False, f"{variant}: FLUX.1 trains as a LoRA only — choose {TASK_LABELS['lora']!r}")
-            return Check(True, f"FLUX.1 model, {variant} (LoRA on the transformer; text encoders cached, then dropped)")
-        family = detect_family(model)
+    try:  # the registry says which family it is; the family says what it is and what it trains
+        family = detect(model)
+        line = family.describe(Path(model).expanduser())
     except LowvramError as e:
         return Check(False, _text(e))
-    return Check(True, f"Stable Diffusion checkpoint, family {family}")
+    if task not in family.tasks:
+        return Check(False, f"{line.split(' (')[0]}: {family.label} trains as "
+                            f"{' or '.join(repr(TASK_LABELS.get(t, t)) for t in family.tasks)} only — choose "
+                            f"{TASK_LABELS.get(family.tasks[0], family.tasks[0])!r}")
+    return Check(True, line)
 
 
 def check_out(out: str) -> Check:
