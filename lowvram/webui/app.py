@@ -1,7 +1,8 @@
 """The Gradio panel: pick a preset and a job, plan it, start/stop/resume it, watch it learn, sample it.
 
-Only layout and wiring live here; every action is a function in ``callbacks.py``. One JobManager is
-shared by every page, so reloading the page shows the job that is running.
+Only layout and wiring live here; every action is a function in ``callbacks.py`` (gathered from ``forms.py``,
+``views.py`` and ``actions.py``). One JobManager is shared by every page, so reloading the page shows the job
+that is running.
 """
 
 from __future__ import annotations
