@@ -9,29 +9,32 @@ the preset comments.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
+# the choices, the bounds, the checks, the defaults and the YAML reader are re-exported: callers read them as config.*
+from .config_checks import ITEMS_LIMIT, TEXT_LIMIT, UPPER_BOUNDS, closest, coerce, validate  # noqa: F401
+from .config_choices import (
+    ATTENTION,
+    DEVICES,
+    FINETUNE_TASKS,  # noqa: F401
+    FROZEN_DTYPES,
+    LORA_TYPES,
+    LR_SCHEDULES,
+    MODEL_SIZES,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREDICTIONS,
+    SAMPLERS,
+    SCHEDULES,
+    TASKS,
+)
+from .config_defaults import FINETUNE_RESOLUTION, default_resolution, fill_defaults  # noqa: F401
+from .config_yaml import load_yaml  # noqa: F401
 from .errors import ConfigError
-
-TASKS = ("text2img", "latent", "autoencoder", "lora", "full")
-FINETUNE_TASKS = ("lora", "full")  # start from model.pretrained; the other tasks train a model from scratch
-MODEL_SIZES = ("tiny", "celeba64", "ddpm64")
-SCHEDULES = ("linear", "cosine", "scaled_linear")
-PREDICTIONS = ("epsilon", "v_prediction")
-PRECISIONS = ("fp32", "fp16", "bf16")
-FROZEN_DTYPES = ("fp32", "fp16", "bf16", "fp8")
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_portable", "adafactor")
-ATTENTION = ("auto", "sdpa", "math", "chunked", "xformers")
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-LR_SCHEDULES = ("constant", "cosine", "linear")
-LORA_TYPES = ("lora", "loha", "lokr", "dora")  # lowvram/adapters.py: one entry each
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -284,59 +287,6 @@ def all_fields() -> list[tuple[str, dataclasses.Field]]:
     return [(f"{s}.{f.name}", f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid: {', '.join(options)}."
-
-
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Convert a YAML/flag value to the field type; raise ValueError with what was expected."""
-    origin = get_origin(typ)
-    args = get_args(typ)
-    if origin is not None and type(None) in args:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, where)
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if "," in value or value else []
-        if not isinstance(value, list):
-            raise ValueError(f"expected a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value]
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
-            return False
-        raise ValueError(f"expected true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a whole number, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value))
-        except ValueError:
-            raise ValueError(f"expected a whole number, got {value!r}") from None
-    if typ is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
-    if typ is str:
-        if isinstance(value, dict | list):
-            raise ValueError(f"expected text, got {value!r}")
-        return str(value)
-    return value
-
-
 class ConfigBuilder:
     """Merges config layers, remembering which layer set each value, then validates once."""
 
@@ -358,7 +308,7 @@ class ConfigBuilder:
         for section, body in data.items():
             if section not in SECTIONS:
                 self.problems.append(
-                    f"{source}: unknown section '{section}'." + _closest(str(section), list(SECTIONS))
+                    f"{source}: unknown section '{section}'." + closest(str(section), list(SECTIONS))
                 )
                 continue
             if body is None:
@@ -377,15 +327,15 @@ class ConfigBuilder:
             return self
         section, key = dotted.split(".", 1)
         if section not in SECTIONS:
-            self.problems.append(f"{source}: unknown section '{section}'." + _closest(section, list(SECTIONS)))
+            self.problems.append(f"{source}: unknown section '{section}'." + closest(section, list(SECTIONS)))
             return self
         types = self._types[section]
         if key not in types:
             options = [f"{section}.{k}" for k in types] + [name for name, _ in all_fields()]
-            self.problems.append(f"{source}: unknown key '{dotted}'." + _closest(dotted, list(dict.fromkeys(options))))
+            self.problems.append(f"{source}: unknown key '{dotted}'." + closest(dotted, list(dict.fromkeys(options))))
             return self
         try:
-            coerced = _coerce(value, types[key], dotted)
+            coerced = coerce(value, types[key], dotted)
         except ValueError as e:
             self.problems.append(f"{dotted} = {value!r} (from {source}): {e}")
             return self
@@ -403,25 +353,11 @@ class ConfigBuilder:
     def build(self) -> RunConfig:
         """The validated config; raises ``ConfigError`` listing every problem at once.
 
-        The model size's recipe (``lowvram/models/recipes.py``) fills what no layer set, and values that
-        depend on others (the resolution) are filled here, once: a built config is final.
+        ``config_defaults.fill_defaults`` fills what no layer set (the size's recipe, the resolution) here,
+        once: a built config is final.
         """
-        from .models.recipes import recipe_for
-
-        size = self.values.get("model.size", ModelSection.size)
-        task = self.values.get("run.task", RunSection.task)
-        # a fine-tune follows its checkpoint (prediction type, schedule), not a from-scratch recipe
-        from_scratch = task not in FINETUNE_TASKS
-        for key, value in (recipe_for(size) if from_scratch else {}).items():
-            if key not in self.values:
-                self.set(key, value, f"recipe of model size {size}")
-        if self.values.get("data.resolution") is None and isinstance(size, str) and isinstance(task, str):
-            pretrained = self.values.get("model.pretrained")
-            resolution = default_resolution(task, size, pretrained if isinstance(pretrained, str) else None)
-            if resolution is not None:
-                self.values["data.resolution"] = resolution
-                self.sources["data.resolution"] = ("default for fine-tunes" if not from_scratch
-                                                   else f"default of model size {size}")
+        fill_defaults(self, self.values.get("model.size", ModelSection.size),
+                      self.values.get("run.task", RunSection.task))
         cfg = RunConfig()
         for dotted, value in self.values.items():
             section, key = dotted.split(".", 1)
@@ -437,209 +373,6 @@ class ConfigBuilder:
             err.problems = problems  # each names its field and source; callers may list them their own way
             raise err
         return cfg
-
-
-# Largest values that can be meant (beyond them a run exhausts memory or never ends): what `validate` allows.
-UPPER_BOUNDS: dict[str, float] = {
-    "run.steps": 10**8, "run.checkpoint_every": 10**8, "run.sample_every": 10**8, "run.val_every": 10**8,
-    "run.log_every": 10**8, "run.keep_checkpoints": 10**4, "run.max_nonfinite": 10**6, "run.seed": 2**32 - 1,
-    "model.timesteps": 10**5, "data.resolution": 16384, "data.num_images": 200_000, "data.workers": 256,
-    "data.bucket_step": 1024, "data.bucket_max_ratio": 100.0, "data.keep_tokens": 10**4, "data.min_size": 16384,
-    "data.max_pixels": 2**40, "train.batch_size": 65536, "train.grad_accum": 65536, "train.warmup_steps": 10**8,
-    "train.weight_decay": 10.0, "train.grad_clip": 10**6, "train.snr_gamma": 10**4, "train.prior_loss_weight": 10**4,
-    "train.autoencoder_steps": 10**8, "train.kl_weight": 10**3, "sample.steps": 10**4, "sample.seed": 2**32 - 1,
-    "sample.guidance": 100.0, "sample.guidance_rescale": 1.0, "memory.attention_chunk": 2**24,
-    "memory.vram_gib": 4096.0, "lora.rank": 4096, "lora.alpha": 10**5, "data.num_class_images": 200_000,
-    "data.unmasked_weight": 1.0,
-}
-TEXT_LIMIT = 4096  # characters of one text value (captions prefixes, prompts, paths)
-ITEMS_LIMIT = 256  # entries of one list value (prompts, guidance scales)
-
-
-def _number_problems(cfg: RunConfig) -> list[tuple[str, Any, str]]:
-    """Non-finite floats, values above ``UPPER_BOUNDS``, overlong texts and lists: (field, value, expected)."""
-    out: list[tuple[str, Any, str]] = []
-    for dotted, _f in all_fields():
-        section, key = dotted.split(".", 1)
-        value = getattr(getattr(cfg, section), key)
-        items = value if isinstance(value, list) else [value]
-        if isinstance(value, list) and len(value) > ITEMS_LIMIT:
-            out.append((dotted, f"<{len(value)} items>", f"at most {ITEMS_LIMIT} items"))
-            continue
-        for v in items:
-            if isinstance(v, float) and not math.isfinite(v):
-                out.append((dotted, v, "a finite number"))
-            elif isinstance(v, int | float) and not isinstance(v, bool) and dotted in UPPER_BOUNDS \
-                    and v > UPPER_BOUNDS[dotted]:
-                out.append((dotted, v, f"at most {UPPER_BOUNDS[dotted]:g}"))
-            elif isinstance(v, str) and len(v) > TEXT_LIMIT:
-                out.append((dotted, v[:40] + "...", f"at most {TEXT_LIMIT} characters"))
-    return out
-
-
-FINETUNE_RESOLUTION = 512  # what lora/full fine-tunes train at unless data.resolution says otherwise
-
-
-def default_resolution(task: str, size: str, pretrained: str | None = None) -> int | None:
-    """The resolution a run trains at when ``data.resolution`` is not set (None: unknown size): a fine-tune
-    of SD 512, of a model lowvram trained from scratch (``pretrained`` names its folder) that model's side."""
-    if task in FINETUNE_TASKS:
-        if pretrained:
-            from .train.scratch_lora import model_resolution, scratch_model_folder
-
-            folder = scratch_model_folder(pretrained)
-            if folder is not None:
-                return model_resolution(folder)
-        return FINETUNE_RESOLUTION
-    from .models.scratch import MODEL_SIZES as SPECS
-
-    spec = SPECS.get(size)
-    return spec.resolution if spec is not None else None
-
-
-def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
-    """Range and choice checks; each message names the field, the expectation and the source."""
-    problems: list[str] = []
-    reported: set[str] = set()
-
-    def bad(dotted: str, value: Any, expected: str) -> None:
-        if dotted in reported:  # one problem per field: a NaN is not also "out of range"
-            return
-        reported.add(dotted)
-        problems.append(f"{dotted} = {value!r} (from {source_of(dotted)}): expected {expected}")
-
-    for dotted, value, expected in _number_problems(cfg):
-        bad(dotted, value, expected)
-
-    for dotted, f in all_fields():
-        section, key = dotted.split(".", 1)
-        value = getattr(getattr(cfg, section), key)
-        choices = f.metadata.get("choices")
-        if choices and value is not None and value not in choices:
-            match = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
-            hint = f"; did you mean '{match[0]}'?" if match else ""
-            bad(dotted, value, "one of " + ", ".join(choices) + hint)
-    positive = ["run.steps", "train.batch_size", "train.grad_accum", "model.timesteps", "data.resolution",
-                "sample.steps", "lora.rank", "memory.attention_chunk", "data.num_images", "train.autoencoder_steps",
-                "data.bucket_step", "data.max_pixels", "run.log_every", "data.min_size", "lora.alpha"]
-    for dotted in positive:
-        s, k = dotted.split(".")
-        v = getattr(getattr(cfg, s), k)
-        if v is not None and v <= 0:
-            bad(dotted, v, "a number above 0")
-    non_negative = ["run.checkpoint_every", "run.sample_every", "run.val_every", "run.log_every",
-                    "train.warmup_steps", "train.weight_decay", "train.grad_clip", "run.keep_checkpoints",
-                    "data.workers", "run.seed", "train.prior_loss_weight", "train.snr_gamma", "train.kl_weight",
-                    "sample.seed", "sample.guidance", "data.keep_tokens"]
-    for dotted in non_negative:
-        s, k = dotted.split(".")
-        v = getattr(getattr(cfg, s), k)
-        if v < 0:
-            bad(dotted, v, "0 or more")
-    if not 0 < cfg.train.lr < 1:
-        bad("train.lr", cfg.train.lr, "a learning rate between 0 and 1 (e.g. 2e-4)")
-    if not 0 < cfg.train.autoencoder_lr < 1:
-        bad("train.autoencoder_lr", cfg.train.autoencoder_lr, "a learning rate between 0 and 1 (e.g. 1e-3)")
-    if not 0 <= cfg.sample.guidance_rescale <= 1:
-        bad("sample.guidance_rescale", cfg.sample.guidance_rescale, "a fraction from 0 to 1 (e.g. 0.7)")
-    if not 1 <= cfg.data.bucket_max_ratio:
-        bad("data.bucket_max_ratio", cfg.data.bucket_max_ratio, "1 or more (long side / short side)")
-    if any(w < 0 for w in cfg.sample.cfg_scales) or any(w > 100 for w in cfg.sample.cfg_scales):
-        bad("sample.cfg_scales", cfg.sample.cfg_scales, "guidance scales from 0 to 100")
-    if cfg.run.task not in FINETUNE_TASKS and 0 < cfg.model.timesteps < cfg.sample.steps:
-        bad("sample.steps", cfg.sample.steps, f"at most model.timesteps = {cfg.model.timesteps} sampling steps")
-    if cfg.data.caption_ext not in (".txt", ".caption"):
-        bad("data.caption_ext", cfg.data.caption_ext, "'.txt' or '.caption'")
-    if not 0 <= cfg.data.unmasked_weight <= 1:
-        bad("data.unmasked_weight", cfg.data.unmasked_weight, "a weight from 0 to 1")
-    for dotted in ("data.caption_dropout", "lora.dropout"):
-        s, k = dotted.split(".")
-        v = getattr(getattr(cfg, s), k)
-        if not 0 <= v < 1:
-            bad(dotted, v, "a fraction from 0 to below 1")
-    if not 0 <= cfg.train.ema_decay < 1:
-        bad("train.ema_decay", cfg.train.ema_decay, "0 (off) or a decay below 1, e.g. 0.999")
-    if cfg.data.resolution is not None and cfg.data.resolution % 8:
-        bad("data.resolution", cfg.data.resolution, "a multiple of 8")
-    if cfg.run.max_nonfinite < 1:
-        bad("run.max_nonfinite", cfg.run.max_nonfinite, "1 or more")
-    if cfg.data.class_data and cfg.run.task not in FINETUNE_TASKS:
-        bad("data.class_data", cfg.data.class_data, f"no class images for task '{cfg.run.task}' "
-            "(prior preservation is for lora / full fine-tunes; unset data.class_data)")
-    if cfg.data.num_class_images < 0:
-        bad("data.num_class_images", cfg.data.num_class_images, "0 or more")
-    elif cfg.data.num_class_images and not (cfg.data.class_data and cfg.data.class_prompt.strip()):
-        bad("data.num_class_images", cfg.data.num_class_images, "data.class_data (the folder to fill) and "
-            "data.class_prompt (what to draw) as well")
-    if cfg.data.builtin_exclude and cfg.data.source != "builtin":
-        bad("data.builtin_exclude", cfg.data.builtin_exclude, "data.source=builtin (it filters the generated shapes)")
-    elif cfg.data.builtin_exclude:
-        from .data.builtin import exclude_problem  # only when the field is set (the module imports torch)
-
-        problem = exclude_problem(cfg.data.builtin_exclude)
-        if problem:
-            bad("data.builtin_exclude", cfg.data.builtin_exclude, f"{problem[1]} ({problem[0]})")
-    if not cfg.sample.cfg_scales:
-        bad("sample.cfg_scales", cfg.sample.cfg_scales, "at least one guidance scale")
-    if cfg.run.task in FINETUNE_TASKS and not cfg.model.pretrained:
-        bad("model.pretrained", None, f"a local checkpoint path for task '{cfg.run.task}' (--model PATH)")
-    if cfg.memory.vram_gib is not None and cfg.memory.vram_gib <= 0:
-        bad("memory.vram_gib", cfg.memory.vram_gib, "a positive number of GiB")
-    if not 0.0 <= cfg.memory.stream_blocks <= 1.0:
-        bad("memory.stream_blocks", cfg.memory.stream_blocks, "a fraction from 0 (off) to 1 (every block)")
-    if cfg.memory.ram_gib is not None and cfg.memory.ram_gib <= 0:
-        bad("memory.ram_gib", cfg.memory.ram_gib, "a positive number of GiB")
-    if cfg.memory.zero_stage not in (0, 2):
-        bad("memory.zero_stage", cfg.memory.zero_stage, "0 (off) or 2 (ZeRO-2)")
-    if cfg.memory.offload_optimizer and cfg.memory.zero_stage != 2:
-        bad("memory.offload_optimizer", True, "memory.zero_stage=2 as well (the offload is part of ZeRO-2)")
-    return problems
-
-
-YAML_MAX_BYTES = 1 << 20  # a config is a few KiB; a larger file is not one
-YAML_MAX_ALIASES = 32  # anchors are rare in configs; more is how an alias bomb starts (k**(32/k) <= 65536 items)
-YAML_MAX_DEPTH = 16  # sections nest two levels deep
-
-
-def _check_yaml_shape(text: str) -> str | None:
-    """Why the YAML ``text`` is refused before it is built (alias bomb, absurd nesting), or None."""
-    aliases = depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.AliasEvent):
-            aliases += 1
-            if aliases > YAML_MAX_ALIASES:
-                return f"more than {YAML_MAX_ALIASES} aliases (*name)"
-        elif isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > YAML_MAX_DEPTH:
-                return f"nested more than {YAML_MAX_DEPTH} levels deep"
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-    return None
-
-
-def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """Read a YAML mapping, turning every failure into a ConfigError naming the file.
-
-    Only a regular file of at most 1 MiB is read (a FIFO or device would hang or never end); alias bombs
-    and absurd nesting are refused before the document is built."""
-    from .validate import read_regular_file
-
-    p = Path(path)
-    raw = read_regular_file(p, what, YAML_MAX_BYTES, ConfigError)
-    try:
-        text = raw.decode("utf-8")
-        refused = _check_yaml_shape(text)
-        if refused:
-            raise ConfigError(f"{what} '{p}' is refused: {refused}", "write the values out plainly")
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"{what} '{p}' is not valid YAML: {e}".splitlines()[0], "fix the file's syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} '{p}' must hold a mapping of sections", "see docs/configuration.md")
-    return data
 
 
 def markdown_reference() -> str:

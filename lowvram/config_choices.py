@@ -1,0 +1,15 @@
+"""The allowed values of the config's choice fields (tasks, model sizes, optimizers, ...), each named once."""
+
+TASKS = ("text2img", "latent", "autoencoder", "lora", "full")
+FINETUNE_TASKS = ("lora", "full")  # start from model.pretrained; the other tasks train a model from scratch
+MODEL_SIZES = ("tiny", "celeba64", "ddpm64")
+SCHEDULES = ("linear", "cosine", "scaled_linear")
+PREDICTIONS = ("epsilon", "v_prediction")
+PRECISIONS = ("fp32", "fp16", "bf16")
+FROZEN_DTYPES = ("fp32", "fp16", "bf16", "fp8")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_portable", "adafactor")
+ATTENTION = ("auto", "sdpa", "math", "chunked", "xformers")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+LORA_TYPES = ("lora", "loha", "lokr", "dora")  # lowvram/adapters.py: one entry each
+DEVICES = ("auto", "cpu", "cuda", "mps")
