@@ -125,7 +125,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import presets_markdown, presets_table
+    from .preset_tables import presets_markdown, presets_table
 
     print(presets_markdown() if args.markdown else presets_table())
     return 0

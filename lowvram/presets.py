@@ -15,13 +15,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .card import CardSpec, budget_bytes  # noqa: F401 (budget_bytes: re-exported, the one budget rule)
 from .config import ConfigBuilder, RunConfig, load_yaml
 from .errors import ConfigError, PresetError
 
 if TYPE_CHECKING:
     from .hardware import HardwareInfo
 
-GIB = 2**30
 BACKENDS = ("cpu", "cuda", "rocm")
 TOP_LEVEL_KEYS = ("name", "description", "card", "config", "memory_profile")
 # Capabilities a card declares; a preset's knobs may only use what its card has (checked on load).
@@ -35,29 +35,6 @@ CARD_ONLY_KNOBS = {
 }
 # Presets describe a card, not a job: these belong in the config file or flags.
 JOB_KEYS = ("run.steps", "run.task")
-
-
-@dataclass(frozen=True)
-class CardSpec:
-    """The card a preset is for: what it is, its memory, and what it can run."""
-
-    name: str
-    backend: str
-    arch: str
-    vram_gib: float
-    context_gib: float
-    margin_gib: float
-    bf16: bool
-    fp16: bool
-    flash_attention: bool
-    bitsandbytes: bool
-    xformers: bool
-
-    def describe(self) -> str:
-        """``AMD RX 570 (gfx803, 4 GB)``; ``the CPU`` for the CPU preset."""
-        if self.backend == "cpu":
-            return "the CPU"
-        return f"{self.name} ({self.arch}, {self.vram_gib:g} GB)"
 
 
 @dataclass(frozen=True)
@@ -94,11 +71,6 @@ class Preset:
             and self.card.flash_attention
         )
         return tuple(cap for cap in CAPABILITIES if used[cap])
-
-
-def budget_bytes(card: CardSpec) -> int:
-    """Bytes a run may plan for: the card's VRAM minus the runtime context and a safety margin."""
-    return int((card.vram_gib - card.context_gib - card.margin_gib) * GIB)
 
 
 def preset_dir() -> Path:
@@ -249,108 +221,6 @@ def _preset_error(path: Path, problems: list[str]) -> PresetError:
     )
 
 
-def _card_host(card_gib: Any, host_gib: Any) -> str:
-    """``2.9G`` on the card, ``2.9G+17.6G host`` with host memory (tables written before host bytes: card only)."""
-    card = f"{card_gib or 0:.1f}G"
-    return f"{card}+{host_gib:.1f}G host" if isinstance(host_gib, int | float) and host_gib >= 0.05 else card
-
-
-def profile_verdict(profile: dict[str, Any] | None) -> str:
-    """One short cell for the presets table from a memory profile.
-
-    Reads ``verdict`` (text) if the profile has one, else ``workloads: {W1: {fits: bool}, ...}``.
-    """
-    if not profile:
-        return ""
-    if isinstance(profile.get("verdict"), str):
-        return profile["verdict"]
-    workloads = profile.get("workloads")
-    if isinstance(workloads, dict):
-        marks = []
-        for wid, row in workloads.items():
-            row = row if isinstance(row, dict) else {}
-            fits = row.get("fits")
-            if fits is False and row.get("fits_with_planner"):  # fits once the planner turns knobs
-                mark = f"planned {_card_host(row.get('planned_peak_gib'), row.get('planned_host_gib'))}"
-            else:
-                mark = _card_host(row.get("peak_gib"), row.get("host_gib")) if fits else \
-                    "no" if fits is False else "?"
-            marks.append(f"{wid} {mark}")
-        return ", ".join(marks)
-    return "profiled"
-
-
-def presets_table(presets: list[Preset] | None = None) -> str:
-    """The ``lowvram presets`` listing: one row per preset with its card and main knobs."""
-    presets = presets if presets is not None else [load_preset(n) for n in list_presets()]
-    header = ["name", "card", "VRAM", "backend", "precision", "optimizer", "attention"]
-    with_profile = any(p.memory_profile for p in presets)
-    if with_profile:
-        header.append("memory profile (card GiB + host GiB)")
-    rows = [header]
-    for p in presets:
-        row = [
-            p.name,
-            "CPU" if p.card.backend == "cpu" else f"{p.card.name} ({p.card.arch})",
-            f"{p.card.vram_gib:g} GB",
-            p.card.backend,
-            str(p.knob("train.precision")),
-            str(p.knob("train.optimizer")),
-            str(p.knob("memory.attention")),
-        ]
-        if with_profile:
-            row.append(profile_verdict(p.memory_profile))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def presets_markdown(presets: list[Preset] | None = None) -> str:
-    """docs/presets.md: each card, its knobs and its generated memory table (``lowvram presets --markdown``)."""
-    presets = presets if presets is not None else [load_preset(n) for n in list_presets()]
-    names = {"W1": "SD 1.5 LoRA r16, 512²", "W2": "SDXL LoRA r16, 1024²", "W3": "SD 1.5 full fine-tune, 512²",
-             "W4": "celeba64 from scratch, batch 16", "W5": "FLUX.1-dev LoRA r16, 512²",
-             "W6": "FLUX.1-dev LoRA r16, 1024²"}
-    out = ["# Presets and their memory tables", "",
-           "Generated by `lowvram presets --markdown` from `lowvram/presets/*.yaml`; the tables inside them are",
-           "written by `lowvram profile --update-presets`: the peak of tensor bytes of the whole run (caching,",
-           "the training steps with EMA, validation, sample previews), profiled on the meta device, see",
-           "[memory.md](memory.md). *peak* uses the preset's own knobs; when that does not fit, *planned* is the",
-           "first plan the planner finds from there (what `lowvram train`, `lowvram plan`, `lowvram profile",
-           "--preset` and the web panel run and show for that job), or the closest plan it profiled. The",
-           "planner only switches on what the trainer runs. The budget is the card's memory minus the runtime",
-           "context and a safety margin. *host* is what the same plan keeps in host RAM at the card's peak",
-           "(streamed block weights and the pinned allocator's rounding, the VAE/text encoders parked after",
-           "caching, the EMA on the CPU); *streamed* is the share of the frozen block weights streamed from there.",
-           "Host bytes are shown, not judged: `lowvram train` checks them against the machine's RAM (`--ram`).", ""]
-    for p in presets:
-        c = p.card
-        out += [f"## `{p.name}` — {c.name}", "", p.description, "",
-                f"- card: {c.vram_gib:g} GiB, backend {c.backend}, arch {c.arch}; bf16 {'yes' if c.bf16 else 'no'}, "
-                f"flash attention {'yes' if c.flash_attention else 'no'}, bitsandbytes {'yes' if c.bitsandbytes else 'no'}",
-                "- knobs: " + ", ".join(f"`{sec}.{k}={v}`" for sec, body in (p.config or {}).items()
-                                        for k, v in (body or {}).items()), ""]
-        table = (p.memory_profile or {}).get("workloads") or {}
-        if not table:
-            out += ["(not profiled yet)", ""]
-            continue
-        out += [f"budget for tensors: {p.memory_profile.get('budget_gib')} GiB", "",
-                "| workload | peak GiB | host GiB | verdict | planned GiB | planned host GiB | streamed |",
-                "|---|---|---|---|---|---|---|"]
-        for wid, row in table.items():
-            verdict = "fits" if row.get("fits") else ("fits with the planner" if row.get("fits_with_planner")
-                                                      else "does not fit (the planner's closest shown)")
-            cells = [row.get(k, "") for k in ("peak_gib", "host_gib")] + [verdict] + \
-                [row.get(k, "") for k in ("planned_peak_gib", "planned_host_gib")]
-            streamed = f"{row['stream_blocks']:.0%}" if row.get("stream_blocks") else ""
-            out.append(f"| {wid} {names.get(wid, '')} | " + " | ".join(map(str, cells)) + f" | {streamed} |")
-        out.append("")
-    return "\n".join(out)
-
-
-# ---- which preset suits this machine -------------------------------------------------------------------
 # A card reports a little less than its nominal size (e.g. 3.8 of 4 GB); within this it still "is" 4 GB.
 VRAM_TOLERANCE_GIB = 0.5
 PRECISION_RANK = {"fp32": 0, "fp16": 1, "bf16": 2}

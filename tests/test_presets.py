@@ -9,14 +9,8 @@ import yaml
 
 from lowvram.config import ConfigBuilder
 from lowvram.errors import PresetError
-from lowvram.presets import (
-    budget_bytes,
-    list_presets,
-    load_preset,
-    preset_dir,
-    presets_markdown,
-    presets_table,
-)
+from lowvram.preset_tables import presets_markdown, presets_table
+from lowvram.presets import budget_bytes, list_presets, load_preset, preset_dir
 
 SHIPPED = sorted(preset_dir().glob("*.yaml"))
 GIB = 2**30

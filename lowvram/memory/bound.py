@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..card import CardSpec
 from .profiler import MemoryProfile
 from .workloads import Knobs, Workload, build
 
@@ -45,7 +46,7 @@ class LowerBound:
         return {"total_bytes": self.total_bytes, "terms": dict(self.terms)}
 
 
-def lower_bound(workload: Workload, leanest: MemoryProfile, card: Any = None) -> LowerBound:
+def lower_bound(workload: Workload, leanest: MemoryProfile, card: CardSpec | None = None) -> LowerBound:
     """The bound for ``workload``; ``leanest`` is the profile of its leanest plan (its activation floor)."""
     built = build(workload, Knobs(attention="math"), "meta")
     trainable = built.trainable

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..card import CardSpec
 from ..models import flux
 from ..models.flux_lora_keys import lora_target_names
 from ..models.pretrained import CONFIGS_DIR
@@ -114,7 +115,7 @@ def workload_of_run(cfg: Any, batch: int, prior: str = "", **common: Any) -> Any
                     lora_rank=cfg.lora.rank, lora_targets=FLUX_LORA_TARGETS, unet_overrides=overrides, **common)
 
 
-def safe_precision(cfg: Any, card: Any) -> list[str]:
+def safe_precision(cfg: Any, card: CardSpec | None) -> list[str]:
     """FLUX.1's activations overflow fp16: compute in bf16 where the card has it, else fp32 (gfx803, GTX 16xx,
     where fp16 is no faster). Changes ``cfg.train.precision`` in place (the plan's copy of the config);
     returns the note saying so."""

@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..card import CardSpec
 from ..config import RunConfig
 from ..fsutil import write_text_atomic
 from .profiler import MemoryProfile
@@ -54,7 +55,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def key_material(cfg: RunConfig, card: Any, processes: int | None, workload: Any = None) -> dict[str, Any]:
+def key_material(cfg: RunConfig, card: CardSpec | None, processes: int | None, workload: Any = None) -> dict[str, Any]:
     """Everything a plan depends on, as JSON-able values (the key is their sha256): the config less the
     fields ``run_plan.MEMORY_NEUTRAL`` declares (the one list: tests/test_plan_fields.py holds it), the
     job as read from the checkpoint's files and the data folders, the card, host RAM and how it is pinned,
@@ -95,7 +96,7 @@ def plan_cache_dir(cfg: RunConfig) -> Path:
     return default_cache_dir(cfg.data) / "plans"
 
 
-def cached_decision(cfg: RunConfig, card: Any, processes: int | None, workload: Any,
+def cached_decision(cfg: RunConfig, card: CardSpec | None, processes: int | None, workload: Any,
                     compute: Callable[[], tuple[dict[str, Any], MemoryProfile]],
                     ) -> tuple[dict[str, Any], MemoryProfile, str | None]:
     """``compute()`` (profiling and the planner's search: ``run_plan._decide``) unless a decision with the

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..card import CardSpec
 from ..errors import MemoryPlanError
 from .profiler import GIB, MemoryProfile, card_budget, profile_step
 from .streaming import check_host, streamable_bytes
@@ -53,7 +53,7 @@ class Plan:
         return "\n".join([head, *lines, self.profile.format()])
 
 
-def fast_precision(card: Any = None) -> str:
+def fast_precision(card: CardSpec | None = None) -> str:
     """The compute precision a card trains fastest in: bf16 or fp16 on a GPU that has it, fp32 on the CPU
     (bf16 runs there, but slower than fp32 on most CPUs: no AMX / AVX512-BF16); fp16 without a card."""
     if card is None:
@@ -63,7 +63,7 @@ def fast_precision(card: Any = None) -> str:
     return "bf16" if getattr(card, "bf16", False) else "fp16" if getattr(card, "fp16", False) else "fp32"
 
 
-def baseline(workload: Workload, card: Any = None) -> Knobs:
+def baseline(workload: Workload, card: CardSpec | None = None) -> Knobs:
     """Every saving off: the card's fast precision, fp32 frozen weights, AdamW, SDPA, no caching."""
     precision = fast_precision(card)
     if precision == "fp16" and not fp16_compute_safe(workload):
@@ -74,7 +74,7 @@ def baseline(workload: Workload, card: Any = None) -> Knobs:
                  cache_text=False, offload_frozen=False, ema_on_cpu=False, fused_backward=False)
 
 
-def candidates(workload: Workload, card: Any = None, start: Knobs | None = None) -> Iterator[tuple[str, Knobs]]:
+def candidates(workload: Workload, card: CardSpec | None = None, start: Knobs | None = None) -> Iterator[tuple[str, Knobs]]:
     """(what was switched on, knobs) in order of speed cost; each adds to the previous one."""
     k = start or baseline(workload, card)
     half = "bf16" if getattr(card, "bf16", False) else "fp16"
@@ -141,7 +141,7 @@ def candidates(workload: Workload, card: Any = None, start: Knobs | None = None)
 
 def plan(
     workload: Workload,
-    card: Any = None,
+    card: CardSpec | None = None,
     *,
     vram_gib: float | None = None,
     ram_gib: float | None = None,

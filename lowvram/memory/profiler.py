@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..card import CardSpec, tensor_budget
 from ..errors import ConfigError
 from ..pinning import round_threshold
+from .knobs import effective_attention
 from .stages import (
     Timeline,
     autoencoder_stage,
@@ -97,7 +99,7 @@ class MemoryProfile:
         return "\n".join(lines)
 
 
-def card_budget(card: Any = None, vram_gib: float | None = None) -> tuple[int | None, int, int, int | None]:
+def card_budget(card: CardSpec | None = None, vram_gib: float | None = None) -> tuple[int | None, int, int, int | None]:
     """(vram, context, margin, budget) in bytes from a preset card and/or a ``--vram`` override."""
     backend = getattr(card, "backend", "cuda") if card is not None else "cuda"
     context = float(getattr(card, "context_gib", DEFAULT_CONTEXT_GIB.get(backend, 0.35)))
@@ -108,7 +110,7 @@ def card_budget(card: Any = None, vram_gib: float | None = None) -> tuple[int | 
     if vram - context - margin <= 0:
         raise ConfigError(f"--vram {vram:g} GiB leaves nothing after {context:g} GiB context + {margin:g} GiB margin",
                           "give the card's full memory in GiB, e.g. --vram 4")
-    return int(vram * GIB), int(context * GIB), int(margin * GIB), int((vram - context - margin) * GIB)
+    return int(vram * GIB), int(context * GIB), int(margin * GIB), tensor_budget(vram, context, margin)
 
 
 def zero_scale(knobs: Knobs) -> tuple[dict[str, float], str]:
@@ -125,17 +127,7 @@ def zero_scale(knobs: Knobs) -> tuple[dict[str, float], str]:
     return {"gradients": 1 / n, "optimizer_state": 0.0 if knobs.offload_optimizer else 1 / n}, note
 
 
-def effective_attention(kind: str, card: Any = None) -> tuple[str, str | None]:
-    """The kernel the card really runs for ``kind``: SDPA without a fused kernel is the math kernel."""
-    from ..attention import resolve_attention
-
-    kind = resolve_attention(kind, card)
-    if kind == "sdpa" and card is not None and not getattr(card, "flash_attention", True):
-        return "math", "sdpa on a card without flash / memory-efficient kernels runs the math kernel (O(N²))"
-    return kind, None
-
-
-def card_backend(card: Any) -> str:
+def card_backend(card: CardSpec | None) -> str:
     return getattr(card, "backend", "cuda") if card is not None else "cuda"
 
 
@@ -143,7 +135,7 @@ def profile_step(
     workload: Workload,
     knobs: Knobs,
     *,
-    card: Any = None,
+    card: CardSpec | None = None,
     vram_gib: float | None = None,
     device: str | torch.device = "meta",
     autocast_device: str | None = None,
@@ -251,7 +243,7 @@ def profile_step(
                    streamer=streamer, resident=resident, bus=tl.bus_bytes)
 
 
-def _finish(workload: Workload, knobs: Knobs, card: Any, vram_gib: float | None, tracker: StorageTracker,
+def _finish(workload: Workload, knobs: Knobs, card: CardSpec | None, vram_gib: float | None, tracker: StorageTracker,
             result: Any, notes: list[str], optimizers: list[torch.optim.Optimizer], start: float,
             copies: list[dict[str, Any]] = (), streamer: Any = None, resident: int = 0,
             bus: int = 0) -> MemoryProfile:

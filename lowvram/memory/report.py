@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..card import CardSpec
 from ..errors import ConfigError, MemoryPlanError
 from ..fsutil import write_text_atomic
 from .bound import lower_bound
@@ -28,7 +29,7 @@ PROFILE_TOLERANCE = 0.01  # a stored peak may differ from a fresh one by 1 % (li
 TABLE_RAM_GIB = 1024.0
 
 
-def leanest(workload: Workload, card: Any = None) -> Knobs:
+def leanest(workload: Workload, card: CardSpec | None = None) -> Knobs:
     """The last planner candidate: every knob the card allows switched on."""
     steps = list(candidates(workload, card))
     return steps[-1][1] if steps else baseline(workload, card)
@@ -71,7 +72,7 @@ def preset_start(workload: Workload, preset: Any) -> tuple[Workload, Knobs]:
 _PROFILES: dict[tuple, MemoryProfile] = {}
 
 
-def shared_profile(workload: Workload, knobs: Knobs, card: Any = None, vram_gib: float | None = None,
+def shared_profile(workload: Workload, knobs: Knobs, card: CardSpec | None = None, vram_gib: float | None = None,
                    **kw: Any) -> MemoryProfile:
     """``profile_step``, kept for this process and reused for the same job and knobs on any card with the same
     kernels, autocast rules and bus (the profile reads nothing else of a card; only the budget is the card's):
@@ -85,7 +86,7 @@ def shared_profile(workload: Workload, knobs: Knobs, card: Any = None, vram_gib:
                                budget_bytes=budget)
 
 
-def standard_plan(workload: Workload, card: Any, start: Knobs, vram_gib: float | None = None,
+def standard_plan(workload: Workload, card: CardSpec | None, start: Knobs, vram_gib: float | None = None,
                   ram_gib: float | None = None, profile: Any = profile_step) -> dict[str, Any]:
     """The one figure of a standard job on a card: its knobs' profile and, over budget, the planner's first
     plan that fits from there (``lowvram profile``, the presets' tables and the panel all show this)."""
@@ -101,7 +102,7 @@ def standard_plan(workload: Workload, card: Any, start: Knobs, vram_gib: float |
             "leanest": None}
 
 
-def profile_workload(workload: Workload, card: Any = None, vram_gib: float | None = None,
+def profile_workload(workload: Workload, card: CardSpec | None = None, vram_gib: float | None = None,
                      knobs: Knobs | None = None, with_plan: bool = True, start: Knobs | None = None,
                      ram_gib: float | None = None) -> dict[str, Any]:
     """Plan (or profile ``knobs``) for one workload, with its lower bound; a JSON-ready dict.

@@ -17,11 +17,13 @@ from typing import Any
 
 import yaml
 
+from ..card import CardSpec
 from ..config import FINETUNE_TASKS, RunConfig, all_fields, default_resolution
 from ..errors import ConfigError, LowvramError, MemoryPlanError
 from ..run_folder import CONFIG_NAME, PLAN_NAME, SOURCES_NAME
+from .knobs import knobs_from_config  # noqa: F401 (re-exported: report, tests and benches import it here)
 from .planner import Plan, plan
-from .profiler import GIB, MemoryProfile, effective_attention, profile_step
+from .profiler import GIB, MemoryProfile, profile_step
 from .streaming import check_host
 from .workloads import Knobs, Preview, Workload
 
@@ -281,28 +283,7 @@ def workload_for(cfg: RunConfig) -> Workload:
     )
 
 
-def knobs_from_config(cfg: Any, workload: Workload | None = None, card: Any = None) -> Knobs:
-    """The plan knobs a RunConfig asks for (``auto`` attention resolved for ``card``).
-
-    With a standard ``workload`` (W1–W4 under a preset's knobs) the workload fixes the images per step
-    and the config only the micro-batch."""
-    t, m = cfg.train, cfg.memory
-    batch, accum = t.batch_size, t.grad_accum
-    if workload is not None:
-        batch = min(t.batch_size, workload.batch_size)
-        accum = max(1, workload.batch_size // batch)
-    kind, _ = effective_attention(m.attention, card)
-    return Knobs(
-        precision=t.precision, frozen_dtype=m.frozen_dtype, trainable_dtype=m.trainable_dtype,
-        optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing, attention=kind,
-        attention_chunk=m.attention_chunk, batch_size=batch, grad_accum=accum, cache_latents=m.cache_latents,
-        cache_text=m.cache_text, offload_frozen=m.offload_frozen, ema_on_cpu=t.ema_on_cpu,
-        fused_backward=m.fused_backward, zero_stage=m.zero_stage, offload_optimizer=m.offload_optimizer,
-        stream_blocks=float(m.stream_blocks), vae_tiling=m.vae_tiling,
-    )
-
-
-def plan_job(wl: Workload, knobs: Knobs, card: Any, vram_gib: float | None = None,
+def plan_job(wl: Workload, knobs: Knobs, card: CardSpec | None, vram_gib: float | None = None,
              ram_gib: float | None = None, profile: Any = profile_step) -> tuple[MemoryProfile, Plan | None]:
     """The one way a job is planned (runs, presets' tables, ``lowvram profile``): profile it with its knobs;
     over budget, the planner's first plan that fits from there (raises MemoryPlanError when none does, or
@@ -314,7 +295,7 @@ def plan_job(wl: Workload, knobs: Knobs, card: Any, vram_gib: float | None = Non
     return prof, plan(wl, card, vram_gib=vram_gib, ram_gib=ram_gib, start=knobs, first=prof, profile=profile)
 
 
-def plan_inputs(cfg: RunConfig, card: Any = None, processes: int = 1) -> tuple[Workload, Knobs]:
+def plan_inputs(cfg: RunConfig, card: CardSpec | None = None, processes: int = 1) -> tuple[Workload, Knobs]:
     """(job, knobs) the profile runs for ``cfg`` on ``card``: all a plan depends on besides the card."""
     return workload_for(cfg), knobs_from_config(cfg, None, card).with_(processes=processes)
 
@@ -378,7 +359,7 @@ class RunPlan:
         return out + ([f"note: {self.reused}"] if self.reused else [])
 
 
-def _card_record(card: Any, preset: str | None) -> dict[str, Any]:
+def _card_record(card: CardSpec | None, preset: str | None) -> dict[str, Any]:
     if card is None:
         return {"preset": preset}
     keys = ("name", "backend", "arch", "vram_gib", "context_gib", "margin_gib")
@@ -401,7 +382,7 @@ class NotProfiled(Exception):
     """A checkpoint whose own configs the profiler cannot build: the run trains without a plan."""
 
 
-def _decide(cfg: RunConfig, card: Any, wl: Workload, knobs: Knobs,
+def _decide(cfg: RunConfig, card: CardSpec | None, wl: Workload, knobs: Knobs,
             refusal: tuple[str, str] | None) -> tuple[dict[str, Any], MemoryProfile]:
     """The expensive part of a plan (profiling, the planner's search): the verdict and its figures, the
     settings the planner changed with the step that changed each (``changed_by``), the profile."""
@@ -456,7 +437,7 @@ def _decide(cfg: RunConfig, card: Any, wl: Workload, knobs: Knobs,
     return core, prof
 
 
-def plan_run(cfg: RunConfig, card: Any, processes: int = 1, sources: dict[str, str] | None = None,
+def plan_run(cfg: RunConfig, card: CardSpec | None, processes: int = 1, sources: dict[str, str] | None = None,
              preset: str | None = None) -> RunPlan:
     """Profile ``cfg`` on ``card``; when it does not fit, let the planner switch knobs on (raises
     MemoryPlanError when nothing fits, unless ``memory.force``). ``cfg`` is never changed: the plan

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..card import CardSpec
 from ..errors import MemoryPlanError
 from .workloads import Knobs, Workload
 
@@ -27,7 +28,7 @@ NOMINAL_PCIE_GB_S = 12.0
 HOST_RESERVE_GIB = 3.0
 
 
-def pinned(card: Any = None) -> bool:
+def pinned(card: CardSpec | None = None) -> bool:
     """Whether streamed weights are pinned (page-locked) for the card: CUDA and ROCm, not the CPU."""
     return getattr(card, "backend", "cuda") in ("cuda", "rocm")
 
@@ -40,7 +41,7 @@ def pinned_overhead(tensors: list[torch.Tensor], threshold: int | None = None) -
                if n > 0 and (threshold is None or n <= threshold))
 
 
-def bus_gb_s(card: Any = None) -> float:
+def bus_gb_s(card: CardSpec | None = None) -> float:
     """The card's host->device copy speed in GB/s (its preset's ``pcie_gb_s``, else the nominal one)."""
     return float(getattr(card, "pcie_gb_s", None) or NOMINAL_PCIE_GB_S)
 
@@ -76,7 +77,7 @@ def streamable_bytes(workload: Workload, knobs: Knobs, fractions: tuple[float, .
     return {f: sum(unit_bytes(m) for _, m in select_units(units, f)) for f in fractions}
 
 
-def stream_note(streamer: Any, moved: int, knobs: Knobs, card: Any = None) -> str:
+def stream_note(streamer: Any, moved: int, knobs: Knobs, card: CardSpec | None = None) -> str:
     """One line for the profile: what is streamed, from where, and its bus time per optimizer step."""
     gb_s = bus_gb_s(card)
     per_step = moved * max(1, knobs.grad_accum)
@@ -87,7 +88,7 @@ def stream_note(streamer: Any, moved: int, knobs: Knobs, card: Any = None) -> st
             f"{gb_s:g} GB/s (an estimate; hidden behind compute where a block computes longer than it copies)")
 
 
-def check_host(profile: Any, ram_gib: float | None = None, card: Any = None) -> None:
+def check_host(profile: Any, ram_gib: float | None = None, card: CardSpec | None = None) -> None:
     """Raise MemoryPlanError when ``profile`` keeps more in host RAM than the machine has to spare
     (not for the CPU, whose card budget is host RAM already)."""
     if getattr(card, "backend", None) == "cpu":

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attention import set_attention
 from ..errors import ConfigError
+from .knobs import Knobs
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Adapted modules of the W1/W2 LoRA: attention projections + feed-forward (+ the 1x1 proj in/out).
@@ -112,50 +113,6 @@ def get_workload(name: str) -> Workload:
     if key not in WORKLOADS:
         raise ConfigError(f"unknown workload '{name}'", f"use one of {', '.join(WORKLOADS)}")
     return WORKLOADS[key]
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Every memory setting of a plan; the names follow RunConfig (train.* and memory.*)."""
-
-    precision: str = "fp32"  # autocast dtype of the compute: fp32 (none), fp16, bf16
-    frozen_dtype: str = "fp32"  # storage of frozen weights: fp32, fp16, bf16, fp8
-    trainable_dtype: str = "fp32"  # fp32, or bf16 (weights kept in bf16, updated with stochastic rounding)
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
-    attention: str = "math"  # a resolved kernel: sdpa, math, chunked, xformers
-    attention_chunk: int = 1024
-    batch_size: int = 1  # micro-batch
-    grad_accum: int = 1
-    cache_latents: bool = True
-    cache_text: bool = True
-    offload_frozen: bool = True
-    ema_on_cpu: bool = False
-    fused_backward: bool = False
-    processes: int = 1  # data-parallel processes (one card each): not a memory setting, but ZeRO divides by it
-    zero_stage: int = 0  # DeepSpeed ZeRO: 0 off, 2 = optimizer state and gradients partitioned over processes
-    offload_optimizer: bool = False  # ZeRO-2's optimizer state in host memory (ZeRO-Offload)
-    stream_blocks: float = 0.0  # fraction of the frozen block bytes kept in host RAM and streamed (0 = off)
-    vae_tiling: bool = False  # a fine-tune's VAE encodes/decodes in tiles (models/vae_tiles.py)
-
-    def with_(self, **changes: Any) -> Knobs:
-        return dataclasses.replace(self, **changes)
-
-    def as_config(self) -> dict[str, dict[str, Any]]:
-        """The knobs as RunConfig overrides (sections → keys), for presets and run folders."""
-        train = {k: getattr(self, k) for k in ("precision", "optimizer", "gradient_checkpointing", "batch_size",
-                                               "grad_accum", "ema_on_cpu")}
-        memory = {k: getattr(self, k) for k in ("attention", "attention_chunk", "frozen_dtype", "cache_latents",
-                                                "cache_text", "offload_frozen", "fused_backward")}
-        if self.trainable_dtype != "fp32":
-            memory["trainable_dtype"] = self.trainable_dtype
-        if self.zero_stage:
-            memory.update(zero_stage=self.zero_stage, offload_optimizer=self.offload_optimizer)
-        if self.stream_blocks:
-            memory["stream_blocks"] = self.stream_blocks
-        if self.vae_tiling:
-            memory["vae_tiling"] = True
-        return {"train": train, "memory": memory}
 
 
 @dataclass

@@ -56,7 +56,7 @@ def preset_card(name: str, state: PanelState | None = None) -> str:
 
 def memory_table(profile: dict[str, Any] | None) -> list[str]:
     """The preset's measured memory profile as a table of workloads, or why there is none."""
-    from ..presets import profile_verdict
+    from ..preset_tables import profile_verdict
 
     if not profile:
         return ["*Memory table: not profiled yet for this preset* (`lowvram profile --update-presets` writes it)."]
