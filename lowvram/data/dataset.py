@@ -11,133 +11,24 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import ImageColor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
 from . import images, masks
-from .buckets import Bucket, BucketBatchSampler, effective_step, make_buckets, nearest_bucket
-from .captions import MISSING_CAPTION_RULES, CaptionRules, fallback_caption
+from .buckets import Bucket, BucketBatchSampler
 from .images import ImageProblem
-from .report import BAD_MASK, MIDRUN_NAME, NO_CAPTION, DataReport, known_from
-from .sources import Candidate, list_source
+from .report import MIDRUN_NAME, DataReport
+from .scan import VALIDATION_VERSION, ImageRecord, scan_folder  # noqa: F401 (re-exported)
+from .settings import DataSettings
 
 log = logging.getLogger("lowvram.data")
-VALIDATION_VERSION = 1  # bump when check_image's verdicts change meaning
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Every data knob, read from ``cfg.data`` with defaults for fields config.py does not have yet."""
-
-    source: str = "builtin"
-    format: str = "auto"
-    resolution: int = 32
-    num_images: int = 4096
-    caption_dropout: float = 0.0
-    flip: bool = False
-    workers: int = 0
-    caption_ext: str = ".txt"
-    crop: str = "center"
-    buckets: bool = True
-    bucket_step: int = 64
-    bucket_max_ratio: float = 4.0
-    keep_tokens: int = 0
-    shuffle_tags: bool = False
-    caption_prefix: str = ""
-    caption_suffix: str = ""
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
-    min_size: int = images.DEFAULT_MIN_SIZE
-    background: str = "white"
-    celeba_split: str = "train"
-    missing_caption: str = "auto"
-    cache_dir: str = ""
-    masked_loss: str = "auto"
-    mask_dir: str = ""
-    builtin_exclude: tuple[str, ...] = ()
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: Any, *, resolution: int | None = None) -> DataSettings:
-        """From a RunConfig (uses ``cfg.data`` and ``cfg.run.seed``) or a DataSection alone.
-
-        ``data.resolution = None`` means "the model's": pass it as ``resolution`` (else 32 is used).
-        """
-        data = getattr(cfg, "data", cfg)
-        run = getattr(cfg, "run", None)
-        values = {f: getattr(data, f) for f in cls.__dataclass_fields__ if hasattr(data, f)}
-        values = {k: v for k, v in values.items() if v is not None}  # None: "use the default"
-        if "builtin_exclude" in values:
-            values["builtin_exclude"] = tuple(values["builtin_exclude"])
-        if resolution is not None:
-            values["resolution"] = resolution
-        if run is not None and hasattr(run, "seed"):
-            values["seed"] = run.seed
-        out = cls(**values)
-        out.check()
-        return out
-
-    def check(self) -> None:
-        problems = []
-        if self.crop not in ("center", "random"):
-            problems.append(f"data.crop = {self.crop!r}: expected center or random")
-        if self.masked_loss not in masks.MASKED_LOSS:
-            problems.append(f"data.masked_loss = {self.masked_loss!r}: expected one of " + ", ".join(masks.MASKED_LOSS))
-        if self.mask_dir and not Path(self.mask_dir).expanduser().is_dir():
-            problems.append(f"data.mask_dir = {self.mask_dir!r}: not a folder")
-        if self.missing_caption not in MISSING_CAPTION_RULES:
-            problems.append(f"data.missing_caption = {self.missing_caption!r}: expected one of "
-                            + ", ".join(MISSING_CAPTION_RULES))
-        if self.bucket_step < 8 or self.bucket_step % 8:
-            problems.append(f"data.bucket_step = {self.bucket_step}: expected a multiple of 8")
-        if self.keep_tokens < 0:
-            problems.append(f"data.keep_tokens = {self.keep_tokens}: expected 0 or more")
-        if self.max_pixels <= 0 or self.min_size < 0:
-            problems.append("data.max_pixels must be above 0 and data.min_size 0 or more")
-        try:
-            self.background_rgb()
-        except ValueError:
-            problems.append(f"data.background = {self.background!r}: expected a colour name, #rrggbb or r,g,b")
-        if problems:
-            raise DataError("invalid data settings: " + "; ".join(problems), "fix these data.* values")
-
-    def background_rgb(self) -> tuple[int, int, int]:
-        text = self.background.strip()
-        if "," in text:
-            parts = tuple(int(p) for p in text.split(","))
-            if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
-                raise ValueError(text)
-            return parts  # type: ignore[return-value]
-        return ImageColor.getrgb(text)[:3]
-
-    def caption_rules(self) -> CaptionRules:
-        return CaptionRules(self.caption_dropout, self.shuffle_tags, self.keep_tokens,
-                            self.caption_prefix, self.caption_suffix)
-
-
-@dataclass
-class ImageRecord:
-    """One usable image file (validated up front)."""
-
-    path: str
-    rel: str
-    caption: str
-    sha256: str
-    width: int
-    height: int
-    bucket: int
-    repeats: int = 1
-    mask: str = ""  # the loss mask: a mask file, masks.ALPHA (its own transparency) or "" (none)
-    mask_id: str = ""  # the mask's content identity (its file's sha256; the image's for alpha)
 
 
 @dataclass(frozen=True)
@@ -388,167 +279,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, seed: int = 0, workers: in
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         persistent_workers=workers > 0)
     return loader, sampler
-
-
-# --- scanning and validation --------------------------------------------------------------------------
-
-
-@dataclass
-class _Verdict:
-    sha256: str
-    entry: dict[str, Any] = field(default_factory=dict)  # the "validated" table entry
-
-
-def _validate_one(c: Candidate, s: DataSettings, validated: dict, files: dict) -> _Verdict | ImageProblem:
-    try:
-        st = os.stat(c.path)
-    except OSError as e:
-        return ImageProblem(images.UNREADABLE, str(e))
-    memo = files.get(c.rel)
-    if isinstance(memo, list) and len(memo) == 3 and memo[:2] == [st.st_size, st.st_mtime_ns]:
-        sha = memo[2]
-    else:
-        try:
-            sha = images.file_sha256(c.path) if st.st_size else "empty"
-        except OSError as e:
-            return ImageProblem(images.UNREADABLE, str(e))
-    entry = validated.get(sha)
-    fresh = (isinstance(entry, dict) and entry.get("v") == VALIDATION_VERSION
-             and not (entry.get("reason") == images.TOO_LARGE and s.max_pixels > entry.get("max_pixels", 0)))
-    if not fresh:
-        try:
-            info = images.check_image(c.path, max_pixels=s.max_pixels, min_size=0, full=True)
-            entry = {"v": VALIDATION_VERSION, "ok": True, "w": info.width, "h": info.height,
-                     "format": info.format, "notes": info.notes}
-        except ImageProblem as e:
-            entry = {"v": VALIDATION_VERSION, "ok": False, "reason": e.reason, "detail": e.detail,
-                     "max_pixels": s.max_pixels}
-    return _Verdict(sha, entry)
-
-
-def _apply_limits(entry: dict[str, Any], s: DataSettings) -> ImageProblem | None:
-    """Size limits are re-applied on every run, so changing them never needs a re-decode."""
-    if not entry.get("ok"):
-        return ImageProblem(entry.get("reason", images.CORRUPT), entry.get("detail", ""))
-    w, h = entry["w"], entry["h"]
-    if w * h > s.max_pixels:
-        return ImageProblem(images.TOO_LARGE, f"{w}x{h} = {w * h} pixels, over data.max_pixels = {s.max_pixels}")
-    if min(w, h) < s.min_size:
-        return ImageProblem(images.TOO_SMALL, f"{w}x{h}, shorter side below data.min_size = {s.min_size}")
-    return None
-
-
-def scan_folder(settings: DataSettings, *, known: str | Path | None = None, threads: int | None = None,
-                progress: bool = True, default_caption: str = "") -> tuple[list[ImageRecord], list[Bucket], DataReport]:
-    """List, validate (header + full decode, memoised by content hash) and bucket every image of a folder.
-
-    ``default_caption`` (e.g. data.class_prompt for class images) captions images without one, before
-    the data.missing_caption rule."""
-    s = settings
-    root = Path(s.source).expanduser()
-    report = DataReport(source=str(root), settings=asdict(s))
-    fmt, candidates = list_source(root, s.format, report, caption_ext=s.caption_ext, celeba_split=s.celeba_split)
-    report.format = fmt
-    candidates, mask_files = _with_masks(candidates, s, root)
-    validated, files = known_from(known, str(root))
-    threads = threads or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=threads) as pool:  # Pillow releases the GIL while decoding
-        mask_results = pool.map(lambda c: _validate_one(c, s, validated, files), mask_files.values())
-        results = pool.map(lambda c: _validate_one(c, s, validated, files), candidates)
-        if progress and len(candidates) >= 500:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=len(candidates), desc="checking images", unit="img")
-        verdicts = list(results)
-        mask_verdicts = dict(zip(mask_files, mask_results, strict=True))
-
-    if s.buckets:
-        buckets = make_buckets(s.resolution, effective_step(s.resolution, s.bucket_step), s.bucket_max_ratio)
-    else:
-        buckets = [(s.resolution, s.resolution)]
-    records: list[ImageRecord] = []
-    for c, v in zip(candidates, verdicts, strict=True):
-        if isinstance(v, ImageProblem):
-            report.skip(c.rel, v.reason, v.detail)
-            continue
-        report.validated[v.sha256] = v.entry
-        st = os.stat(c.path)
-        report.files[c.rel] = [st.st_size, st.st_mtime_ns, v.sha256]
-        problem = _apply_limits(v.entry, s)
-        if problem is not None:
-            report.skip(c.rel, problem.reason, problem.detail)
-            continue
-        for kind, detail in v.entry.get("notes", []):
-            report.warn(c.rel, kind, detail)
-        caption = _caption_for(c, s, report, default_caption)
-        if caption is None:
-            continue
-        w, h = v.entry["w"], v.entry["h"]
-        mask = _mask_of(c, v, mask_files.get(c.rel), mask_verdicts.get(c.rel), s, report)
-        if mask is None:
-            continue
-        bucket = nearest_bucket(w, h, buckets) if s.buckets else 0
-        records.append(ImageRecord(str(c.path), c.rel, caption, v.sha256, w, h, bucket, c.repeats, *mask))
-    report.used = len(records)
-    report.samples = sum(r.repeats for r in records)
-    report.masks = sum(1 for r in records if r.mask)
-    for b in sorted({r.bucket for r in records}):
-        report.buckets[f"{buckets[b][0]}x{buckets[b][1]}"] = sum(1 for r in records if r.bucket == b)
-    return records, buckets, report
-
-
-def _with_masks(candidates: list[Candidate], s: DataSettings, root: Path) -> tuple[list[Candidate], dict[str, Candidate]]:
-    """The images (without those inside ``data.mask_dir``) and, per image ``rel``, its mask file to validate."""
-    mask_root = Path(s.mask_dir).expanduser().resolve() if s.mask_dir else None
-    if mask_root is not None:  # a mask folder inside the data folder holds masks, not training images
-        candidates = [c for c in candidates if not c.path.resolve().is_relative_to(mask_root)]
-    found: dict[str, Candidate] = {}
-    if s.masked_loss != "off":
-        in_mask_dir = masks.mask_dir_index(s.mask_dir)
-        for c in candidates:
-            path = masks.mask_file(c.path, c.rel, in_mask_dir)
-            if path is not None:
-                rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-                found[c.rel] = Candidate(path, rel, None)
-    return candidates, found
-
-
-def _mask_of(c: Candidate, v: _Verdict, mask: Candidate | None, verdict: _Verdict | ImageProblem | None,
-             s: DataSettings, report: DataReport) -> tuple[str, str] | None:
-    """(mask source, mask identity) of a usable image, ("", "") without a mask; None: skip the image."""
-    if mask is None:
-        if s.masked_loss == "alpha" and masks.has_alpha(c.path):
-            return masks.ALPHA, f"{masks.ALPHA}:{v.sha256}"
-        return "", ""
-    assert verdict is not None  # every mask file found is validated with the images
-    problem = verdict if isinstance(verdict, ImageProblem) else _apply_limits(verdict.entry, s)
-    if problem is not None and problem.reason != images.TOO_SMALL:  # a small mask is stretched, not refused
-        report.skip(c.rel, BAD_MASK, f"{mask.rel}: {problem.reason} ({problem.detail})")
-        return None
-    assert isinstance(verdict, _Verdict)
-    report.validated[verdict.sha256] = verdict.entry
-    st = os.stat(mask.path)
-    report.files[mask.rel] = [st.st_size, st.st_mtime_ns, verdict.sha256]
-    mw, mh, w, h = verdict.entry["w"], verdict.entry["h"], v.entry["w"], v.entry["h"]
-    if (mw, mh) != (w, h):
-        report.warn(mask.rel, "mask_size_mismatch", f"mask {mw}x{mh}, image {w}x{h}: the mask is stretched to the image")
-    return str(mask.path), verdict.sha256
-
-
-def _caption_for(c: Candidate, s: DataSettings, report: DataReport, default: str = "") -> str | None:
-    if c.caption_warning:
-        report.warn(c.rel, *c.caption_warning)
-    if c.caption is not None:
-        return c.caption
-    if default:
-        return default
-    caption = fallback_caption(s.missing_caption, folder_caption=c.folder_caption, path=c.path)
-    if caption is None:
-        report.skip(c.rel, NO_CAPTION, "no caption and data.missing_caption = skip")
-        return None
-    if not c.caption_warning:
-        report.warn(c.rel, "missing_caption", f"no caption; using {caption!r} (data.missing_caption = {s.missing_caption})")
-    return caption
 
 
 def build_dataset(cfg: Any, *, resolution: int | None = None, run_dir: str | Path | None = None,
