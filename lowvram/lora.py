@@ -1,5 +1,5 @@
-"""LoRA (and LoHa, LoKr, DoRA: ``adapters.py``) through peft: attach to the UNet / text encoders, save in
-diffusers (peft) and kohya formats, count.
+"""LoRA (and LoHa, LoKr, DoRA: ``adapters.py``) files through peft: save in diffusers (peft) and kohya formats,
+read them back and count what loaded (attaching lives in ``lora_attach.py``, re-exported here).
 
 Files written here load fully in diffusers (``load_lora_weights``; LoHa/LoKr: see ``adapters.py``), A1111
 and ComfyUI. Loading a LoRA can silently drop modules (REFERENCE.md trap), so every save can be checked by
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from torch import nn
 from .adapters import (
     ADAPTER,
     ADAPTERS,
-    count_adapter_modules,
     is_marker,
     kohya_module_tensors,
     rank_alpha,
@@ -31,79 +30,23 @@ from .adapters import (
 )
 from .errors import ModelLoadError
 from .fsutil import save_safetensors_atomic
-from .models.key_names import canonical_pipeline_state, canonical_text_key, target_suffix
-
-# A1111/kohya's default set: every Linear / 1×1 conv inside the transformer blocks.
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
-# "LoCon": the 3×3 convolutions of the ResNet blocks and the down/up samplers.
-UNET_CONV_PATTERN = re.compile(r"(^|\.)(resnets\.\d+\.conv[12]|(downsamplers|upsamplers)\.0\.conv)$")
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-TEXT_NAMES = ("text_encoder", "text_encoder_2")
+from .lora_attach import (  # noqa: F401 (re-exported: the trainers and tests attach through lowvram.lora)
+    TEXT_NAMES,
+    TEXT_TARGETS,
+    UNET_CONV_PATTERN,
+    UNET_TARGETS,
+    attach_lora,
+    attach_text_lora,
+    count_loaded_modules,
+    lora_target_names,
+)
+from .models.key_names import canonical_pipeline_state, canonical_text_key
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0",
                       "flux-dev": "flux1", "flux-schnell": "flux1"}  # sd-scripts' flux_utils.MODEL_VERSION_FLUX_V1
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                   "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
                   "flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell"}
-
-
-def _matches(name: str, targets: Iterable[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def lora_target_names(model: nn.Module, targets: Iterable[str], conv: bool = False) -> list[str]:
-    """Full names of the modules a LoRA with these suffix ``targets`` (+ 3×3 convs) adapts."""
-    targets = tuple(targets)
-    names = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear | nn.Conv2d) and _matches(name, targets):
-            names.append(name)
-        elif conv and isinstance(mod, nn.Conv2d) and UNET_CONV_PATTERN.search(name):
-            names.append(name)
-    return names
-
-
-def _attach(model: nn.Module, names: list[str], rank: int, alpha: float, dropout: float, what: str,
-            adapter: str) -> list[nn.Parameter]:
-    from diffusers.training_utils import cast_training_params
-
-    from .adapters import adapter_config
-
-    if rank < 1:
-        raise ModelLoadError(f"LoRA rank {rank} for the {what}", "set lora.rank to 1 or more")
-    if not names:
-        raise ModelLoadError(f"no LoRA target modules found in the {what}", "check lora target modules")
-    if adapter not in ADAPTERS:
-        raise ModelLoadError(f"unknown adapter type '{adapter}'", f"set lora.type to one of {', '.join(ADAPTERS)}")
-    config = adapter_config(adapter, rank, alpha, dropout, names)
-    model.requires_grad_(False)
-    model.add_adapter(config)
-    # trainable LoRA weights stay fp32 whatever the frozen dtype: fp16 updates underflow under GradScaler
-    cast_training_params(model, dtype=torch.float32)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def attach_lora(unet: nn.Module, rank: int, alpha: float, dropout: float = 0.0, conv: bool = False,
-                target_modules: Iterable[str] | None = None, adapter: str = "lora") -> list[nn.Parameter]:
-    """Add a peft adapter (``adapter``: lora, loha, lokr, dora) to the UNet (A1111's targets; ``conv`` adds 3×3
-    convs); returns the trainable params."""
-    names = lora_target_names(unet, target_modules or UNET_TARGETS, conv)
-    return _attach(unet, names, rank, alpha, dropout, "UNet", adapter)
-
-
-def attach_text_lora(text_encoder: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                     target_modules: Iterable[str] | None = None, adapter: str = "lora") -> list[nn.Parameter]:
-    """Add a peft adapter to a CLIP text encoder (attention and MLP projections).
-
-    Targets are named without ``text_model.`` so that the config saved with the file matches the modules on
-    transformers 4.x and 5.x alike (peft matches target names as suffixes)."""
-    names = [target_suffix(n) for n in lora_target_names(text_encoder, target_modules or TEXT_TARGETS)]
-    return _attach(text_encoder, names, rank, alpha, dropout, "text encoder", adapter)
-
-
-def count_loaded_modules(model: nn.Module | None) -> int:
-    """How many modules of ``model`` carry an adapter (LoRA, LoHa, LoKr or DoRA; any adapter name)."""
-    return count_adapter_modules(model)
 
 
 def _component_models(model_or_pipe: Any) -> dict[str, nn.Module]:
