@@ -1,7 +1,8 @@
 """The training loop for diffusion models: one flat loop, and a Trainer that owns the resumable state.
 
 Everything a resumed run needs — weights, EMA, optimizer, grad scaler, LR schedule, data position,
-RNG — lives on the Trainer and goes into every checkpoint, so ``--resume`` continues bit for bit.
+RNG — lives on the Trainer and goes into every checkpoint, so ``--resume`` continues bit for bit
+(``trainer_state.py`` saves and restores it; ``schedule.py`` holds the step's seeds, LR and data order).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ import torch
 from ..config import RunConfig
 from ..distributed import SINGLE, World, any_process, mean_over_processes, wait, wrap_ddp
 from ..ema import EMA
-from ..errors import CheckpointError, TrainingDiverged
+from ..errors import TrainingDiverged
 from ..fsutil import atomic_write
-from ..optim import FusedBackward, build_optimizer, optimizer_from_tensors, optimizer_to_tensors
+from ..optim import FusedBackward, build_optimizer
 from ..run_folder import CHECKPOINTS_DIR
-from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint
 from .events import Event
 from .jobs import Job
 from .phases import PhaseClock
-from .signals import critical
+from .schedule import lr_at, shuffled_batches, step_generator  # noqa: F401 (shuffled_batches: re-exported)
 from .step import enable_checkpointing, optimizer_step, phase_range
+from .trainer_state import TrainerState
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NONFINITE_CAUSES = (
@@ -36,37 +38,6 @@ NONFINITE_CAUSES = (
     "GTX 16xx cards produce NaNs in fp16); a broken GPU math library (run `lowvram doctor`, e.g. unpatched "
     "rocBLAS on gfx803)"
 )
-
-
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    """A CPU generator per (seed, step, micro-batch): noise and dropout need no saved RNG to resume."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63))
-
-
-def lr_at(peak: float, step: int, warmup: int, total: int, schedule: str = "constant") -> float:
-    """Linear warm-up over ``warmup`` steps to ``peak``, then constant or a cosine/linear decay that
-    reaches 0 at step ``total`` (diffusers' ``get_scheduler`` shapes). Extending ``run.steps`` on resume
-    stretches the decay from that step on."""
-    if warmup > 0 and step < warmup:
-        return peak * (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return peak
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    if schedule == "cosine":
-        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return peak * (1.0 - progress)
-
-
-def shuffled_batches(n: int, batch_size: int, seed: int) -> Callable[[int], list[list[int]]]:
-    """Batches of one epoch as a pure function of (seed, epoch): what makes the data position resumable."""
-
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch)).tolist()
-        if n < batch_size:  # fewer items than a batch: repeat them
-            order = (order * (batch_size // n + 1))[:batch_size]
-        return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-
-    return epoch_batches
 
 
 def peak_memory_mib(device: torch.device) -> tuple[float, str]:
@@ -95,7 +66,7 @@ def _ignore(event: Event) -> None:
     """Events of processes other than the main one: only the main process logs and writes."""
 
 
-class Trainer:
+class Trainer(TrainerState):
     """Owns the state that must be saved and resumed; ``fit`` is the loop.
 
     With several processes (``world``), each optimizer step consumes ``processes x grad_accum``
@@ -169,96 +140,6 @@ class Trainer:
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Only what training changes: a LoRA checkpoint must not carry the frozen base model."""
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    # ---- state -----------------------------------------------------------------------------
-    def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-        opt_tensors, opt_meta = self.optimizer.to_tensors() if self.fused else optimizer_to_tensors(self.optimizer)
-        tensors: dict[str, dict[str, torch.Tensor]] = {
-            "model": self.trainable_state(),
-            "optimizer": opt_tensors,
-            "rng": {"torch_cpu": torch.get_rng_state()},
-        }
-        if self.device.type == "cuda":
-            tensors["rng"]["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.ema is not None:
-            tensors["ema"] = self.ema.state_dict()
-        meta = {
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "nonfinite_streak": self.nonfinite_streak,
-            "scaler": self.scaler.state_dict(),
-            "optimizer": opt_meta,
-        }
-        return tensors, meta
-
-    def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
-        if self.ema is not None and "ema" not in tensors:
-            raise CheckpointError("checkpoint has no ema.safetensors but the run keeps an EMA",
-                                  "resume from another checkpoint (--from-checkpoint step-N)")
-        saved = tensors["model"]
-        missing = sorted(set(self.trainable_state()) - set(saved))
-        if missing:
-            raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
-                                  "resume with the same task, model and LoRA settings as the run")
-        self.model.load_state_dict(saved, strict=False)
-        if self.fused:
-            self.optimizer.from_tensors(tensors["optimizer"], meta["optimizer"])
-        else:
-            optimizer_from_tensors(self.optimizer, tensors["optimizer"], meta["optimizer"])
-        if self.ema is not None and "ema" in tensors:
-            self.ema.load_state_dict(tensors["ema"])
-        if meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-        torch.set_rng_state(tensors["rng"]["torch_cpu"])
-        if self.device.type == "cuda" and "torch_cuda" in tensors["rng"]:
-            torch.cuda.set_rng_state(tensors["rng"]["torch_cuda"], self.device)
-        self.step = int(meta["step"])
-        self.epoch = int(meta["epoch"])
-        self.batch_in_epoch = int(meta["batch_in_epoch"])
-        self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
-
-    def save(self, barrier: bool = True) -> Path:
-        """The main process writes the checkpoint; the others wait for it (``barrier``) so that a kill
-        right after leaves a complete checkpoint that every process resumes from."""
-        path = self.ckpt_dir / f"step-{self.step:08d}"
-        with self.clock.phase("checkpoints", self.step):
-            if self.world.is_main:
-                with critical(self.stop):  # a second Ctrl-C lets this write finish
-                    tensors, meta = self.state()
-                    path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
-                    self.emit(Event("checkpoint", self.step, {"path": str(path)}))
-            if barrier:
-                wait(self.world)
-        self.saved_step = self.step
-        return path
-
-    def resume_latest(self, from_checkpoint: str | None = None) -> bool:
-        """Load the newest checkpoint (or the one named ``from_checkpoint``); False when there is none."""
-        ckpt = find_checkpoint(self.ckpt_dir, from_checkpoint) if from_checkpoint else latest_checkpoint(self.ckpt_dir)
-        if ckpt is None:
-            return False
-        with self.clock.phase("load"):
-            tensors, meta = load_checkpoint(ckpt)
-            try:
-                self.load_state(tensors, meta)
-            except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
-                raise CheckpointError(f"checkpoint '{ckpt}' does not fit this run: {type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''}",
-                                      "resume with the run's own settings, or from another checkpoint "
-                                      "(--from-checkpoint step-N)") from None
-        self.saved_step = self.step
-        self.emit(Event("resume", self.step, {"path": str(ckpt)}))
-        return True
-
-    def stop_and_save(self) -> str:
-        """A requested stop at a step boundary: checkpoint this step (unless it is on disk already)."""
-        if self.saved_step != self.step:
-            self.save()
-        return "stopped"
 
     # ---- data ------------------------------------------------------------------------------
     def batch_indices(self) -> Iterator[list[int]]:
@@ -380,29 +261,11 @@ class Trainer:
                 loss = self.train_step(positions)
                 window_steps += 1
                 if not math.isfinite(loss):
-                    self.nonfinite_streak += 1
-                    self.emit(Event("nonfinite", self.step, {"loss": loss, "streak": self.nonfinite_streak,
-                                                             "message": f"non-finite loss at step {self.step}; step skipped"}))
-                    if self.nonfinite_streak >= r.max_nonfinite:
-                        last = latest_checkpoint(self.ckpt_dir)
-                        raise TrainingDiverged(
-                            f"{self.nonfinite_streak} non-finite losses in a row at step {self.step}; "
-                            f"last good checkpoint: {last or 'none'}",
-                            f"likely causes: {NONFINITE_CAUSES}; fix and resume with --resume {self.run_dir}",
-                        )
+                    self.count_nonfinite(loss)
                     continue
                 self.nonfinite_streak = 0
                 if self.step % r.log_every == 0 or self.step == r.steps:
-                    elapsed = time.perf_counter() - window_start
-                    peak, kind = peak_memory_mib(self.device)
-                    self.emit(Event("step", self.step, {
-                        "loss": loss,
-                        "lr": self.lr_at(self.step - 1),
-                        "it_s": window_steps / elapsed if elapsed > 0 else 0.0,
-                        "peak_mem_mib": peak,
-                        "mem_kind": kind,
-                        "effective_batch": self.effective_batch,
-                    }))
+                    self.log_step(loss, window_steps, time.perf_counter() - window_start)
                     window_start, window_steps = time.perf_counter(), 0
                 # validation and samples: the main process only (the others wait in the next step's all-reduce)
                 if main and r.val_every and self.job.has_validation and self.step % r.val_every == 0:
@@ -422,11 +285,41 @@ class Trainer:
         finally:
             self.clock.step = self.step
             self.clock.leave()
+        return self.finish()
+
+    def count_nonfinite(self, loss: float) -> None:
+        """A skipped step: reported, and after ``run.max_nonfinite`` in a row the run stops as diverged."""
+        self.nonfinite_streak += 1
+        self.emit(Event("nonfinite", self.step, {"loss": loss, "streak": self.nonfinite_streak,
+                                                 "message": f"non-finite loss at step {self.step}; step skipped"}))
+        if self.nonfinite_streak >= self.cfg.run.max_nonfinite:
+            last = latest_checkpoint(self.ckpt_dir)
+            raise TrainingDiverged(
+                f"{self.nonfinite_streak} non-finite losses in a row at step {self.step}; "
+                f"last good checkpoint: {last or 'none'}",
+                f"likely causes: {NONFINITE_CAUSES}; fix and resume with --resume {self.run_dir}",
+            )
+
+    def log_step(self, loss: float, steps: int, elapsed: float) -> None:
+        """The step event: loss, learning rate, speed over the last ``steps`` steps, peak memory."""
+        peak, kind = peak_memory_mib(self.device)
+        self.emit(Event("step", self.step, {
+            "loss": loss,
+            "lr": self.lr_at(self.step - 1),
+            "it_s": steps / elapsed if elapsed > 0 else 0.0,
+            "peak_mem_mib": peak,
+            "mem_kind": kind,
+            "effective_batch": self.effective_batch,
+        }))
+
+    def finish(self) -> str:
+        """After the last step: its checkpoint, then (main process) validation, final samples and the model."""
+        r = self.cfg.run
         if self.saved_step != self.step:
             self.save()
         if any_process(self.world, self.stop()):  # the last step is saved; resuming writes samples and model
             return "stopped"
-        if main:
+        if self.world.is_main:
             if self.job.has_validation and r.val_every and self.step % r.val_every:
                 self.emit(Event("val", self.step, {"val_loss": self.validate()}))
             if self.cfg.sample.final:

@@ -1,0 +1,131 @@
+"""What a checkpoint of the Trainer holds (trainable weights, EMA, optimizer, grad scaler, data position, RNG)
+and how it is written, found and restored: the part of the Trainer a resume depends on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..distributed import World, wait
+from ..ema import EMA
+from ..errors import CheckpointError
+from ..optim import optimizer_from_tensors, optimizer_to_tensors
+from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .events import Event
+from .phases import PhaseClock
+from .signals import critical
+
+
+class TrainerState:
+    """The Trainer's save and resume (``loop.Trainer`` sets these attributes in its ``__init__``)."""
+
+    cfg: RunConfig
+    model: torch.nn.ModuleDict
+    optimizer: Any
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+    fused: bool
+    device: torch.device
+    world: World
+    clock: PhaseClock
+    emit: Callable[[Event], None]
+    stop: Callable[[], bool]
+    ckpt_dir: Path
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    nonfinite_streak: int
+    saved_step: int | None
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: a LoRA checkpoint must not carry the frozen base model."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        opt_tensors, opt_meta = self.optimizer.to_tensors() if self.fused else optimizer_to_tensors(self.optimizer)
+        tensors: dict[str, dict[str, torch.Tensor]] = {
+            "model": self.trainable_state(),
+            "optimizer": opt_tensors,
+            "rng": {"torch_cpu": torch.get_rng_state()},
+        }
+        if self.device.type == "cuda":
+            tensors["rng"]["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        meta = {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "nonfinite_streak": self.nonfinite_streak,
+            "scaler": self.scaler.state_dict(),
+            "optimizer": opt_meta,
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" not in tensors:
+            raise CheckpointError("checkpoint has no ema.safetensors but the run keeps an EMA",
+                                  "resume from another checkpoint (--from-checkpoint step-N)")
+        saved = tensors["model"]
+        missing = sorted(set(self.trainable_state()) - set(saved))
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
+                                  "resume with the same task, model and LoRA settings as the run")
+        self.model.load_state_dict(saved, strict=False)
+        if self.fused:
+            self.optimizer.from_tensors(tensors["optimizer"], meta["optimizer"])
+        else:
+            optimizer_from_tensors(self.optimizer, tensors["optimizer"], meta["optimizer"])
+        if self.ema is not None and "ema" in tensors:
+            self.ema.load_state_dict(tensors["ema"])
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng"]["torch_cpu"])
+        if self.device.type == "cuda" and "torch_cuda" in tensors["rng"]:
+            torch.cuda.set_rng_state(tensors["rng"]["torch_cuda"], self.device)
+        self.step = int(meta["step"])
+        self.epoch = int(meta["epoch"])
+        self.batch_in_epoch = int(meta["batch_in_epoch"])
+        self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
+
+    def save(self, barrier: bool = True) -> Path:
+        """The main process writes the checkpoint; the others wait for it (``barrier``) so that a kill
+        right after leaves a complete checkpoint that every process resumes from."""
+        path = self.ckpt_dir / f"step-{self.step:08d}"
+        with self.clock.phase("checkpoints", self.step):
+            if self.world.is_main:
+                with critical(self.stop):  # a second Ctrl-C lets this write finish
+                    tensors, meta = self.state()
+                    path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
+                    self.emit(Event("checkpoint", self.step, {"path": str(path)}))
+            if barrier:
+                wait(self.world)
+        self.saved_step = self.step
+        return path
+
+    def resume_latest(self, from_checkpoint: str | None = None) -> bool:
+        """Load the newest checkpoint (or the one named ``from_checkpoint``); False when there is none."""
+        ckpt = find_checkpoint(self.ckpt_dir, from_checkpoint) if from_checkpoint else latest_checkpoint(self.ckpt_dir)
+        if ckpt is None:
+            return False
+        with self.clock.phase("load"):
+            tensors, meta = load_checkpoint(ckpt)
+            try:
+                self.load_state(tensors, meta)
+            except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+                raise CheckpointError(f"checkpoint '{ckpt}' does not fit this run: {type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}",
+                                      "resume with the run's own settings, or from another checkpoint "
+                                      "(--from-checkpoint step-N)") from None
+        self.saved_step = self.step
+        self.emit(Event("resume", self.step, {"path": str(ckpt)}))
+        return True
+
+    def stop_and_save(self) -> str:
+        """A requested stop at a step boundary: checkpoint this step (unless it is on disk already)."""
+        if self.saved_step != self.step:
+            self.save()
+        return "stopped"
