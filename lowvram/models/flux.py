@@ -5,7 +5,8 @@ Layouts: a diffusers ``FluxPipeline`` folder; the original BFL transformer file 
 bf16/fp16, fp8 (``float8_e4m3fn``) or ComfyUI's "scaled fp8"; ComfyUI's all-in-one checkpoints (transformer
 + ``vae.`` + ``text_encoders.clip_l``/``t5xxl``). A transformer-only file takes the VAE, CLIP-L and T5-XXL
 (files or folders) and the tokenizers from ``FluxSources``. Conversion is diffusers' own; model configs
-come from ``single_file_configs/flux-*`` shipped with lowvram. Nothing here contacts a hub.
+come from ``single_file_configs/flux-*`` shipped with lowvram. Nothing here contacts a hub. Detection lives
+in ``flux_detect.py`` and the transformer's conversion in ``flux_transformer.py`` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -18,28 +19,38 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
+from .flux_detect import (  # noqa: F401 (re-exported: the family, the panel and tests import them here)
+    CHROMA_KEY,
+    FLUX_KEY,
+    TRANSFORMER_PREFIXES,
+    VARIANTS,
+    _strip,
+    detect_variant,
+    is_flux_model,
+)
+from .flux_transformer import (  # noqa: F401 (re-exported: the profiler builds the transformer through here)
+    FLUX1_WIDTH,
+    _transformer_from_state,
+    build_transformer,
+    dequantize,
+    transformer_config,
+)
 from .pretrained import (
     CONFIGS_DIR,
     _build,
     _dtype,
     _read_json,
-    _safetensors_keys,
     load_tokenizers,
     read_single_file,
 )
 
-VARIANTS = ("flux-dev", "flux-schnell")
 MAX_SEQUENCE_LENGTH = {"flux-dev": 512, "flux-schnell": 256}  # T5 tokens each variant was trained with
-TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI checkpoint / saved UNet
 VAE_PREFIXES = ("vae.", "first_stage_model.")
 CLIP_PREFIX = "text_encoders.clip_l.transformer."  # ComfyUI all-in-one (and diffusers' SD3 converter)
 T5_PREFIX = "text_encoders.t5xxl.transformer."
 OTHERS = (*VAE_PREFIXES, "text_encoders.")  # an all-in-one checkpoint's other components
 LDM_CLIP = "cond_stage_model.transformer."  # the prefix diffusers' CLIP converter reads
-FLUX_KEY = "double_blocks.0.img_attn.norm.key_norm.scale"  # diffusers' own FLUX.1 detection key
-CHROMA_KEY = "distilled_guidance_layer.in_proj.bias"
 CLIP_EXTRAS = ("text_projection.weight", "logit_scale", "text_model.embeddings.position_ids")
-FLUX1_WIDTH = 3072  # diffusers' converter splits single blocks' linear1 assuming this width
 
 TOKENIZER_FIX = ("point model.t5_tokenizer (--t5-tokenizer) at a folder with the T5 tokenizer.json: the FLUX.1 "
                  "diffusers folder's tokenizer_2/, or ComfyUI's comfy/text_encoders/t5_tokenizer/")
@@ -103,155 +114,6 @@ class FluxComponents:
                             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
                             transformer=self.transformer)
-
-
-# ---------------------------------------------------------------------------------------------
-# what a path holds
-
-
-def _strip(keys: dict[str, Any], prefixes: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    """The first prefix under which ``keys`` hold a FLUX transformer ("" for a bare file), and those keys."""
-    for p in prefixes:
-        sub = {k[len(p):]: v for k, v in keys.items() if k.startswith(p)}
-        if FLUX_KEY in sub or CHROMA_KEY in sub:
-            return p, sub
-    return "", keys
-
-
-def _variant_of_keys(keys: dict[str, Any], where: str) -> str:
-    prefix, sub = _strip(keys, TRANSFORMER_PREFIXES)
-    if CHROMA_KEY in sub:
-        raise ModelLoadError(
-            f"'{where}' is a Chroma checkpoint (distilled_guidance_layer, no modulation layers)",
-            "Chroma loads through diffusers' ChromaTransformer2DModel, which lowvram does not train yet")
-    if FLUX_KEY not in sub:
-        raise ModelLoadError(
-            f"'{where}': found {len(keys)} tensors but no FLUX.1 transformer ({FLUX_KEY}, bare or under "
-            f"{' / '.join(TRANSFORMER_PREFIXES)})",
-            "pass the FLUX.1 transformer file (flux1-dev.safetensors), a ComfyUI FLUX checkpoint or a diffusers folder")
-    shape = sub.get("img_in.weight")
-    if shape is not None and list(shape)[1] != 64:
-        raise ModelLoadError(f"'{where}': img_in takes {list(shape)[1]} channels: a FLUX.1 Fill/Depth/Kontext model",
-                             "lowvram trains the text-to-image FLUX.1 dev and schnell models")
-    return "flux-dev" if "guidance_in.in_layer.weight" in sub else "flux-schnell"
-
-
-def is_flux_model(path: str | Path | None) -> bool:
-    """Whether a local path holds a FLUX.1-like transformer (diffusers folder or .safetensors file): the
-    trainer's family switch. Chroma and Fill files count, so that loading refuses them with the reason."""
-    if not path:
-        return False
-    p = Path(path).expanduser()
-    if p.is_dir():
-        cfg_file = p / "transformer" / "config.json"
-        return cfg_file.is_file() and _read_json(cfg_file).get("_class_name") == "FluxTransformer2DModel"
-    if not (p.is_file() and p.suffix.lower() == ".safetensors"):
-        return False
-    _, sub = _strip(_safetensors_keys(p), TRANSFORMER_PREFIXES)
-    return FLUX_KEY in sub or CHROMA_KEY in sub
-
-
-def detect_variant(path: str | Path) -> str:
-    """flux-dev (guidance embedding) or flux-schnell, from a diffusers folder's config or a file's tensor names."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        cfg_file = p / "transformer" / "config.json"
-        if not cfg_file.is_file():
-            raise ModelLoadError(f"'{p}' has no transformer/config.json: not a diffusers FLUX.1 folder",
-                                 "pass a FluxPipeline folder or a FLUX.1 .safetensors file")
-        cfg = _read_json(cfg_file)
-        if cfg.get("_class_name") != "FluxTransformer2DModel":
-            raise ModelLoadError(f"'{p}' holds a {cfg.get('_class_name')}, not a FluxTransformer2DModel",
-                                 "pass a FLUX.1 dev or schnell folder")
-        return "flux-dev" if cfg.get("guidance_embeds") else "flux-schnell"
-    if p.suffix.lower() != ".safetensors":
-        raise ModelLoadError(f"'{p}': FLUX.1 loads from .safetensors files or diffusers folders",
-                             "convert the file to .safetensors")
-    return _variant_of_keys(_safetensors_keys(p), str(p))
-
-
-# ---------------------------------------------------------------------------------------------
-# state dicts
-
-
-def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """ComfyUI "scaled fp8" (``<layer>.scale_weight`` beside each fp8 weight) → plain weights in ``dtype``.
-
-    ComfyUI computes ``weight * scale_weight`` (comfy/ops.py scaled_fp8_op); tensors are converted one at
-    a time so the peak is one layer in fp32, not the whole model.
-    """
-    if "scaled_fp8" not in state and not any(k.endswith(".scale_weight") for k in state):
-        return state
-    out = {}
-    for k, v in state.items():
-        if k == "scaled_fp8" or k.endswith((".scale_weight", ".scale_input")):
-            continue
-        scale = state.get(k.removesuffix("weight") + "scale_weight") if k.endswith(".weight") else None
-        if scale is not None:
-            s = scale.float().reshape(-1, *([1] * (v.ndim - 1))) if scale.numel() > 1 else scale.float()
-            v = (v.float() * s).to(dtype)
-        out[k] = v
-    return out
-
-
-def _split_linear1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert BFL transformer keys to diffusers' with diffusers' converter, at any width.
-
-    The converter splits each single block's fused ``linear1`` (q, k, v, mlp) at FLUX.1's width 3072,
-    written into it: it gets a free ``meta`` placeholder of that shape, and the real tensor is split
-    here by the file's own width (``img_in`` rows), so smaller test models take the same path.
-    """
-    from diffusers.loaders.single_file_utils import (
-        convert_flux_transformer_checkpoint_to_diffusers as convert,
-    )
-
-    width = state["img_in.weight"].shape[0]
-    fused = {k: state.pop(k) for k in [k for k in state if k.startswith("single_blocks.") and ".linear1." in k]}
-    for k, t in fused.items():
-        state[k] = torch.empty((7 * FLUX1_WIDTH, *t.shape[1:]), device="meta")
-    out = convert(state)
-    for k, t in fused.items():
-        block, kind = k.split(".")[1], k.rsplit(".", 1)[1]
-        parts = torch.split(t, [width, width, width, t.shape[0] - 3 * width])
-        for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts, strict=True):
-            out[f"single_transformer_blocks.{block}.{name}.{kind}"] = part
-    return out
-
-
-def _transformer_config(cfg_dir: Path, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The config at ``cfg_dir``, with block counts and widths read from the file's shapes (variants differ)."""
-    from diffusers import FluxTransformer2DModel
-
-    cfg = dict(FluxTransformer2DModel.load_config(cfg_dir / "transformer"))
-    head = state["double_blocks.0.img_attn.norm.key_norm.scale"].shape[0]
-    width = state["img_in.weight"].shape[0]
-    cfg.update(
-        num_layers=1 + max(int(k.split(".")[1]) for k in state if k.startswith("double_blocks.")),
-        num_single_layers=1 + max(int(k.split(".")[1]) for k in state if k.startswith("single_blocks.")),
-        attention_head_dim=head, num_attention_heads=width // head,
-        in_channels=state["img_in.weight"].shape[1], joint_attention_dim=state["txt_in.weight"].shape[1],
-        pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
-        guidance_embeds="guidance_in.in_layer.weight" in state,
-    )
-    if sum(cfg["axes_dims_rope"]) != head:
-        raise ModelLoadError(
-            f"the file's attention heads are {head} wide but the config's rotary axes {cfg['axes_dims_rope']} "
-            f"sum to {sum(cfg['axes_dims_rope'])}",
-            "pass the model's diffusers config folder as model.config")
-    return cfg
-
-
-def _transformer_from_state(state: dict[str, torch.Tensor], cfg_dir: Path, dtype: torch.dtype, where: str) -> Any:
-    from diffusers import FluxTransformer2DModel
-
-    state = dequantize(state, dtype)
-    try:
-        cfg = _transformer_config(cfg_dir, state)
-        converted = _split_linear1(state)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"'{where}' is not a complete FLUX.1 transformer: {str(e).splitlines()[0]}",
-                             "check the download (the file may be truncated)") from None
-    return _build(FluxTransformer2DModel, cfg, converted, dtype, "FLUX transformer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,24 +281,3 @@ def load_flux(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, sourc
     if vae.dtype != dt:
         notes.append(f"VAE kept in {str(vae.dtype).removeprefix('torch.')} (its config asks for fp32 over fp16)")
     return FluxComponents(variant, model, vae, te, tok, te2, tok2, sched, source=str(p), notes=notes)
-
-
-# ---------------------------------------------------------------------------------------------
-# the published architecture, for the memory profiler (no weights)
-
-
-def transformer_config(variant: str = "flux-dev") -> dict[str, Any]:
-    """The published FLUX.1 transformer config (19 double + 38 single blocks, 3072 wide, 24 heads)."""
-    if variant not in VARIANTS:
-        raise ModelLoadError(f"unknown FLUX.1 variant '{variant}'", f"use one of {', '.join(VARIANTS)}")
-    cfg = _read_json(CONFIGS_DIR / variant / "transformer" / "config.json")
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
-def build_transformer(variant: str = "flux-dev", device: str | torch.device = "meta",
-                      overrides: dict[str, Any] | None = None) -> Any:
-    """The FLUX.1 transformer created directly on ``device`` (``meta``: no bytes)."""
-    from diffusers import FluxTransformer2DModel
-
-    with torch.device(device):
-        return FluxTransformer2DModel(**{**transformer_config(variant), **(overrides or {})})
