@@ -7,7 +7,7 @@ the user's job, and the error says when only they (or a bigger card) would help.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 from ..card import CardSpec
@@ -76,7 +76,13 @@ def baseline(workload: Workload, card: CardSpec | None = None) -> Knobs:
 
 def candidates(workload: Workload, card: CardSpec | None = None, start: Knobs | None = None) -> Iterator[tuple[str, Knobs]]:
     """(what was switched on, knobs) in order of speed cost; each adds to the previous one."""
-    k = start or baseline(workload, card)
+    k = yield from _storage_steps(workload, card, start or baseline(workload, card))
+    yield from _compute_steps(workload, card, k)
+
+
+def _storage_steps(workload: Workload, card: CardSpec | None, k: Knobs) -> Generator[tuple[str, Knobs], None, Knobs]:
+    """The cheap steps first: caching, frozen weights in half and 8-bit precision, 8-bit optimizer state,
+    checkpointing, then smaller micro-batches; returns the knobs they end with."""
     half = "bf16" if getattr(card, "bf16", False) else "fp16"
     bnb = getattr(card, "bitsandbytes", True)
     # a from-scratch job always caches its latents and encodes captions with the text encoder it trains:
@@ -106,6 +112,12 @@ def candidates(workload: Workload, card: CardSpec | None = None, start: Knobs | 
         b = max(1, k.batch_size // 2)
         k = k.with_(batch_size=b, grad_accum=k.grad_accum * k.batch_size // b)
         yield f"micro-batch {b} x accumulation {k.grad_accum}", k
+    return k
+
+
+def _compute_steps(workload: Workload, card: CardSpec | None, k: Knobs) -> Iterator[tuple[str, Knobs]]:
+    """The steps that cost time on every step: chunked attention, the EMA on the CPU, fused backward,
+    Adafactor, VAE tiles, then streaming the frozen blocks from host RAM."""
     # A fused SDPA kernel (flash / memory-efficient) is already O(N): chunking would only slow it down.
     fused = k.attention in ("sdpa", "xformers") and getattr(card, "flash_attention", False)
     for chunk in () if fused else (1024, 256):
@@ -185,6 +197,12 @@ def plan(
         if current.peak_bytes <= budget:
             check_host(current, ram_gib, card)
             return Plan(knobs, current, steps)
+    raise _does_not_fit(workload, current, budget, steps, streamable)
+
+
+def _does_not_fit(workload: Workload, current: MemoryProfile, budget: int, steps: list[Step],
+                  streamable: dict[float, int]) -> MemoryPlanError:
+    """The error when even the leanest plan is over budget: how close it came and what would make it fit."""
     short = current.peak_bytes - budget
     unhelpful = (f"; streaming every frozen block would remove at most {max(streamable.values()) / GIB:.2f} GiB"
                  if streamable and not current.knobs.get("stream_blocks") else "")
@@ -199,4 +217,4 @@ def plan(
     )
     err.leanest_bytes = current.peak_bytes
     err.leanest = current  # its profile: host bytes and knobs of the closest plan
-    raise err
+    return err

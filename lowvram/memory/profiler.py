@@ -36,7 +36,7 @@ from .stages import (
 )
 from .streaming import pinned, pinned_overhead, stream_note
 from .tracker import StorageTracker
-from .workloads import PRECISIONS, Knobs, Workload, build
+from .workloads import PRECISIONS, Built, Knobs, Workload, build
 
 GIB = 2**30
 # A card's defaults when only --vram is given: what the runtime takes beyond tensors (context) and the
@@ -146,18 +146,9 @@ def profile_step(
     rules apply (a CPU card: CPU's, and host memory is the card's); ``device`` is ``meta`` for planning or
     ``cpu`` (with ``autocast_device="cpu"``) for the fidelity check.
     """
-    from ..train.finetune_data import frozen_stay_on_device
-
     start = time.perf_counter()
     notes: list[str] = []
-    kernel, why = effective_attention(knobs.attention, card)
-    if why:
-        notes.append(why)
-    helper_kernel, _ = effective_attention("sdpa", card)
-    knobs = knobs.with_(attention=kernel)
-    if knobs.fused_backward and (knobs.processes > 1 or knobs.zero_stage):
-        raise ConfigError("memory.fused_backward steps the optimizer before the gradients are averaged over "
-                          "processes (DDP / ZeRO)", "use memory.fused_backward=false with several processes")
+    knobs, helper_kernel = _card_knobs(knobs, card, notes)
     backend = card_backend(card)
     autocast_device = autocast_device or ("cpu" if backend == "cpu" else "cuda")
     meta = str(device) == "meta"
@@ -177,55 +168,8 @@ def profile_step(
         if built is None:
             result = tracker.result()
             return _finish(workload, knobs, card, vram_gib, tracker, result, notes, [], start)
-        trainable_ids = {id(p) for p in built.trainable}
-
-        def register(mod: nn.Module, host: bool = False) -> None:
-            for p in mod.parameters():
-                tracker.register(p, "trainable_weights" if id(p) in trainable_ids else "frozen_weights", host)
-            for b in mod.buffers():
-                tracker.register(b, "frozen_weights", host)
-
-        # the caches are encoded before the UNet reaches the card: a from-scratch job encodes its latents
-        # before it builds the UNet and text encoder, a fine-tune with its VAE and text encoders alone
-        # (its UNet is loaded, in host memory)
-        if workload.from_scratch:
-            if built.vae is not None:
-                register(built.vae)
-        else:
-            for mod in [*built.text_encoders] + ([built.vae] if built.vae is not None else []):
-                register(mod)
-            register(built.unet, host=True)
         streamer = built.streamer
-
-        def unet_to_card() -> None:  # train_finetune: stream_unet, or .to(device)
-            tl.place([built.unet], host=False)
-            if streamer is not None:  # the streamed blocks stay in host RAM; their copies are the card's share
-                streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit)
-                                                          for c in copies]
-                tracker.place(streamer.host_tensors(), host=True)
-
-        drawing = workload.class_images and not workload.from_scratch
-        if drawing:  # the missing class images are drawn with the base model: the UNet is on the card already
-            unet_to_card()
-            class_image_stage(built, workload, knobs, tl)
-        cache_stage(built, workload, knobs, tl)
-        if workload.from_scratch:
-            for mod in (built.unet, *built.text_encoders):
-                register(mod)
-            if streamer is not None:
-                unet_to_card()
-        elif not drawing:
-            unet_to_card()  # after caching, as train_finetune moves it
-        # what leaves the card after the caches are built (and comes back for previews)
-        frozen_tes = [] if built.text_trained else built.text_encoders
-        if workload.from_scratch:
-            offloaded = [built.vae] if built.vae is not None and knobs.offload_frozen else []
-        elif not frozen_stay_on_device(knobs.offload_frozen, knobs.cache_latents, knobs.cache_text,
-                                       built.text_trained, workload.text_every_step):
-            offloaded = [built.vae, *frozen_tes]
-        else:
-            offloaded = []
-        tl.place(offloaded, host=True)
+        offloaded = _load_and_cache(built, workload, knobs, tl, tracker)
         if knobs.zero_stage:
             tracker.reset_peak()  # ZeRO's rescaled replay starts at the training step
         ema, optimizers = train_stage(built, workload, knobs, tl, notes)
@@ -241,6 +185,78 @@ def profile_step(
         streamer.close()
     return _finish(workload, knobs, card, vram_gib, tracker, result, notes, optimizers, start, tl.keep,
                    streamer=streamer, resident=resident, bus=tl.bus_bytes)
+
+
+def _card_knobs(knobs: Knobs, card: CardSpec | None, notes: list[str]) -> tuple[Knobs, str]:
+    """``knobs`` with the attention kernel the card really runs (and why, in ``notes``), and the kernel of
+    the helper models; refuses fused backward with several processes."""
+    kernel, why = effective_attention(knobs.attention, card)
+    if why:
+        notes.append(why)
+    helper_kernel, _ = effective_attention("sdpa", card)
+    knobs = knobs.with_(attention=kernel)
+    if knobs.fused_backward and (knobs.processes > 1 or knobs.zero_stage):
+        raise ConfigError("memory.fused_backward steps the optimizer before the gradients are averaged over "
+                          "processes (DDP / ZeRO)", "use memory.fused_backward=false with several processes")
+    return knobs, helper_kernel
+
+
+def _load_and_cache(built: Built, workload: Workload, knobs: Knobs, tl: Timeline,
+                    tracker: StorageTracker) -> list[nn.Module]:
+    """The models reach the card in the order training loads them, the caches (and class images) are
+    built, and what leaves the card afterwards goes to host memory; returns what was offloaded."""
+    from ..train.finetune_data import frozen_stay_on_device
+
+    trainable_ids = {id(p) for p in built.trainable}
+
+    def register(mod: nn.Module, host: bool = False) -> None:
+        for p in mod.parameters():
+            tracker.register(p, "trainable_weights" if id(p) in trainable_ids else "frozen_weights", host)
+        for b in mod.buffers():
+            tracker.register(b, "frozen_weights", host)
+
+    # the caches are encoded before the UNet reaches the card: a from-scratch job encodes its latents
+    # before it builds the UNet and text encoder, a fine-tune with its VAE and text encoders alone
+    # (its UNet is loaded, in host memory)
+    if workload.from_scratch:
+        if built.vae is not None:
+            register(built.vae)
+    else:
+        for mod in [*built.text_encoders] + ([built.vae] if built.vae is not None else []):
+            register(mod)
+        register(built.unet, host=True)
+    streamer = built.streamer
+
+    def unet_to_card() -> None:  # train_finetune: stream_unet, or .to(device)
+        tl.place([built.unet], host=False)
+        if streamer is not None:  # the streamed blocks stay in host RAM; their copies are the card's share
+            streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit)
+                                                      for c in copies]
+            tracker.place(streamer.host_tensors(), host=True)
+
+    drawing = workload.class_images and not workload.from_scratch
+    if drawing:  # the missing class images are drawn with the base model: the UNet is on the card already
+        unet_to_card()
+        class_image_stage(built, workload, knobs, tl)
+    cache_stage(built, workload, knobs, tl)
+    if workload.from_scratch:
+        for mod in (built.unet, *built.text_encoders):
+            register(mod)
+        if streamer is not None:
+            unet_to_card()
+    elif not drawing:
+        unet_to_card()  # after caching, as train_finetune moves it
+    # what leaves the card after the caches are built (and comes back for previews)
+    frozen_tes = [] if built.text_trained else built.text_encoders
+    if workload.from_scratch:
+        offloaded = [built.vae] if built.vae is not None and knobs.offload_frozen else []
+    elif not frozen_stay_on_device(knobs.offload_frozen, knobs.cache_latents, knobs.cache_text,
+                                   built.text_trained, workload.text_every_step):
+        offloaded = [built.vae, *frozen_tes]
+    else:
+        offloaded = []
+    tl.place(offloaded, host=True)
+    return offloaded
 
 
 def _finish(workload: Workload, knobs: Knobs, card: CardSpec | None, vram_gib: float | None, tracker: StorageTracker,
