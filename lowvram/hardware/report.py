@@ -28,6 +28,33 @@ def doctor_report(info: HardwareInfo, self_test_results: list[SelfTestResult] | 
     ``findings``: the install problems (default: ``install_findings`` of the probed facts)."""
     f = info.facts
     findings = install_findings(f) if findings is None else findings
+    rows = _machine_rows(info)
+    width = max(len(k) for k, _ in rows)
+    lines = ["lowvram doctor", ""] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    lines += ["", "packages:"] + [f"  {line}" for line in package_lines(f)]
+    if findings:
+        lines += ["", "install problems:"]
+        lines += [f"  - {x.severity.upper()}: {x.problem}\n    fix: {x.fix}" for x in findings]
+    if self_test_results is not None:
+        verdict = "passed" if all(r.ok for r in self_test_results) else "FAILED"
+        where = self_test_results[0].device if self_test_results else info.device
+        lines += ["", f"self-test on {where} against the CPU: {verdict}"]
+        lines += [f"  {r.op:<7} {r.dtype:<5} {_result_text(r)}" for r in self_test_results]
+        failed = [r for r in self_test_results if not r.ok]
+        if failed:
+            lines.append(f"  fix: {self_test_fix(failed, info)}")
+    if info.notes:
+        lines += ["", "notes:"] + [f"  - {n}" for n in info.notes]
+    lines += [
+        "",
+        f"recommended preset: {info.recommended_preset}   (lowvram train --preset {info.recommended_preset})",
+    ]
+    return "\n".join(lines)
+
+
+def _machine_rows(info: HardwareInfo) -> list[tuple[str, str]]:
+    """The report's table: backend and runtime, device, architecture, memory, what it can run."""
+    f = info.facts
     runtime = (
         f"HIP {f.hip_version}"
         if info.backend == "rocm"
@@ -64,27 +91,7 @@ def doctor_report(info: HardwareInfo, self_test_results: list[SelfTestResult] | 
                 f"ROC_ENABLE_PRE_VEGA={f.roc_enable_pre_vega or '(unset)'}",
             )
         )
-    width = max(len(k) for k, _ in rows)
-    lines = ["lowvram doctor", ""] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
-    lines += ["", "packages:"] + [f"  {line}" for line in package_lines(f)]
-    if findings:
-        lines += ["", "install problems:"]
-        lines += [f"  - {x.severity.upper()}: {x.problem}\n    fix: {x.fix}" for x in findings]
-    if self_test_results is not None:
-        verdict = "passed" if all(r.ok for r in self_test_results) else "FAILED"
-        where = self_test_results[0].device if self_test_results else info.device
-        lines += ["", f"self-test on {where} against the CPU: {verdict}"]
-        lines += [f"  {r.op:<7} {r.dtype:<5} {_result_text(r)}" for r in self_test_results]
-        failed = [r for r in self_test_results if not r.ok]
-        if failed:
-            lines.append(f"  fix: {self_test_fix(failed, info)}")
-    if info.notes:
-        lines += ["", "notes:"] + [f"  - {n}" for n in info.notes]
-    lines += [
-        "",
-        f"recommended preset: {info.recommended_preset}   (lowvram train --preset {info.recommended_preset})",
-    ]
-    return "\n".join(lines)
+    return rows
 
 
 def doctor_dict(info: HardwareInfo, self_test_results: list[SelfTestResult] | None = None,
