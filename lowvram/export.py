@@ -124,6 +124,23 @@ def export_lora(
     return out
 
 
+def _fuse(pipe: Any, lora_file: Path, scale: float) -> list[str]:
+    """Fuse ``lora_file`` into ``pipe``'s UNet and text encoders; the names of the fused components."""
+    parts = [n for n in ("unet", *TEXT_NAMES) if getattr(pipe, n, None) is not None]
+    if LORA_META_KEY in read_lora_file(lora_file)[1]:
+        # a file that records its adapter configs (lowvram's): peft attaches any type exactly; diffusers'
+        # pipelines read no LoHa/LoKr, and with transformers 5.x drop a text encoder's DoRA magnitudes
+        load_adapter_file(pipe, lora_file)
+        for n in parts:
+            merge_adapters(getattr(pipe, n), scale)
+    else:
+        pipe.load_lora_weights(str(lora_file))
+        ensure_lora_loaded(pipe, lora_file)
+        pipe.fuse_lora(components=parts, lora_scale=scale)
+        pipe.unload_lora_weights()
+    return parts
+
+
 def merge_lora(
     base_path: str | Path,
     lora_path: str | Path,
@@ -151,18 +168,7 @@ def merge_lora(
     comps = load_pretrained(base_path, family=family, dtype=torch.float32, allow_pickle=allow_pickle,
                             tokenizer=tokenizer, config=config)
     pipe = comps.pipeline()
-    parts = [n for n in ("unet", *TEXT_NAMES) if getattr(pipe, n, None) is not None]
-    if LORA_META_KEY in read_lora_file(lora_file)[1]:
-        # a file that records its adapter configs (lowvram's): peft attaches any type exactly; diffusers'
-        # pipelines read no LoHa/LoKr, and with transformers 5.x drop a text encoder's DoRA magnitudes
-        load_adapter_file(pipe, lora_file)
-        for n in parts:
-            merge_adapters(getattr(pipe, n), scale)
-    else:
-        pipe.load_lora_weights(str(lora_file))
-        ensure_lora_loaded(pipe, lora_file)
-        pipe.fuse_lora(components=parts, lora_scale=scale)
-        pipe.unload_lora_weights()
+    parts = _fuse(pipe, lora_file, scale)
     dt = DTYPES[save_dtype]
     for n in parts + ["vae"]:
         getattr(pipe, n).to(dt)

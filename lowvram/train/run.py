@@ -196,37 +196,10 @@ def train_from_scratch(cfg: RunConfig, run_dir: Path, device: torch.device, emit
     x0_of: Callable[[list[int]], torch.Tensor] = train_data.pixels
     val_x0 = val_data.pixels(list(range(len(val_data)))) if val_data else None
     if cfg.run.task == "latent":
-        with main_first(w):  # the main process trains (or loads) the autoencoder, the others then load it
-            vae, scale = latent_stage(cfg, run_dir, train_data, device, emit, clock)
-        # the latent cache is encoded once, by the main process, and read by the others
-        shared = run_dir / "cache"
-        with clock.phase("caching"), phase_range("cache"):
-            latents = computed_once(w, shared / "train_latents.safetensors",
-                                    lambda: encode_all(vae, train_data.pixels, len(train_data), scale, device,
-                                                       cfg.train.batch_size))
-            if val_x0 is not None:
-                val_x0 = computed_once(w, shared / "val_latents.safetensors",
-                                       lambda: encode_all(vae, val_data.pixels, len(val_data), scale, device,
-                                                          cfg.train.batch_size))
-        n = len(train_data)
-        x0_of = lambda idx: latents[[i % n for i in idx]]  # noqa: E731 — the cache is a tensor lookup
-        # the latents are cached: the autoencoder only decodes previews, so it waits in host memory
-        # with memory.offload_frozen (the job brings it to the card for each preview)
-        vae = vae.to("cpu" if cfg.memory.offload_frozen else device)
+        vae, scale, x0_of, val_x0 = _latent_inputs(cfg, run_dir, train_data, val_data, val_x0, device, emit,
+                                                    clock, w)
 
-    tokenizer = None
-    tok_dir = run_dir / "tokenizer"
-    with clock.phase("load"), main_first(w):  # the main process builds and saves the tokenizer; the others load it
-        if (resume or not w.is_main) and tok_dir.is_dir():
-            from transformers import AutoTokenizer
-
-            from ..models.local import load_local
-
-            tokenizer = load_local(AutoTokenizer, tok_dir, weights=False)
-        comps = build_components(cfg, train_data.all_captions or [], device, vae=vae, latent_scale=scale,
-                                 tokenizer=tokenizer)
-        if w.is_main and not tok_dir.is_dir():
-            comps.tokenizer.save_pretrained(tok_dir)
+    comps = _scratch_components(cfg, run_dir, train_data, device, vae, scale, clock, w, resume)
 
     def data(idx: list[int]) -> dict[str, Any]:
         return with_loss_weights(cfg, train_data, idx, {"x0": x0_of(idx), "captions": train_data.captions(idx)})
@@ -242,6 +215,51 @@ def train_from_scratch(cfg: RunConfig, run_dir: Path, device: torch.device, emit
         trainer.resume_latest()
     status = trainer.fit()
     return RunResult(run_dir, status, trainer.step)
+
+
+def _latent_inputs(cfg: RunConfig, run_dir: Path, train_data: ImageData, val_data: ImageData | None,
+                   val_x0: torch.Tensor | None, device: torch.device, emit: Callable[[Event], None], clock: PhaseClock,
+                   w: World) -> tuple[Any, float, Callable[[list[int]], torch.Tensor], torch.Tensor | None]:
+    """The latent task's autoencoder (trained or loaded) and its latent caches: (vae, scale, the latents of
+    a batch, the validation latents in place of the validation pixels ``val_x0``)."""
+    with main_first(w):  # the main process trains (or loads) the autoencoder, the others then load it
+        vae, scale = latent_stage(cfg, run_dir, train_data, device, emit, clock)
+    # the latent cache is encoded once, by the main process, and read by the others
+    shared = run_dir / "cache"
+    with clock.phase("caching"), phase_range("cache"):
+        latents = computed_once(w, shared / "train_latents.safetensors",
+                                lambda: encode_all(vae, train_data.pixels, len(train_data), scale, device,
+                                                   cfg.train.batch_size))
+        if val_x0 is not None:
+            val_x0 = computed_once(w, shared / "val_latents.safetensors",
+                                   lambda: encode_all(vae, val_data.pixels, len(val_data), scale, device,
+                                                      cfg.train.batch_size))
+    n = len(train_data)
+    x0_of = lambda idx: latents[[i % n for i in idx]]  # noqa: E731 — the cache is a tensor lookup
+    # the latents are cached: the autoencoder only decodes previews, so it waits in host memory
+    # with memory.offload_frozen (the job brings it to the card for each preview)
+    vae = vae.to("cpu" if cfg.memory.offload_frozen else device)
+    return vae, scale, x0_of, val_x0
+
+
+def _scratch_components(cfg: RunConfig, run_dir: Path, train_data: ImageData, device: torch.device, vae: Any,
+                        scale: float, clock: PhaseClock, w: World, resume: bool) -> Any:
+    """The from-scratch models; the main process builds and saves the tokenizer, the others (and a resumed
+    run) load it."""
+    tokenizer = None
+    tok_dir = run_dir / "tokenizer"
+    with clock.phase("load"), main_first(w):  # the main process builds and saves the tokenizer; the others load it
+        if (resume or not w.is_main) and tok_dir.is_dir():
+            from transformers import AutoTokenizer
+
+            from ..models.local import load_local
+
+            tokenizer = load_local(AutoTokenizer, tok_dir, weights=False)
+        comps = build_components(cfg, train_data.all_captions or [], device, vae=vae, latent_scale=scale,
+                                 tokenizer=tokenizer)
+        if w.is_main and not tok_dir.is_dir():
+            comps.tokenizer.save_pretrained(tok_dir)
+    return comps
 
 
 def with_loss_weights(cfg: RunConfig, data: ImageData, idx: list[int], batch: dict[str, Any]) -> dict[str, Any]:
