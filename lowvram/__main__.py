@@ -1,3 +1,5 @@
+"""``python -m lowvram``: the ``lowvram`` command."""
+
 import sys
 
 from .cli import main

@@ -1,8 +1,8 @@
-"""The jobs whose memory is planned (W1–W6 and any user's run) and the plan knobs, and how to build a job's
-models for a plan.
+"""The jobs whose memory is planned (W1–W6 and any user's run), and how to build a job's models for a plan.
 
 A ``Workload`` is the job as training runs it (model, LoRA or full or from scratch, resolution, batch,
-what stays on the card, previews, EMA ...); ``Knobs`` are the memory settings a plan turns. ``build``
+what stays on the card, previews, EMA ...); ``Knobs`` (``knobs.py``, re-exported here) are the memory
+settings a plan turns. ``build``
 creates the real model classes on any device (``meta`` for the profiler, ``cpu`` for the fidelity test)
 with the knobs applied through the training code's own helpers.
 """
