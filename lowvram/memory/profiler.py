@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..card import CardSpec, tensor_budget
+from ..card import GIB, CardSpec, tensor_budget
 from ..errors import ConfigError
 from ..pinning import round_threshold
 from .knobs import effective_attention
@@ -38,7 +38,6 @@ from .streaming import pinned, pinned_overhead, stream_note
 from .tracker import StorageTracker
 from .workloads import PRECISIONS, Built, Knobs, Workload, build
 
-GIB = 2**30
 # A card's defaults when only --vram is given: what the runtime takes beyond tensors (context) and the
 # allocator's fragmentation / the desktop (margin). Presets carry measured values per card.
 DEFAULT_CONTEXT_GIB = {"cpu": 0.0, "cuda": 0.35, "rocm": 0.5}
