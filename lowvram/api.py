@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .card import CardSpec
 from .config import ConfigBuilder, RunConfig, load_yaml
 from .errors import ConfigError
 from .fsutil import write_text_atomic
@@ -85,7 +86,7 @@ def parse_set(item: str, source: str | None = None) -> Setting:
     return Setting(key.strip(), value.strip(), source or f"--set {item}")
 
 
-def plan(run: ResolvedRun, *, processes: int | None = None, card: Any = None) -> RunPlan:
+def plan(run: ResolvedRun, *, processes: int | None = None, card: CardSpec | None = None) -> RunPlan:
     """Plan ``run`` against its preset's card (or ``card``): the run's config if it fits, else the planner's
     knobs on top (MemoryPlanError when nothing fits, unless memory.force). ``processes``: data-parallel
     processes, one card each (default: what the launcher started)."""
