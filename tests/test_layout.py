@@ -15,14 +15,12 @@ ROOT = Path(lowvram.__file__).parent
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
-# module (relative to lowvram/) -> why it may exceed the limits for now (its functions included); train/flux_lora.py,
-# which the families helper folds into the FLUX.1 family, is within them already
+# module (relative to lowvram/) -> why it may exceed the limits for now (its functions included)
 MODULE_ALLOWLIST: dict[str, str] = {
-    "train/finetune.py": "issue #13's families helper is splitting it (prompts, models, data, files, the family seam)",
     "memory/stages.py": "another #13 helper is splitting the profiler's stages",
     "data/cache.py": "another #13 helper is splitting the latent/text caches",
-    "memory/run_plan.py": "its workload half (workload_for and helpers) moves to its own module once the families "
-                          "helper's rewrite of workload_for lands",
+    "memory/run_plan.py": "its workload half (workload_for and helpers) moves to its own module next, now that the "
+                          "families rewrite of workload_for has landed",
 }
 # "module:function" -> why it may be longer than MAX_FUNCTION_LINES
 FUNCTION_ALLOWLIST: dict[str, str] = {
