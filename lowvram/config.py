@@ -225,6 +225,12 @@ class MemorySection:
         "fine-tunes): far less memory at 1024², slower, tiles blend with little visible change; the planner "
         "turns it on when the VAE sets the peak."
     )
+    text_encoders: str = _f(
+        "card", "Where frozen text encoders encode the caption cache (and the preview prompts, cached with it): "
+        "card (both on the training device), sequential (on the card one at a time), cpu (on the CPU, never on the "
+        "card; slower, once). Off the card needs cached, static captions; the planner picks it when the text "
+        "encoders set the peak.", ("card", "sequential", "cpu")
+    )
     vram_gib: float | None = _f(None, "Memory budget in GiB (default: the preset's card).")
     ram_gib: float | None = _f(None, "Host RAM in GiB the plan is checked against (default: this machine's).")
     force: bool = _f(False, "Train even when the plan does not fit the budget.")
@@ -587,6 +593,13 @@ def validate(cfg: RunConfig, source_of: Any = lambda k: "default") -> list[str]:
         bad("memory.vram_gib", cfg.memory.vram_gib, "a positive number of GiB")
     if not 0.0 <= cfg.memory.stream_blocks <= 1.0:
         bad("memory.stream_blocks", cfg.memory.stream_blocks, "a fraction from 0 (off) to 1 (every block)")
+    if cfg.memory.text_encoders != "card":
+        from .train.text_cache import text_place_problem
+
+        problem = text_place_problem(cfg.memory.text_encoders, cfg.memory.cache_text,
+                                     cfg.run.task == "lora" and cfg.lora.text_encoder, cfg.data.shuffle_tags)
+        if problem:
+            bad("memory.text_encoders", cfg.memory.text_encoders, problem)
     if cfg.memory.ram_gib is not None and cfg.memory.ram_gib <= 0:
         bad("memory.ram_gib", cfg.memory.ram_gib, "a positive number of GiB")
     if cfg.memory.zero_stage not in (0, 2):

@@ -29,6 +29,7 @@ from .stages import (
     preview_stage,
     rng_states_tracked,
     state_bytes,
+    text_place,
     train_stage,
     validation_stage,
 )
@@ -155,6 +156,7 @@ def profile_step(
     ``cpu`` (with ``autocast_device="cpu"``) for the fidelity check.
     """
     from ..train.finetune import frozen_stay_on_device
+    from ..train.text_cache import previews_from_cache
 
     start = time.perf_counter()
     notes: list[str] = []
@@ -199,9 +201,12 @@ def profile_step(
         if workload.from_scratch:
             if built.vae is not None:
                 register(built.vae)
-        else:
-            for mod in [*built.text_encoders] + ([built.vae] if built.vae is not None else []):
-                register(mod)
+        else:  # memory.text_encoders off the card: the frozen encoders wait in host RAM (text_cache.py)
+            te_host = text_place(built, workload, knobs) != "card"
+            for mod in built.text_encoders:
+                register(mod, host=te_host)
+            if built.vae is not None:
+                register(built.vae)
             register(built.unet, host=True)
         streamer = built.streamer
 
@@ -234,13 +239,17 @@ def profile_step(
         else:
             offloaded = []
         tl.place(offloaded, host=True)
+        # previews read the prompts from the text cache: the frozen text encoders stay where they are
+        cached_text = not workload.from_scratch and previews_from_cache(knobs.cache_text, built.text_trained,
+                                                                        workload.text_every_step)
+        back = [m for m in offloaded if not (cached_text and any(m is te for te in built.text_encoders))]
         if knobs.zero_stage:
             tracker.reset_peak()  # ZeRO's rescaled replay starts at the training step
         ema, optimizers = train_stage(built, workload, knobs, tl, notes)
         if workload.validation_items:
             validation_stage(built, workload, knobs, tl, ema)
         if workload.preview is not None:
-            preview_stage(built, workload, knobs, tl, ema, offloaded)
+            preview_stage(built, workload, knobs, tl, ema, back, cached_text)
         result = tracker.result()
         resident = tracker.residency("streamed_weights")[0] if streamer is not None else 0
         del data

@@ -137,6 +137,7 @@ class Knobs:
     offload_optimizer: bool = False  # ZeRO-2's optimizer state in host memory (ZeRO-Offload)
     stream_blocks: float = 0.0  # fraction of the frozen block bytes kept in host RAM and streamed (0 = off)
     vae_tiling: bool = False  # a fine-tune's VAE encodes/decodes in tiles (models/vae_tiles.py)
+    text_encoders: str = "card"  # where frozen text encoders encode the cache: card, sequential, cpu (text_cache.py)
 
     def with_(self, **changes: Any) -> Knobs:
         return dataclasses.replace(self, **changes)
@@ -155,6 +156,8 @@ class Knobs:
             memory["stream_blocks"] = self.stream_blocks
         if self.vae_tiling:
             memory["vae_tiling"] = True
+        if self.text_encoders != "card":
+            memory["text_encoders"] = self.text_encoders
         return {"train": train, "memory": memory}
 
 
@@ -216,6 +219,17 @@ def vae_tiles(workload: Workload) -> bool:
     tile = TILE_LATENTS * 2 ** (len(vae["block_out_channels"]) - 1)
     sides = [workload.resolution, *(workload.preview.size or () if workload.preview else ())]
     return max(sides) > tile
+
+
+def text_placement_applies(workload: Workload, knobs: Knobs) -> bool:
+    """Whether ``memory.text_encoders`` off the card changes this job: a fine-tune of an SD family whose frozen
+    text encoders encode the caption cache once (FLUX.1's profile has no cache stage yet; from-scratch jobs
+    train their text encoder)."""
+    from ..train.text_cache import previews_from_cache
+
+    return (_is_family(workload.model) and not workload.from_scratch and
+            previews_from_cache(knobs.cache_text, workload.mode == "lora" and workload.lora_text_encoder,
+                                workload.text_every_step))
 
 
 def _is_family(name: str) -> bool:

@@ -179,12 +179,19 @@ class FinetuneJob:
         self.prediction = comps.prediction_type
         self.pipe = comps.pipeline()
         self.pipe.set_progress_bar_config(disable=True)
-        # the frozen VAE and text encoders: on the device until build_caches offloads them
-        tes = [] if self.train_text else [comps.text_encoder, comps.text_encoder_2]
+        # the frozen VAE and text encoders: on the device until build_caches offloads them (text encoders
+        # off the card with memory.text_encoders=sequential / cpu: text_cache.py)
+        self.text_place = "card" if self.train_text else cfg.memory.text_encoders
+        tes = [] if self.train_text or self.text_place != "card" else [comps.text_encoder, comps.text_encoder_2]
         self.frozen = [m for m in (comps.vae, *tes) if m is not None]
         for m in self.frozen:
             m.to(device)
+        if self.text_place == "sequential":
+            from .text_cache import visit_device
+
+            visit_device(self.text_encoders().values(), device)
         self.frozen_on_device = True
+        self.preview_text: Any = None  # text_cache.PreviewText once the captions are cached
         self.lora_name = run_dir.resolve().name or "lora"
         self.prior_losses: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=cfg.train.grad_accum)  # the last step's
 
@@ -268,11 +275,14 @@ class FinetuneJob:
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """What the pipeline feeds the UNet for ``captions`` (its own ``encode_prompt``, so training and
         inference condition alike): ``embeds`` and, for SDXL, the pooled ``pooled`` embedding."""
+        from .text_cache import encode_device
+
+        device = encode_device(self.text_place, self.device)
         if self.sdxl:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.device, num_images_per_prompt=1,
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
                                                            do_classifier_free_guidance=False)
             return {"embeds": embeds, "pooled": pooled}
-        embeds, _ = self.pipe.encode_prompt(captions, self.device, 1, False)
+        embeds, _ = self.pipe.encode_prompt(captions, device, 1, False)
         return {"embeds": embeds}
 
     def text_identity(self) -> str:
@@ -286,6 +296,25 @@ class FinetuneJob:
                 "config": te.config.to_dict(), "encode": "pipeline.encode_prompt", "family": self.c.family,
                 "pad": str(tok.pad_token), "max_length": tok.model_max_length}))
         return "+".join(parts)
+
+    def preview_captions(self) -> set[str]:
+        """What the previews encode (prompts, negatives, the empty prompt): cached with the captions."""
+        from .text_cache import preview_strings
+
+        specs = [parse_prompt_line(p) for p in self.sample_prompts]
+        neg = self.cfg.sample.negative_prompt
+        return preview_strings([s.prompt for s in specs], [s.negative if s.negative is not None else neg for s in specs])
+
+    def cache_preview_text(self) -> None:
+        """The preview prompts' text from the cache; the text encoders never come back to the card for previews."""
+        from .text_cache import PreviewText
+
+        self.preview_text = PreviewText.from_cache(self.data.text.get, self.preview_captions(), self.sdxl,
+                                                   self.zero_negative())
+        self.frozen = [m for m in self.frozen if m is self.c.vae]
+
+    def zero_negative(self) -> bool:
+        return self.sdxl and bool(self.pipe.config.get("force_zeros_for_empty_prompt", False))
 
     def conditioning(self, captions: list[str], gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Text conditioning with guidance dropout: a share ``data.caption_dropout`` gets the empty prompt
@@ -372,10 +401,18 @@ class FinetuneJob:
         self.pipe.scheduler = self.scheduler(s.sampler)
         precision = self.cfg.train.precision
         autocast = torch.autocast(self.device.type, dtype=AUTOCAST[precision]) if precision in AUTOCAST else nullcontext()
+        prompts = [spec.prompt for spec in specs]
+        text: dict[str, Any] = {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+        if self.preview_text is not None or self.text_place != "card":  # cached, or encoded off the card now
+            from .text_cache import PreviewText
+
+            known = self.preview_text
+            if known is None or not set(prompts + negatives) <= known.rows.keys():
+                known = PreviewText.from_cache(self.encode_text, prompts + negatives, self.sdxl, self.zero_negative())
+            text = known.pipe_kwargs(prompts, negatives)
         with autocast:
             latents = self.pipe(
-                prompt=[spec.prompt for spec in specs], negative_prompt=negatives if any(negatives) else None,
-                height=height, width=width, num_inference_steps=first.steps or s.steps, guidance_scale=guidance,
+                **text, height=height, width=width, num_inference_steps=first.steps or s.steps, guidance_scale=guidance,
                 generator=[torch.Generator().manual_seed(s.seed if spec.seed is None else spec.seed) for spec in specs],
                 output_type="latent", **kw,
             ).images
@@ -551,6 +588,7 @@ def build_caches(cfg: RunConfig, job: FinetuneJob) -> None:
     """Encode latents (and text, when the text encoders stay frozen) once; then offload the frozen models
     if nothing needs them during training (previews bring them back for a moment)."""
     from ..data.cache import LatentCache, TextEmbeddingCache, dataset_captions, default_cache_dir
+    from .text_cache import previews_from_cache
 
     ds = job.data.dataset
     root = default_cache_dir(cfg.data)
@@ -565,7 +603,7 @@ def build_caches(cfg: RunConfig, job: FinetuneJob) -> None:
             print(f"latent cache (class images): {st.needed} latents, {st.hits} reused, {st.encoded} encoded")
     if cfg.memory.cache_text and not job.train_text:
         text = TextEmbeddingCache(root, job.encode_text, job.text_identity())
-        captions = dataset_captions(ds)
+        captions = dataset_captions(ds) | job.preview_captions()  # previews draw from the cache too
         if job.data.prior is not None:
             captions |= dataset_captions(job.data.prior.dataset)
         job.data.text = text.build(captions)
@@ -577,6 +615,8 @@ def build_caches(cfg: RunConfig, job: FinetuneJob) -> None:
         for m in job.frozen:
             m.to("cpu")
         job.frozen_on_device = False
+    if cached_text and previews_from_cache(cfg.memory.cache_text, job.train_text, cfg.data.shuffle_tags):
+        job.cache_preview_text()
 
 
 def frozen_stay_on_device(offload: bool, cached_latents: bool, cached_text: bool, train_text: bool,

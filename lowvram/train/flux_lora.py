@@ -79,11 +79,14 @@ def flux_sources(cfg: RunConfig) -> Any:
                        base=base)
 
 
-def text_device(modules: list[nn.Module], device: torch.device) -> tuple[torch.device, str]:
-    """Where the text encoders run once for the cache: the card when they fit in its free memory, else the CPU."""
+def text_device(modules: list[nn.Module], device: torch.device, place: str = "card") -> tuple[torch.device, str]:
+    """Where the text encoders run once for the cache: the CPU when ``memory.text_encoders`` says so; else the
+    card when they fit in its free memory, else the CPU."""
     if device.type != "cuda":
         return device, f"text encoders run on the {device.type}"
     need = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    if place == "cpu":
+        return torch.device("cpu"), f"text encoders ({need / 2**30:.1f} GiB) run on the CPU once, for the cache"
     free, _ = torch.cuda.mem_get_info(device)
     if need < 0.9 * free:
         return device, f"text encoders ({need / 2**30:.1f} GiB) run on the card once, for the cache"
@@ -108,7 +111,8 @@ class FluxLoraJob(FinetuneJob):
         tok2 = comps.tokenizer_2
         # the tokenizer's own limit where it is shorter (T5-XXL's is 512; tiny test tokenizers are shorter)
         self.max_length = min(comps.max_sequence_length, getattr(tok2, "model_max_length", 512) or 512)
-        self.text_device, self.text_note = text_device([comps.text_encoder, comps.text_encoder_2], device)
+        self.text_device, self.text_note = text_device([comps.text_encoder, comps.text_encoder_2], device,
+                                                       cfg.memory.text_encoders)
         for m in (comps.text_encoder, comps.text_encoder_2):
             m.to(self.text_device)
         self.frozen = [comps.vae]
@@ -286,8 +290,7 @@ def train_flux_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit: C
         job = FluxLoraJob(cfg, run_dir, comps, device, data, cfg.sample.prompts or default_prompts(data.dataset))
     with clock.phase("caching"):
         with main_first(world):
-            build_caches(cfg, job)
-        job.cache_preview_text()
+            build_caches(cfg, job)  # the preview prompts' text too (job.cache_preview_text)
         job.drop_text_encoders()
     if cache_only:
         data.dataset.write_report(run_dir)
