@@ -311,7 +311,6 @@ class FinetuneJob:
 
         self.preview_text = PreviewText.from_cache(self.data.text.get, self.preview_captions(), self.sdxl,
                                                    self.zero_negative())
-        self.frozen = [m for m in self.frozen if m is self.c.vae]
 
     def zero_negative(self) -> bool:
         return self.sdxl and bool(self.pipe.config.get("force_zeros_for_empty_prompt", False))
@@ -610,13 +609,15 @@ def build_caches(cfg: RunConfig, job: FinetuneJob) -> None:
         print(f"text cache {text.store.root}: {text.stats.needed} captions, {text.stats.hits} reused")
     cached_text = job.data.text is not None
     cached_latents = job.data.latents is not None and (job.data.prior is None or job.data.prior_latents is not None)
+    if cached_text and previews_from_cache(cfg.memory.cache_text, job.train_text, cfg.data.shuffle_tags):
+        job.cache_preview_text()  # while the encoders are still where they encode (all strings are cached)
     if not frozen_stay_on_device(cfg.memory.offload_frozen, cached_latents, cached_text, job.train_text,
                                  cfg.data.shuffle_tags):
         for m in job.frozen:
             m.to("cpu")
         job.frozen_on_device = False
-    if cached_text and previews_from_cache(cfg.memory.cache_text, job.train_text, cfg.data.shuffle_tags):
-        job.cache_preview_text()
+    if job.preview_text is not None:  # previews bring the VAE back, never the text encoders
+        job.frozen = [m for m in job.frozen if m is job.c.vae]
 
 
 def frozen_stay_on_device(offload: bool, cached_latents: bool, cached_text: bool, train_text: bool,
