@@ -17,10 +17,10 @@ import yaml
 
 # the choices, the bounds, the checks, the defaults and the YAML reader are re-exported: callers read them as config.*
 from .config_checks import ITEMS_LIMIT, TEXT_LIMIT, UPPER_BOUNDS, closest, coerce, validate  # noqa: F401
-from .config_choices import (
+from .config_choices import (  # noqa: F401
     ATTENTION,
     DEVICES,
-    FINETUNE_TASKS,  # noqa: F401
+    FINETUNE_TASKS,
     FROZEN_DTYPES,
     LORA_TYPES,
     LR_SCHEDULES,
@@ -31,6 +31,7 @@ from .config_choices import (
     SAMPLERS,
     SCHEDULES,
     TASKS,
+    TEXT_PLACES,
 )
 from .config_defaults import FINETUNE_RESOLUTION, default_resolution, fill_defaults  # noqa: F401
 from .config_yaml import load_yaml  # noqa: F401
@@ -228,6 +229,9 @@ class MemorySection:
         "fine-tunes): far less memory at 1024², slower, tiles blend with little visible change; the planner "
         "turns it on when the VAE sets the peak."
     )
+    text_encoders: str = _f("card", "Where frozen text encoders encode the caption cache and the preview prompts: card, "
+                            "sequential (on the card one at a time) or cpu (never on the card; slower, once). Off the "
+                            "card needs cached, static captions; the planner picks it when they set the peak.", TEXT_PLACES)
     vram_gib: float | None = _f(None, "Memory budget in GiB (default: the preset's card).")
     ram_gib: float | None = _f(None, "Host RAM in GiB the plan is checked against (default: this machine's).")
     force: bool = _f(False, "Train even when the plan does not fit the budget.")
@@ -351,11 +355,8 @@ class ConfigBuilder:
         return {name: self.source_of(name) for name, _ in all_fields()}
 
     def build(self) -> RunConfig:
-        """The validated config; raises ``ConfigError`` listing every problem at once.
-
-        ``config_defaults.fill_defaults`` fills what no layer set (the size's recipe, the resolution) here,
-        once: a built config is final.
-        """
+        """The validated config (``ConfigError`` lists every problem at once); ``config_defaults.fill_defaults``
+        fills what no layer set (the size's recipe, the resolution) here, once: a built config is final."""
         fill_defaults(self, self.values.get("model.size", ModelSection.size),
                       self.values.get("run.task", RunSection.task))
         cfg = RunConfig()

@@ -208,6 +208,13 @@ def _check_memory(cfg: RunConfig, bad: Bad) -> None:
         bad("memory.vram_gib", cfg.memory.vram_gib, "a positive number of GiB")
     if not 0.0 <= cfg.memory.stream_blocks <= 1.0:
         bad("memory.stream_blocks", cfg.memory.stream_blocks, "a fraction from 0 (off) to 1 (every block)")
+    if cfg.memory.text_encoders != "card":
+        from .train.text_cache import text_place_problem
+
+        problem = text_place_problem(cfg.memory.text_encoders, cfg.memory.cache_text,
+                                     cfg.run.task == "lora" and cfg.lora.text_encoder, cfg.data.shuffle_tags)
+        if problem:
+            bad("memory.text_encoders", cfg.memory.text_encoders, problem)
     if cfg.memory.ram_gib is not None and cfg.memory.ram_gib <= 0:
         bad("memory.ram_gib", cfg.memory.ram_gib, "a positive number of GiB")
     if cfg.memory.zero_stage not in (0, 2):

@@ -13,3 +13,5 @@ SAMPLERS = ("ddpm", "ddim", "dpm++")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 LORA_TYPES = ("lora", "loha", "lokr", "dora")  # lowvram/adapters.py: one entry each
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# memory.text_encoders: where frozen text encoders encode the caption cache (train/text_cache.py)
+TEXT_PLACES = ("card", "sequential", "cpu")

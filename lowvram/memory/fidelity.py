@@ -191,6 +191,8 @@ RUN_CASES: dict[str, dict[str, Any]] = {
     "LoRA SD1 + text encoder, fused backward": {"model": "sd1", "sets": {
         "lora.text_encoder": True, "memory.fused_backward": True}},
     "LoRA SDXL": {"model": "sdxl", "sets": {}},
+    "LoRA SDXL, text encoders on the CPU (previews from the text cache)": {"model": "sdxl", "sets": {
+        "memory.text_encoders": "cpu"}},
     "LoRA SDXL + text encoders, bf16, fp16 frozen": {"model": "sdxl", "sets": {
         "lora.text_encoder": True, "train.precision": "bf16", "memory.frozen_dtype": "fp16"}},
     "full fine-tune SD1, fused backward + accumulation": {"model": "sd1", "task": "full", "sets": {

@@ -35,6 +35,7 @@ class Knobs:
     offload_optimizer: bool = False  # ZeRO-2's optimizer state in host memory (ZeRO-Offload)
     stream_blocks: float = 0.0  # fraction of the frozen block bytes kept in host RAM and streamed (0 = off)
     vae_tiling: bool = False  # a fine-tune's VAE encodes/decodes in tiles (models/vae_tiles.py)
+    text_encoders: str = "card"  # where frozen text encoders encode the cache: card, sequential, cpu (text_cache.py)
 
     def with_(self, **changes: Any) -> Knobs:
         return dataclasses.replace(self, **changes)
@@ -53,6 +54,8 @@ class Knobs:
             memory["stream_blocks"] = self.stream_blocks
         if self.vae_tiling:
             memory["vae_tiling"] = True
+        if self.text_encoders != "card":
+            memory["text_encoders"] = self.text_encoders
         return {"train": train, "memory": memory}
 
 
@@ -83,5 +86,5 @@ def knobs_from_config(cfg: Any, workload: Workload | None = None, card: CardSpec
         attention_chunk=m.attention_chunk, batch_size=batch, grad_accum=accum, cache_latents=m.cache_latents,
         cache_text=m.cache_text, offload_frozen=m.offload_frozen, ema_on_cpu=t.ema_on_cpu,
         fused_backward=m.fused_backward, zero_stage=m.zero_stage, offload_optimizer=m.offload_optimizer,
-        stream_blocks=float(m.stream_blocks), vae_tiling=m.vae_tiling,
+        stream_blocks=float(m.stream_blocks), vae_tiling=m.vae_tiling, text_encoders=m.text_encoders,
     )

@@ -14,7 +14,7 @@ from ..card import CardSpec
 from ..errors import MemoryPlanError
 from .profiler import GIB, MemoryProfile, card_budget, profile_step
 from .streaming import check_host, streamable_bytes
-from .workloads import Knobs, Workload, fp16_compute_safe, vae_tiles
+from .workloads import Knobs, Workload, fp16_compute_safe, text_placement_applies, vae_tiles
 
 STREAM_STEPS = (0.25, 0.5, 0.75, 1.0)  # fractions of the frozen block bytes the planner tries
 
@@ -134,6 +134,14 @@ def _compute_steps(workload: Workload, card: CardSpec | None, k: Knobs) -> Itera
     if workload.mode != "lora" and k.optimizer != "adafactor":
         k = k.with_(optimizer="adafactor")
         yield "factored optimizer state (Adafactor)", k
+    # The frozen text encoders off the card while the captions (and preview prompts) are cached: a one-time
+    # cost at caching (sequential moves each encoder once; the CPU encodes slower), none per step or preview
+    if text_placement_applies(workload, k):
+        for place, name in (("sequential", "text encoders one at a time on the card (caching)"),
+                            ("cpu", "text encoders on the CPU (caching)")):
+            if k.text_encoders == "card" or (place == "cpu" and k.text_encoders == "sequential"):
+                k = k.with_(text_encoders=place)
+                yield name, k
     # VAE tiling costs time only while caching and drawing previews (the overlaps: about twice the pixels)
     # and changes latents and images a little: late, but before streaming, which costs bus time every step
     if not k.vae_tiling and vae_tiles(workload):

@@ -31,6 +31,7 @@ from .stages import (
     preview_stage,
     rng_states_tracked,
     state_bytes,
+    text_place,
     train_stage,
     validation_stage,
 )
@@ -168,14 +169,14 @@ def profile_step(
             result = tracker.result()
             return _finish(workload, knobs, card, vram_gib, tracker, result, notes, [], start)
         streamer = built.streamer
-        offloaded = _load_and_cache(built, workload, knobs, tl, tracker)
+        back, cached_text = _brought_back(built, workload, knobs, _load_and_cache(built, workload, knobs, tl, tracker))
         if knobs.zero_stage:
             tracker.reset_peak()  # ZeRO's rescaled replay starts at the training step
         ema, optimizers = train_stage(built, workload, knobs, tl, notes)
         if workload.validation_items:
             validation_stage(built, workload, knobs, tl, ema)
         if workload.preview is not None:
-            preview_stage(built, workload, knobs, tl, ema, offloaded)
+            preview_stage(built, workload, knobs, tl, ema, back, cached_text)
         result = tracker.result()
         resident = tracker.residency("streamed_weights")[0] if streamer is not None else 0
         del data
@@ -220,8 +221,11 @@ def _load_and_cache(built: Built, workload: Workload, knobs: Knobs, tl: Timeline
     if workload.from_scratch:
         if built.vae is not None:
             register(built.vae)
-    else:
-        for mod in [*built.text_encoders] + ([built.vae] if built.vae is not None else []):
+    else:  # memory.text_encoders off the card: the frozen encoders wait in host RAM (train/text_cache.py)
+        te_host = text_place(built, workload, knobs) != "card"
+        for mod in built.text_encoders:
+            register(mod, host=te_host)
+        for mod in [built.vae] if built.vae is not None else []:
             register(mod)
         register(built.unet, host=True)
     streamer = built.streamer
@@ -256,6 +260,16 @@ def _load_and_cache(built: Built, workload: Workload, knobs: Knobs, tl: Timeline
         offloaded = []
     tl.place(offloaded, host=True)
     return offloaded
+
+
+def _brought_back(built: Built, workload: Workload, knobs: Knobs, offloaded: list[nn.Module]) -> tuple[list, bool]:
+    """What previews bring back to the card of what left it after caching, and whether they read the prompts
+    from the text cache (then the frozen text encoders stay where they are)."""
+    from ..train.text_cache import previews_from_cache
+
+    cached_text = not workload.from_scratch and previews_from_cache(knobs.cache_text, built.text_trained,
+                                                                    workload.text_every_step)
+    return [m for m in offloaded if not (cached_text and any(m is te for te in built.text_encoders))], cached_text
 
 
 def _finish(workload: Workload, knobs: Knobs, card: CardSpec | None, vram_gib: float | None, tracker: StorageTracker,

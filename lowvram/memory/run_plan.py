@@ -207,12 +207,16 @@ TEXT_CACHE_BATCH = 64  # data.cache.TextEmbeddingCache.build encodes this many c
 
 def text_cache_batch(cfg: RunConfig) -> int:
     """How many captions the text cache encodes at once: 64, or fewer when the folders hold fewer images
-    (each has one caption, plus the empty prompt); a count of image files, no image is opened."""
+    (each has one caption, plus the empty prompt and the preview prompts cached with them); a count of image
+    files, no image is opened."""
     import os
 
     from ..data.images import is_image_name
+    from ..train.prompts import parse_prompt_line
 
-    count = 1
+    specs = [parse_prompt_line(p) for p in cfg.sample.prompts]
+    count = 1 + len({s.prompt for s in specs} | {cfg.sample.negative_prompt if s.negative is None else s.negative
+                                                 for s in specs} - {""})
     for folder in (cfg.data.source, cfg.data.class_data):
         if not folder:
             continue

@@ -101,20 +101,65 @@ def _ids(batch: int, tokens: int, device: Any) -> torch.Tensor:
     return torch.zeros(batch, tokens, dtype=torch.long, device=device)
 
 
-def encode_prompt(built: Built, batch: int, device: Any) -> dict[str, torch.Tensor]:
+def encode_prompt(built: Built, batch: int, device: Any,
+                  visit: Callable[[nn.Module], Any] | None = None) -> dict[str, torch.Tensor]:
     """What ``pipe.encode_prompt`` allocates: each text encoder's hidden states (SDXL: the penultimate
-    ones, concatenated, and the pooled embedding of the second), in the text encoders' dtype."""
+    ones, concatenated, and the pooled embedding of the second), in the text encoders' dtype; ``visit(te)``:
+    a context each encoder runs in (memory.text_encoders=sequential brings it to the card for its forward)."""
+    visit = visit or (lambda _te: contextlib.nullcontext())
     if built.sdxl:
         states, pooled = [], None
         for te in built.text_encoders:
-            out = te(_ids(batch, built.text_tokens, device), output_hidden_states=True)
+            with visit(te):
+                out = te(_ids(batch, built.text_tokens, device), output_hidden_states=True)
             pooled = out[0]
             states.append(out.hidden_states[-2])
             del out
         embeds = torch.concat(states, dim=-1).to(built.text_encoders[-1].dtype)
         return {"embeds": embeds.repeat(1, 1, 1), "pooled": pooled.repeat(1, 1)}
-    embeds = built.text_encoders[0](_ids(batch, built.text_tokens, device))[0]
+    with visit(built.text_encoders[0]):
+        embeds = built.text_encoders[0](_ids(batch, built.text_tokens, device))[0]
     return {"embeds": embeds.to(built.text_encoders[0].dtype).repeat(1, 1, 1)}
+
+
+def text_place(built: Built, wl: Workload, knobs: Knobs) -> str:
+    """Where the run's frozen text encoders encode (``memory.text_encoders``; card where the setting does not
+    apply: trained or every-step text encoders, from-scratch jobs)."""
+    from .workloads import text_placement_applies
+
+    return knobs.text_encoders if not built.text_trained and text_placement_applies(wl, knobs) else "card"
+
+
+def encode_placed(built: Built, batch: int, tl: Timeline, place: str) -> dict[str, torch.Tensor]:
+    """``FinetuneJob.encode_text`` under ``memory.text_encoders``: both encoders on the card, each visiting it
+    for its own forward (``text_cache.visit_device``), or on the CPU (all of it in host memory)."""
+    if place == "cpu":
+        tl.tracker.host_births = True
+        try:
+            return encode_prompt(built, batch, tl.device)
+        finally:
+            tl.tracker.host_births = False
+    if place == "sequential":
+        @contextlib.contextmanager
+        def visiting(te: nn.Module) -> Iterator[None]:
+            tl.place([te], host=False)
+            try:
+                yield
+            finally:
+                tl.place([te], host=True)
+
+        return encode_prompt(built, batch, tl.device, visit=visiting)
+    return encode_prompt(built, batch, tl.device)
+
+
+def cached_prompt(built: Built, batch: int, device: Any) -> dict[str, torch.Tensor]:
+    """A prompt's cached encoding handed to the pipeline (``text_cache.PreviewText``): copied to the card."""
+    te = built.text_encoders[-1]
+    width = sum(int(t.config.hidden_size) for t in built.text_encoders) if built.sdxl else int(te.config.hidden_size)
+    c = {"embeds": _empty((batch, built.text_tokens, width), device, te.dtype)}
+    if built.sdxl:
+        c["pooled"] = _empty((batch, int(te.config.projection_dim)), device, te.dtype)
+    return c
 
 
 def _scratch_text(built: Built, batch: int, device: Any) -> torch.Tensor:
@@ -148,12 +193,7 @@ def _step_inputs(built: Built, wl: Workload, knobs: Knobs, tl: Timeline, batch: 
 
     def cond() -> tuple[torch.Tensor, dict[str, Any] | None]:
         if cached_text:
-            te_dtype = built.text_encoders[-1].dtype
-            width = sum(int(te.config.hidden_size) for te in built.text_encoders) if built.sdxl else \
-                int(built.text_encoders[0].config.hidden_size)
-            c = {"embeds": _empty((batch, built.text_tokens, width), device, te_dtype)}
-            if built.sdxl:
-                c["pooled"] = _empty((batch, int(built.text_encoders[-1].config.projection_dim)), device, te_dtype)
+            c = cached_prompt(built, batch, device)
             for t in c.values():
                 tl.tracker.mark(t, "inputs")
         else:
@@ -309,7 +349,7 @@ def cache_stage(built: Built, wl: Workload, knobs: Knobs, tl: Timeline) -> None:
             z = _latents_of(built, knobs.batch_size, wl.resolution, tl.device)
             del z
         if not wl.from_scratch and knobs.cache_text and not built.text_trained:
-            c = encode_prompt(built, wl.text_cache_batch, tl.device)
+            c = encode_placed(built, wl.text_cache_batch, tl, text_place(built, wl, knobs))
             del c
 
 
@@ -424,13 +464,14 @@ def validation_stage(built: Built, wl: Workload, knobs: Knobs, tl: Timeline, ema
 
 
 def preview_stage(built: Built, wl: Workload, knobs: Knobs, tl: Timeline, ema: Any,
-                   offloaded: list[nn.Module]) -> None:
+                   offloaded: list[nn.Module], cached_text: bool = False) -> None:
     """The sample grid: EMA weights swapped in, the frozen helpers back on the card, one image (fine-tune:
-    one prompt at a time, under autocast) or every prompt at once (from scratch, fp32) sampled and decoded."""
+    one prompt at a time, under autocast) or every prompt at once (from scratch, fp32) sampled and decoded;
+    ``cached_text``: the prompts come from the text cache (``offloaded`` then holds no text encoder)."""
     tl.place(offloaded, host=False)
     try:
         with tl.stage("preview"), torch.no_grad(), _ema_swapped(ema, built, tl):
-            _draw(built, wl, tl, wl.preview)
+            _draw(built, wl, tl, wl.preview, "cached" if cached_text else "card")
     finally:
         tl.place(offloaded, host=True)
 
@@ -439,11 +480,13 @@ def class_image_stage(built: Built, wl: Workload, knobs: Knobs, tl: Timeline) ->
     """Drawing the missing class images (data.num_class_images) with the base model before caching: every
     frozen weight on the card, one image at a time with guidance, decoded by the VAE (``FinetuneJob.draw_base``)."""
     with tl.stage("class images"), torch.no_grad():
-        _draw(built, wl, tl, Preview(prompts=1, guided=True, size=None))
+        _draw(built, wl, tl, Preview(prompts=1, guided=True, size=None), text_place(built, wl, knobs))
 
 
-def _draw(built: Built, wl: Workload, tl: Timeline, pv: Preview) -> None:
-    """One sampling step of ``pv``'s images (every step is the same; the previous output alive) + the decode."""
+def _draw(built: Built, wl: Workload, tl: Timeline, pv: Preview, text: str = "card") -> None:
+    """One sampling step of ``pv``'s images (every step is the same; the previous output alive) + the decode.
+    ``text``: the prompt encoded by the pipeline on the card (``card``), read from the cache (``cached``), or
+    encoded first under ``memory.text_encoders`` (``sequential``, ``cpu``) and handed over as embeddings."""
     from ..diffusion import make_scheduler_config
     from ..sample import make_sampler, sample
 
@@ -452,6 +495,11 @@ def _draw(built: Built, wl: Workload, tl: Timeline, pv: Preview) -> None:
     factor = built.vae_factor
     shape = (n, built.latent_shape[0], h // factor, w // factor)
     scheduler = make_sampler("ddim", make_scheduler_config("linear", 1000, built.prediction))
+    if text in ("sequential", "cpu") and not wl.from_scratch:
+        # FinetuneJob.generate encodes the prompt and its negative first, outside autocast, off the card or
+        # one encoder at a time; the pipeline then gets the embeddings
+        encoded = encode_placed(built, 2, tl, text)
+        del encoded
     with tl.autocast(not wl.from_scratch):
         if wl.from_scratch:
             cond = _scratch_text(built, n, tl.device)
@@ -459,8 +507,8 @@ def _draw(built: Built, wl: Workload, tl: Timeline, pv: Preview) -> None:
             kwargs: dict[str, Any] = {}
             dtype = torch.float32
         else:
-            c = encode_prompt(built, 1, tl.device)
-            u = encode_prompt(built, 1, tl.device)
+            encode = encode_prompt if text == "card" else cached_prompt
+            c, u = encode(built, 1, tl.device), encode(built, 1, tl.device)
             cond, uncond, dtype = c["embeds"], u["embeds"], c["embeds"].dtype
             kwargs = built.unet_kwargs(2 if pv.guided else 1, tl.device, dtype)
 

@@ -175,6 +175,17 @@ def vae_tiles(workload: Workload) -> bool:
     return max(sides) > tile
 
 
+def text_placement_applies(workload: Workload, knobs: Knobs) -> bool:
+    """Whether ``memory.text_encoders`` off the card changes this job: a fine-tune of an SD family whose frozen
+    text encoders encode the caption cache once (FLUX.1's profile has no cache stage yet; from-scratch jobs
+    train their text encoder)."""
+    from ..train.text_cache import previews_from_cache
+
+    return (_is_family(workload.model) and not workload.from_scratch and
+            previews_from_cache(knobs.cache_text, workload.mode == "lora" and workload.lora_text_encoder,
+                                workload.text_every_step))
+
+
 def _is_family(name: str) -> bool:
     from ..models.sd_configs import SD_FAMILIES
 
