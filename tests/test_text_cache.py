@@ -18,11 +18,12 @@ import lowvram.train.finetune as ft
 from lowvram.cli import main
 from lowvram.config import ConfigBuilder
 from lowvram.errors import ConfigError
+from lowvram.families.sd_preview import generate, sampling
 from lowvram.memory.planner import candidates
 from lowvram.memory.profiler import profile_step
 from lowvram.memory.workloads import WORKLOADS, Knobs
 from lowvram.presets import load_preset
-from lowvram.train.finetune import PromptSpec
+from lowvram.train.prompts import PromptSpec
 
 RES = 32
 PROMPT = "a photo of sks dog"
@@ -123,7 +124,7 @@ def test_text_encoders_leave_the_card_and_the_cache_is_the_same(world, watch):
         # no text encoder computes after caching: steps and previews read the cache (preview prompts included)
         assert w.forwards and set(w.forwards) == {"cache"}, w.forwards
         assert not any(phase in ("train", "preview") for phase, _ in w.moves), w.moves
-        assert w.job.preview_text is not None and {PROMPT, "red", ""} <= w.job.preview_text.rows.keys()
+        assert w.job.family.preview_text is not None and {PROMPT, "red", ""} <= w.job.family.preview_text.rows.keys()
         assert all(m is w.job.c.vae for m in w.job.frozen)  # previews bring the VAE back, not the encoders
     # card: both encoders join the VAE on the device at load and leave after caching
     assert [t for p, t in card.moves if p == "load"] == ["cpu", "cpu"] and \
@@ -135,7 +136,7 @@ def test_text_encoders_leave_the_card_and_the_cache_is_the_same(world, watch):
     # cpu: nothing ever moves them (their dtype cast at load is no move)
     assert cpu.moves == []
     # the caption caches agree across placements, preview prompts included
-    captions = sorted(card.job.preview_text.rows)
+    captions = sorted(card.job.family.preview_text.rows)
     ref = card.job.data.text.get(captions)
     for w in (seq, cpu):
         got = w.job.data.text.get(captions)
@@ -149,18 +150,18 @@ def test_preview_from_the_cache_is_the_pipelines_own_preview(world, watch, famil
     without negative prompts: SDXL zeros the unconditional half then, SD 1.x encodes the empty prompt)."""
     w = train(world, family, f"{family}-same", "card", watch)
     job = w.job
-    cached = job.preview_text
+    cached = job.family.preview_text
     assert cached is not None
     for specs in ([PromptSpec(PROMPT, negative="red")], [PromptSpec(PROMPT, negative="")],
                   [PromptSpec(PROMPT, negative="red"), PromptSpec("", negative="")]):
-        with job.sampling():
-            new = job.generate(specs, 3.0)
-        job.preview_text = None  # the old path: the pipeline encodes the prompts with the encoders
+        with sampling(job):
+            new = generate(job, job.family, specs, 3.0)
+        job.family.preview_text = None  # the old path: the pipeline encodes the prompts with the encoders
         try:
-            with job.sampling():
-                old = job.generate(specs, 3.0)
+            with sampling(job):
+                old = generate(job, job.family, specs, 3.0)
         finally:
-            job.preview_text = cached
+            job.family.preview_text = cached
         for a, b in zip(new, old, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -168,7 +169,7 @@ def test_preview_from_the_cache_is_the_pipelines_own_preview(world, watch, famil
 def test_text_encoder_lora_keeps_encoding_on_the_card(world, watch):
     """Trained text encoders: no preview cache; the encoders compute in the steps and the previews."""
     w = train(world, "sdxl", "xl-telora", "card", watch, "lora.text_encoder=true")
-    assert w.job.preview_text is None
+    assert w.job.family.preview_text is None
     assert {"train", "preview"} <= set(w.forwards)
 
 

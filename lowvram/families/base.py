@@ -111,6 +111,13 @@ class ModelFamily:
         """The training loss of a batch: a scalar, or one value per sample when ``reduce`` is off."""
         raise NotImplementedError
 
+    def preview_captions(self, job: Any) -> set[str]:
+        """Strings the previews encode, cached with the captions (none: the family encodes its own)."""
+        return set()
+
+    def cache_preview_text(self, job: Any) -> None:
+        """Keep the preview prompts' text from the caption cache (the default keeps nothing)."""
+
     def after_caching(self, job: Any) -> None:
         """What the family does once latents and text are cached (FLUX.1 drops its text encoders)."""
 

@@ -36,11 +36,14 @@ def flux_sources(cfg: Any) -> Any:
                        base=base)
 
 
-def text_device(modules: list[nn.Module], device: torch.device) -> tuple[torch.device, str]:
-    """Where the text encoders run once for the cache: the card when they fit in its free memory, else the CPU."""
+def text_device(modules: list[nn.Module], device: torch.device, place: str = "card") -> tuple[torch.device, str]:
+    """Where the text encoders run once for the cache: the CPU when ``memory.text_encoders`` says so; else the
+    card when they fit in its free memory, else the CPU."""
     if device.type != "cuda":
         return device, f"text encoders run on the {device.type}"
     need = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    if place == "cpu":
+        return torch.device("cpu"), f"text encoders ({need / 2**30:.1f} GiB) run on the CPU once, for the cache"
     free, _ = torch.cuda.mem_get_info(device)
     if need < 0.9 * free:
         return device, f"text encoders ({need / 2**30:.1f} GiB) run on the card once, for the cache"
@@ -135,7 +138,8 @@ class FluxFamily(ModelFamily):
         tok2 = comps.tokenizer_2
         # the tokenizer's own limit where it is shorter (T5-XXL's is 512; tiny test tokenizers are shorter)
         self.max_length = min(comps.max_sequence_length, getattr(tok2, "model_max_length", 512) or 512)
-        self.text_device, self.text_note = text_device([comps.text_encoder, comps.text_encoder_2], self.device)
+        self.text_device, self.text_note = text_device([comps.text_encoder, comps.text_encoder_2], self.device,
+                                                       self.cfg.memory.text_encoders)
         for m in (comps.text_encoder, comps.text_encoder_2):
             m.to(self.text_device)
         comps.vae.to(self.device)

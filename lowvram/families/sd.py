@@ -64,6 +64,7 @@ class SDFamily(ModelFamily):
     label = "Stable Diffusion 1.x/2.x"
     variants = ("sd1", "sd2", "sd2-v")
     vae_upcast = False  # whether the VAE stays fp32 under fp16 compute (SDXL's overflows)
+    pooled_text = False  # whether the text conditioning carries a pooled embedding (SDXL)
 
     @classmethod
     def detect(cls, path: Path, allow_pickle: bool = False) -> bool:
@@ -107,10 +108,17 @@ class SDFamily(ModelFamily):
         job.prediction = comps.prediction_type
         self.pipe = comps.pipeline()
         self.pipe.set_progress_bar_config(disable=True)
-        tes = [] if job.train_text else list(self.text_encoders(comps).values())
+        # memory.text_encoders=sequential / cpu: the frozen text encoders stay off the card (train/text_cache.py)
+        self.text_place = "card" if job.train_text else self.cfg.memory.text_encoders
+        tes = [] if job.train_text or self.text_place != "card" else list(self.text_encoders(comps).values())
         frozen = [m for m in (comps.vae, *tes) if m is not None]
         for m in frozen:
             m.to(self.device)
+        if self.text_place == "sequential":
+            from ..train.text_cache import visit_device
+
+            visit_device(self.text_encoders(comps).values(), self.device)
+        self.preview_text: Any = None  # text_cache.PreviewText once the captions are cached
         return frozen
 
     def text_encoders(self, comps: Any) -> dict[str, nn.Module]:
@@ -138,8 +146,33 @@ class SDFamily(ModelFamily):
     def encode_text(self, job: Any, captions: list[str]) -> dict[str, torch.Tensor]:
         """What the pipeline feeds the UNet for ``captions`` (its own ``encode_prompt``, so training and
         inference condition alike)."""
-        embeds, _ = self.pipe.encode_prompt(captions, self.device, 1, False)
+        embeds, _ = self.pipe.encode_prompt(captions, self.text_device(), 1, False)
         return {"embeds": embeds}
+
+    def text_device(self) -> torch.device:
+        """Where the frozen text encoders encode: the training device, or the CPU (``memory.text_encoders``)."""
+        from ..train.text_cache import encode_device
+
+        return encode_device(getattr(self, "text_place", "card"), self.device)
+
+    def preview_captions(self, job: Any) -> set[str]:
+        """What the previews encode (prompts, negatives, the empty prompt): cached with the captions."""
+        from ..train.prompts import parse_prompt_line
+        from ..train.text_cache import preview_strings
+
+        specs = [parse_prompt_line(p) for p in job.sample_prompts]
+        neg = self.cfg.sample.negative_prompt
+        return preview_strings([s.prompt for s in specs], [s.negative if s.negative is not None else neg for s in specs])
+
+    def cache_preview_text(self, job: Any) -> None:
+        """The preview prompts' text from the cache; the text encoders never come back to the card for previews."""
+        from ..train.text_cache import PreviewText
+
+        self.preview_text = PreviewText.from_cache(job.data.text.get, self.preview_captions(job), self.pooled_text,
+                                                   self.zero_negative())
+
+    def zero_negative(self) -> bool:
+        return self.pooled_text and bool(self.pipe.config.get("force_zeros_for_empty_prompt", False))
 
     def text_identity(self, job: Any) -> str:
         from ..data.cache import module_identity

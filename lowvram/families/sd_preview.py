@@ -56,13 +56,26 @@ def generate(job: Any, family: Any, specs: list[PromptSpec], guidance: float) ->
     autocast = torch.autocast(job.device.type, dtype=AUTOCAST[precision]) if precision in AUTOCAST else nullcontext()
     with autocast:
         latents = pipe(
-            prompt=[spec.prompt for spec in specs], negative_prompt=negatives if any(negatives) else None,
-            height=height, width=width, num_inference_steps=first.steps or s.steps, guidance_scale=guidance,
+            **_prompt_kwargs(job, family, [spec.prompt for spec in specs], negatives), height=height, width=width, num_inference_steps=first.steps or s.steps, guidance_scale=guidance,
             generator=[torch.Generator().manual_seed(s.seed if spec.seed is None else spec.seed) for spec in specs],
             output_type="latent", **family.pipeline_kwargs(height, width),
         ).images
     # one image at a time through the VAE: decoding is the memory peak of sampling at full size
     return [decode(job.c.vae, latents[i : i + 1])[0] for i in range(len(specs))]
+
+
+def _prompt_kwargs(job: Any, family: Any, prompts: list[str], negatives: list[str]) -> dict[str, Any]:
+    """The pipeline's text arguments: the strings, or their embeddings from the text cache (or encoded off the
+    card now) when the frozen text encoders are not on the card (``memory.text_encoders``, train/text_cache.py)."""
+    known = getattr(family, "preview_text", None)
+    if known is None and getattr(family, "text_place", "card") == "card":
+        return {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+    from ..train.text_cache import PreviewText
+
+    if known is None or not set(prompts + negatives) <= known.rows.keys():
+        known = PreviewText.from_cache(lambda texts: family.encode_text(job, texts), prompts + negatives, family.pooled_text,
+                                       family.zero_negative())
+    return known.pipe_kwargs(prompts, negatives)
 
 
 def preview_batches(cfg: Any, specs: list[PromptSpec], scales: list[float]) -> list[list[tuple[int, int]]]:

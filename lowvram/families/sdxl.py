@@ -31,6 +31,7 @@ class SDXLFamily(SDFamily):
     label = "SDXL"
     variants = ("sdxl",)
     vae_upcast = True  # SDXL's VAE overflows in fp16 and stays fp32 there (the profiler builds it so too)
+    pooled_text = True  # its text conditioning carries CLIP bigG's pooled embedding (and time ids)
 
     @classmethod
     def detect(cls, path: Path, allow_pickle: bool = False) -> bool:
@@ -38,7 +39,7 @@ class SDXLFamily(SDFamily):
 
     def encode_text(self, job: Any, captions: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's own ``encode_prompt``: ``embeds`` and the pooled ``pooled`` embedding."""
-        embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.device, num_images_per_prompt=1,
+        embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.text_device(), num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
         return {"embeds": embeds, "pooled": pooled}
 

@@ -57,6 +57,7 @@ def build_caches(cfg: RunConfig, job: Any) -> None:
     """Encode latents (and text, when the text encoders stay frozen) once; then offload the frozen models
     if nothing needs them during training (previews bring them back for a moment)."""
     from ..data.cache import LatentCache, TextEmbeddingCache, dataset_captions, default_cache_dir
+    from .text_cache import previews_from_cache
 
     ds = job.data.dataset
     root = default_cache_dir(cfg.data)
@@ -71,18 +72,22 @@ def build_caches(cfg: RunConfig, job: Any) -> None:
             print(f"latent cache (class images): {st.needed} latents, {st.hits} reused, {st.encoded} encoded")
     if cfg.memory.cache_text and not job.train_text:
         text = TextEmbeddingCache(root, job.encode_text, job.text_identity())
-        captions = dataset_captions(ds)
+        captions = dataset_captions(ds) | job.family.preview_captions(job)  # previews draw from the cache too
         if job.data.prior is not None:
             captions |= dataset_captions(job.data.prior.dataset)
         job.data.text = text.build(captions)
         print(f"text cache {text.store.root}: {text.stats.needed} captions, {text.stats.hits} reused")
     cached_text = job.data.text is not None
     cached_latents = job.data.latents is not None and (job.data.prior is None or job.data.prior_latents is not None)
+    if cached_text and previews_from_cache(cfg.memory.cache_text, job.train_text, cfg.data.shuffle_tags):
+        job.family.cache_preview_text(job)  # while the encoders are still where they encode
     if not frozen_stay_on_device(cfg.memory.offload_frozen, cached_latents, cached_text, job.train_text,
                                  cfg.data.shuffle_tags):
         for m in job.frozen:
             m.to("cpu")
         job.frozen_on_device = False
+    if getattr(job.family, "preview_text", None) is not None:  # previews bring the VAE back, never the text encoders
+        job.frozen = [m for m in job.frozen if m is job.c.vae]
 
 
 def frozen_stay_on_device(offload: bool, cached_latents: bool, cached_text: bool, train_text: bool,
