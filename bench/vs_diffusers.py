@@ -14,8 +14,9 @@ them (lowvram does not). Everything else is built here, offline, in a temporary 
 * ``--full``: the full-width SD 1.5 UNet, VAE and CLIP-L text encoder (random weights from the public
   configs), 8 images at 256x256, batch 1, a few steps: where skipping the VAE through the latent cache shows.
 
-Each repeat runs the example, then lowvram (the same job: no final preview grid, as the example draws none
-without a validation prompt), then lowvram with its defaults (the final grid: prompts x guidance scales);
+Each repeat runs the example, then lowvram (the same job: the example's layers, ``lora.targets=attention``,
+no EMA, ``train.ema_decay=0``, as the example keeps none without ``--use_ema``, and no final preview grid,
+as the example draws none without a validation prompt), then lowvram with its defaults (the final grid: prompts x guidance scales);
 the pairs' ratios are taken per repeat, so a load change between repeats cancels. lowvram starts each
 repeat with an empty cache folder (a first run: it profiles, encodes its latents); a last run of the
 same job on the warm cache gives the time to the first step of a second run. Timings: whole process
@@ -141,6 +142,8 @@ def run_lowvram(args: argparse.Namespace, job: Job, work: Path, cache: Path, *, 
     shutil.rmtree(out, ignore_errors=True)
     sets = {"train.batch_size": job.batch, "lora.rank": job.rank, "lora.alpha": job.rank, "data.resolution": job.resolution,
             "train.lr": job.lr, "train.warmup_steps": 0}
+    if not previews:  # the example's job: its LoRA layers (to_q/k/v/out) and no EMA
+        sets |= {"lora.targets": "attention", "train.ema_decay": 0}
     cmd = [sys.executable, "-m", "lowvram", "train", "--preset", "cpu", "--task", "lora", "--model", str(job.model),
            "--data", str(job.data), "--steps", str(job.steps), "--out", str(out), "--seed", "0", "--no-progress"]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]

@@ -22,6 +22,7 @@ from .config_choices import (  # noqa: F401
     DEVICES,
     FINETUNE_TASKS,
     FROZEN_DTYPES,
+    LORA_TARGET_SETS,
     LORA_TYPES,
     LR_SCHEDULES,
     MODEL_SIZES,
@@ -250,6 +251,14 @@ class LoraSection:
     rank: int = _f(16, "LoRA rank: width of the low-rank update (file size and capacity grow with it).")
     alpha: float = _f(16.0, "LoRA alpha (scale = alpha / rank).")
     dropout: float = _f(0.0, "Dropout on the adapter during training (lora/dora: its input; loha/lokr: its rank dimension).")
+    targets: str = _f(
+        "all",
+        "Layers the adapter adapts: all (kohya's and A1111's LoRA layers: attention, feed-forward and the "
+        "transformer blocks' proj_in/proj_out; FLUX.1: attention and MLP of every block) or attention (the "
+        "attention projections only, as diffusers' train_text_to_image_lora.py: about half the adapter "
+        "weights, a faster step, less capacity).",
+        LORA_TARGET_SETS,
+    )
     conv: bool = _f(False, "Also adapt 3x3 convolutions (LoCon).")
     text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).")
 

@@ -12,6 +12,8 @@ ATTENTION = ("auto", "sdpa", "math", "chunked", "xformers")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 LORA_TYPES = ("lora", "loha", "lokr", "dora")  # lowvram/adapters.py: one entry each
+# lora.targets: which layers of the denoiser an adapter adapts (lora_attach.unet_targets, flux_lora_keys)
+LORA_TARGET_SETS = ("all", "attention")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # memory.text_encoders: where frozen text encoders encode the caption cache (train/text_cache.py)
 TEXT_PLACES = ("card", "sequential", "cpu")

@@ -361,4 +361,4 @@ def load_lora_into(unet: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
         raise ModelLoadError(f"{len(unexpected)} LoRA weights do not fit this model (e.g. {unexpected[:2]})",
-                             "resume with the same lora.rank, lora.conv and base model")
+                             "resume with the same lora.rank, lora.targets, lora.conv and base model")

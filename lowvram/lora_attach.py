@@ -15,6 +15,13 @@ from .models.key_names import target_suffix
 
 # A1111/kohya's default set: every Linear / 1×1 conv inside the transformer blocks.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+# lora.targets=attention: the attention projections only (diffusers' train_text_to_image_lora.py adapts these)
+UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def unet_targets(kind: str) -> tuple[str, ...]:
+    """The module-name suffixes a UNet adapter adapts for ``lora.targets`` (``all`` or ``attention``)."""
+    return UNET_ATTENTION_TARGETS if kind == "attention" else UNET_TARGETS
 
 
 # "LoCon": the 3×3 convolutions of the ResNet blocks and the down/up samplers.

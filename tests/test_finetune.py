@@ -8,6 +8,7 @@ and a crashed run resumes bit for bit.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,24 @@ def test_adapter_types_train_and_load_back(world, base_images, kind, capsys):
     pipe = base_pipeline(world, "sd1")
     loaded = L.load_adapter_file(pipe, run / RUN_LORA_FILE)
     assert loaded == L.count_saved_modules(kohya) and loaded["text_encoder"] > 0
+    img = generate(pipe, SCALES[-1])
+    assert np.abs(img - preview_cell(run, len(SCALES) - 1)).max() <= PREVIEW_TOL
+    assert np.abs(img - base_images["sd1"][SCALES[-1]]).mean() > MIN_LORA_EFFECT
+
+
+def test_attention_targets_adapt_only_the_attention_projections(world, trained, base_images, capsys):
+    """lora.targets=attention through the CLI: the file holds the attention projections only (fewer modules
+    than the default set), loads whole in diffusers and draws the trainer's preview."""
+    run = world["tmp"] / "run-attention"
+    assert main(flags(world, world["models"]["sd1"]["folder"], run, "lora.targets=attention")) == 0, \
+        capsys.readouterr().err
+    kohya, _ = L.read_lora_file(run / "lora" / f"{run.name}.safetensors")
+    modules = {k.split(".")[0] for k in kohya}
+    assert modules and all(re.search(r"_attn[12]_to_(q|k|v|out_0)$", m) for m in modules), sorted(modules)[:4]
+    every = L.count_saved_modules(L.read_lora_file(trained("sd1", "folder") / RUN_LORA_FILE)[0])  # lora.targets=all
+    pipe = base_pipeline(world, "sd1")
+    loaded = L.load_adapter_file(pipe, run / RUN_LORA_FILE)
+    assert loaded["unet"] == len(modules) < every["unet"]
     img = generate(pipe, SCALES[-1])
     assert np.abs(img - preview_cell(run, len(SCALES) - 1)).max() <= PREVIEW_TOL
     assert np.abs(img - base_images["sd1"][SCALES[-1]]).mean() > MIN_LORA_EFFECT

@@ -344,6 +344,21 @@ def test_modulation_layers_are_optional_targets():
     assert block_out_features(tr)["single_transformer_blocks.0.proj_mlp"] == 64
 
 
+def test_attention_targets_are_the_attention_projections_and_the_plan_adapts_the_same_layers():
+    """lora.targets=attention: the trainer's names (families/flux.py) are the attn.* layers of every block, and the
+    planner's FLUX.1 workload adapts exactly those layers of the same transformer (fewer trainable weights)."""
+    from lowvram.memory.flux_workload import flux_targets
+
+    tr = tiny_transformer()
+    every, attention = lora_target_names(tr), lora_target_names(tr, attention_only=True)
+    assert attention and set(attention) < set(every)
+    assert all(n.split(".", 2)[2].startswith("attn.") for n in attention)
+    assert "single_transformer_blocks.0.attn.to_q" in attention and "single_transformer_blocks.0.proj_out" not in attention
+    for kind, names in (("all", every), ("attention", attention)):
+        planned = [n for n in lora_target_names(tr, modulation=True) if n.split(".", 2)[2] in flux_targets(kind)]
+        assert planned == names, kind
+
+
 # ---- memory ----------------------------------------------------------------------------------------------
 
 def _small(wid="W5"):

@@ -139,6 +139,8 @@ def test_fields_that_change_real_memory_change_the_profile(world):
     text = profile(lora__text_encoder=True)  # the text encoder trains on the card
     assert text.by_category["trainable_weights"] > cat["trainable_weights"]
     assert text.by_category["frozen_weights"] > cat["frozen_weights"]
+    attention = profile(lora__targets="attention")  # the attention projections only: fewer adapter weights
+    assert attention.by_category["trainable_weights"] < cat["trainable_weights"]
     conv = profile(lora__conv=True)  # LoCon: the 3x3 convolutions get adapters too
     assert conv.by_category["trainable_weights"] > cat["trainable_weights"]
     dropout = profile(lora__dropout=0.1)  # a dropped copy of every adapted layer's input is kept for backward

@@ -172,7 +172,7 @@ class FluxFamily(ModelFamily):
         cfg, lo = self.cfg, self.cfg.lora
         transformer = load_flux(cfg.model.pretrained, text_encoders=False, **self.load_settings()).transformer
         torch.manual_seed(cfg.run.seed)  # LoRA's random init: the same run gives the same adapter
-        names = lora_target_names(transformer)
+        names = lora_target_names(transformer, attention_only=lo.targets == "attention")
         attach_lora(transformer, lo.rank, lo.alpha, lo.dropout, target_modules=names)
         notes = [self.text_note, f"LoRA rank {lo.rank} on {len(names)} transformer layers",
                  f"frozen transformer weights: {store_frozen_unet(transformer, cfg)}"]

@@ -92,6 +92,14 @@ def build_flux(workload: Any, knobs: Any, device: str | torch.device, compute: t
                  prediction="flow", notes=[f"frozen transformer weights: {stored}"], step_loss=step_loss)
 
 
+def flux_targets(kind: str) -> tuple[str, ...]:
+    """The block layers a FLUX.1 LoRA adapts for ``lora.targets``: all, or the ``attn.*`` projections only
+    (``models.flux_lora_keys.lora_target_names``' rule)."""
+    from .workloads import FLUX_LORA_TARGETS
+
+    return tuple(t for t in FLUX_LORA_TARGETS if t.startswith("attn.")) if kind == "attention" else FLUX_LORA_TARGETS
+
+
 def workload_of_run(cfg: Any, batch: int, prior: str = "", **common: Any) -> Any:
     """The planner's Workload for a FLUX.1 LoRA run: the model's own transformer config (a diffusers folder's,
     or ``model.config``'s for a single file, else the published one), its rank and resolution; ``common``: the
@@ -100,7 +108,7 @@ def workload_of_run(cfg: Any, batch: int, prior: str = "", **common: Any) -> Any
     from pathlib import Path
 
     from ..families.flux_rules import check_flux_config
-    from .workloads import FLUX_LORA_TARGETS, Workload
+    from .workloads import Workload
 
     check_flux_config(cfg)  # what FLUX.1 cannot train is refused before any profiling
     variant = flux.detect_variant(cfg.model.pretrained)
@@ -112,7 +120,7 @@ def workload_of_run(cfg: Any, batch: int, prior: str = "", **common: Any) -> Any
             break
     res = int(cfg.data.resolution)
     return Workload("this job", f"{variant} LoRA rank {cfg.lora.rank}, {res}²{prior}", variant, "lora", res, batch,
-                    lora_rank=cfg.lora.rank, lora_targets=FLUX_LORA_TARGETS, unet_overrides=overrides, **common)
+                    lora_rank=cfg.lora.rank, lora_targets=flux_targets(cfg.lora.targets), unet_overrides=overrides, **common)
 
 
 def safe_precision(cfg: Any, card: CardSpec | None) -> list[str]:

@@ -239,6 +239,13 @@ def class_images_to_draw(cfg: RunConfig) -> int:
     return len(missing_numbers(cfg.data.class_data, cfg.data.num_class_images))
 
 
+def _unet_targets(kind: str) -> tuple[str, ...]:
+    """``lora.targets``' UNet layers, as training attaches them (lora_attach imports peft: only when planning)."""
+    from ..lora_attach import unet_targets
+
+    return unet_targets(kind)
+
+
 def _scratch_lora_workload(cfg: RunConfig, folder: Path, desc: dict[str, Any], res: int, batch: int,
                            common: dict[str, Any]) -> Workload:
     """LoRA on a model lowvram trained from scratch (train/scratch_lora.py): the size's UNet and the base's
@@ -248,6 +255,7 @@ def _scratch_lora_workload(cfg: RunConfig, folder: Path, desc: dict[str, Any], r
     latent = bool(desc.get("has_vae"))
     return Workload("this job", f"{cfg.lora.type} on the from-scratch {size} model, {res}²", size, "lora", res, batch,
                     lora_rank=cfg.lora.rank, adapter=cfg.lora.type, lora_conv=cfg.lora.conv,
+                    lora_targets=_unet_targets(cfg.lora.targets),
                     lora_dropout=cfg.lora.dropout, lora_text_encoder=cfg.lora.text_encoder,
                     task="latent" if latent else "text2img", base_from_scratch=True, frozen_text_encoder=True,
                     text_vocab=int(te.get("vocab_size", 0)) or 256, **common)
@@ -493,6 +501,7 @@ def sd_workload(cfg: RunConfig, res: int, batch: int, extra: str, common: dict[s
     what = cfg.lora.type if lora else task
     return Workload("this job", f"{family} {what}, {res}²{extra}", family, task, res, batch,
                     lora_rank=cfg.lora.rank, adapter=cfg.lora.type, lora_conv=lora and cfg.lora.conv,
+                    lora_targets=_unet_targets(cfg.lora.targets),
                     lora_dropout=cfg.lora.dropout if lora else 0.0,
                     lora_text_encoder=lora and cfg.lora.text_encoder, unet_overrides=unet, vae_overrides=vae,
                     text_encoder_overrides=tes, text_every_step=cfg.data.shuffle_tags, prior=bool(cfg.data.class_data),

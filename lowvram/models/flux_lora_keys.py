@@ -56,8 +56,10 @@ SINGLE_BFL: dict[str, tuple[str, int, int]] = {
 _BLOCK = re.compile(rf"^({DOUBLE}|{SINGLE})\.(\d+)\.(.+)$")
 
 
-def lora_target_names(transformer: nn.Module, modulation: bool = False) -> list[str]:
-    """Full names of the transformer's layers a FLUX.1 LoRA adapts (block layers only, never the embedders)."""
+def lora_target_names(transformer: nn.Module, modulation: bool = False, attention_only: bool = False) -> list[str]:
+    """Full names of the transformer's layers a FLUX.1 LoRA adapts (block layers only, never the embedders);
+    ``attention_only`` (``lora.targets=attention``): the ``attn.*`` projections alone (a single block's
+    ``proj_out`` mixes attention and MLP outputs, so it is left out)."""
     names = []
     for name, mod in transformer.named_modules():
         m = _BLOCK.match(name)
@@ -65,7 +67,7 @@ def lora_target_names(transformer: nn.Module, modulation: bool = False) -> list[
             continue
         wanted = (DOUBLE_TARGETS + DOUBLE_MODULATION * modulation) if m.group(1) == DOUBLE \
             else (SINGLE_TARGETS + SINGLE_MODULATION * modulation)
-        if m.group(3) in wanted:
+        if m.group(3) in wanted and (not attention_only or m.group(3).startswith("attn.")):
             names.append(name)
     return names
 

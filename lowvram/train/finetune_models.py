@@ -89,12 +89,14 @@ def type_helpers(cfg: RunConfig, comps: Any, text_encoders: dict[str, nn.Module]
 def prepare_unet(cfg: RunConfig, comps: Any, text_encoders: dict[str, nn.Module], device: torch.device) -> list[str]:
     """LoRA adapters (fp32) and frozen UNet storage, or a trainable fp32 UNet for full fine-tunes; attention."""
     from ..lora import attach_lora, attach_text_lora
+    from ..lora_attach import unet_targets
 
     notes = []
     torch.manual_seed(cfg.run.seed)  # LoRA's random init: the same run gives the same adapter
     if cfg.run.task == "lora":
         lo = cfg.lora
-        attach_lora(comps.unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv, adapter=lo.type)
+        attach_lora(comps.unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv, adapter=lo.type,
+                    target_modules=unet_targets(lo.targets))
         if lo.text_encoder:
             for te in text_encoders.values():
                 attach_text_lora(te, lo.rank, lo.alpha, lo.dropout, adapter=lo.type)

@@ -63,10 +63,12 @@ def model_resolution(folder: Path) -> int:
 def attach_adapters(cfg: RunConfig, unet: nn.Module, text_encoder: nn.Module) -> None:
     """The configured adapter on the UNet (and the text encoder), fp32, seeded by ``run.seed``."""
     from ..lora import attach_lora, attach_text_lora
+    from ..lora_attach import unet_targets
 
     lo = cfg.lora
     torch.manual_seed(cfg.run.seed)  # the adapter's random init: the same run gives the same adapter
-    attach_lora(unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv, adapter=lo.type)
+    attach_lora(unet, lo.rank, lo.alpha, lo.dropout, conv=lo.conv, adapter=lo.type,
+                target_modules=unet_targets(lo.targets))
     if lo.text_encoder:
         attach_text_lora(text_encoder, lo.rank, lo.alpha, lo.dropout, adapter=lo.type)
 
