@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "eval": (cmd_eval, "Sample every evaluation prompt and report prompt adherence (builtin data)."),
     "doctor": (cmd_doctor, "Report the device, what really works on it, and run a GEMM/conv self-test."),
     "presets": (cmd_presets, "List the card presets and their memory tables."),
-    "profile": (cmd_profile, "Profile the memory of the standard workloads (W1-W4) on a card, without a GPU."),
+    "profile": (cmd_profile, "Profile the memory of the standard workloads (W1-W6) on a card, without a GPU."),
     "ui": (cmd_ui, "Open the training panel in a browser (this machine only unless --host and --auth are given)."),
     "cache": (cmd_cache, "Encode a dataset's latents and captions once through a checkpoint's VAE and text encoder."),
     "export": (cmd_export, "Write a LoRA run's files (kohya for A1111/ComfyUI, diffusers); --merge fuses it into the base model."),
