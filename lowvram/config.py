@@ -383,23 +383,3 @@ class ConfigBuilder:
             err.problems = problems  # each names its field and source; callers may list them their own way
             raise err
         return cfg
-
-
-def markdown_reference() -> str:
-    """Every field as a Markdown table per section (docs/configuration.md is this text)."""
-    lines = ["# Configuration reference", "",
-             "Generated from `lowvram/config.py` (`python -c 'import lowvram.config as c; print(c.markdown_reference())'`).",
-             "Set any field with `--set section.key=value`, in a `--config` YAML file, or in a preset's `config:`.",
-             ""]
-    for section, cls in SECTIONS.items():
-        lines += [f"## {section}", "", "| field | default | meaning |", "|---|---|---|"]
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            default = getattr(defaults, f.name)
-            choices = f.metadata.get("choices")
-            text = f.metadata.get("help", "").replace("|", "\\|")
-            if choices:
-                text += " Choices: " + ", ".join(f"`{c}`" for c in choices) + "."
-            lines.append(f"| `{section}.{f.name}` | `{default!r}` | {text} |")
-        lines.append("")
-    return "\n".join(lines)

@@ -78,12 +78,12 @@ def test_every_field_is_documented():
 def test_docs_configuration_reference_is_current():
     from pathlib import Path
 
-    from lowvram.config import markdown_reference
+    from lowvram.config_reference import markdown_reference
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text().rstrip("\n") == markdown_reference().rstrip("\n"), (
         "docs/configuration.md is stale: regenerate it with "
-        "python -c 'import lowvram.config as c; print(c.markdown_reference())' > docs/configuration.md"
+        "python -m lowvram.config_reference > docs/configuration.md"
     )
 
 
