@@ -13,6 +13,11 @@ from .errors import (
     TrainingDiverged,
 )
 from .runtime_env import quiet_imports
+from .source_layout import install_checkout_finder
+
+# The panel and the preset files live at the repository's top level (webui/, presets/); an install maps them
+# into this package, a source checkout (PYTHONPATH, tests) needs this finder to import them the same way.
+install_checkout_finder(__file__, __name__)
 
 quiet_imports()  # library users see no dependency noise either; the command also goes offline (cli.main)
 

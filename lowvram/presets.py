@@ -1,4 +1,4 @@
-"""Find, list, load and validate the card presets (one YAML per card in ``lowvram/presets/``); match one to a card.
+"""Find, list, load and validate the card presets (one YAML per card in the repository's ``presets/``); match one to a card.
 
 A preset names a card (backend, architecture, VRAM, what the card can do) and the RunConfig knobs that
 suit it; ``lowvram profile --update-presets`` later writes its measured ``memory_profile`` into it.
@@ -73,9 +73,16 @@ class Preset:
         return tuple(cap for cap in CAPABILITIES if used[cap])
 
 
+# The data package of the shipped YAMLs: the repository's presets/ folder, installed inside lowvram (pyproject's
+# package-dir); not "lowvram.presets", which is this module.
+PRESET_PACKAGE = "lowvram.preset_files"
+
+
 def preset_dir() -> Path:
-    """The folder of shipped presets (inside the installed package, so it works without the repo)."""
-    return Path(str(resources.files("lowvram").joinpath("presets")))
+    """The folder of shipped presets: the repository's ``presets/`` in a checkout or an editable install,
+    ``lowvram/preset_files/`` inside an installed wheel (so it works without the repo). ``lowvram profile
+    --update-presets`` writes the memory tables there."""
+    return Path(str(resources.files(PRESET_PACKAGE)))
 
 
 def list_presets() -> list[str]:

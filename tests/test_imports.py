@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import lowvram
 
 ROOT = Path(lowvram.__file__).parent
+# The panel: the repository's top-level webui/, installed as lowvram.webui (pyproject's package-dir).
+WEBUI = Path(importlib.util.find_spec("lowvram.webui").origin).parent
 
 
-def modules(package: Path) -> dict[str, tuple[Path, bool]]:
-    """Dotted name -> (file, is a package ``__init__``) for every ``.py`` under ``package``."""
+def modules(package: Path, dotted: str | None = None) -> dict[str, tuple[Path, bool]]:
+    """Dotted name -> (file, is a package ``__init__``) for every ``.py`` under ``package``, which imports as
+    ``dotted`` (default: the folder's name)."""
     out = {}
     for path in package.rglob("*.py"):
-        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        parts = [*(dotted or package.name).split("."), *path.relative_to(package).with_suffix("").parts]
         is_init = parts[-1] == "__init__"
         out[".".join(parts[:-1] if is_init else parts)] = (path, is_init)
     return out
@@ -55,8 +59,13 @@ def imports_of(name: str, path: Path, is_init: bool, known: set[str], lazy: bool
     return {m for m in found if m in known and m != name}
 
 
-def import_graph(package: Path, lazy: bool = False) -> dict[str, set[str]]:
-    mods = modules(package)
+def package_modules() -> dict[str, tuple[Path, bool]]:
+    """Every module of the installed package: lowvram/ and the panel (webui/ as lowvram.webui)."""
+    return {**modules(ROOT), **modules(WEBUI, "lowvram.webui")}
+
+
+def import_graph(package: Path | dict[str, tuple[Path, bool]], lazy: bool = False) -> dict[str, set[str]]:
+    mods = package if isinstance(package, dict) else modules(package)
     return {name: imports_of(name, path, is_init, set(mods), lazy) for name, (path, is_init) in mods.items()}
 
 
@@ -80,8 +89,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycle_at_import_time():
-    graph = import_graph(ROOT)
+    graph = import_graph(package_modules())
     assert len(graph) > 50 and graph["lowvram.train.run"]  # the walk read the package, imports and all
+    assert "lowvram.errors" in graph["lowvram.webui.jobs"]  # and the panel, its relative imports resolved
     assert cycles(graph) == []
 
 
@@ -101,7 +111,7 @@ def test_the_walk_finds_a_cycle_and_ignores_what_never_runs_at_import(tmp_path):
 
 def test_trainer_and_exporter_share_the_run_folder_layout_not_each_other():
     """The cycle train.run → finetune → export → train.run carried a file name and a config loader."""
-    graph = import_graph(ROOT, lazy=True)  # function-level imports count here
+    graph = import_graph(package_modules(), lazy=True)  # function-level imports count here
     assert "lowvram.train.run" not in graph["lowvram.export"]
     job = graph["lowvram.train.finetune"] | graph["lowvram.families.flux"] | graph["lowvram.families.sd"]
     assert "lowvram.export" not in job

@@ -68,10 +68,14 @@ def test_budget_bytes():
 
 
 def test_presets_ship_inside_the_package():
-    assert preset_dir() == Path(__import__("lowvram").__file__).parent / "presets"
+    """The repository's presets/ installs as lowvram.preset_files (tests/test_packaging.py builds the wheel)."""
+    import lowvram.preset_files
+
+    assert preset_dir() == Path(lowvram.preset_files.__file__).parent
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert "presets/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["lowvram"]
+    assert "*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["lowvram.preset_files"]
+    assert pyproject["tool"]["setuptools"]["package-dir"]["lowvram.preset_files"] == "presets"
 
 
 def _write(tmp_path: Path, mutate, name: str = "mine.yaml") -> Path:

@@ -27,7 +27,10 @@ ACTIVE = ("starting", "running", "stopping")
 
 
 def _package_root() -> str:
-    return str(Path(__file__).resolve().parents[2])
+    """The folder that holds the ``lowvram`` package: a checkout's root, or site-packages."""
+    import lowvram
+
+    return str(Path(lowvram.__file__).resolve().parents[1])
 
 
 def describe_exit(code: int) -> str:

@@ -1,0 +1,1 @@
+"""The shipped card presets, one YAML per card, installed as ``lowvram.preset_files`` (read by ``lowvram.presets``)."""
