@@ -4,7 +4,7 @@ and drawing the class images with the base model (data.num_class_images) under t
 A prior-preservation micro-batch holds one class image per instance image: the profiler runs the step on
 twice the micro-batch (Workload.prior). Drawing the class images is a stage of the run's profile
 (Workload.class_images: one sampling step with guidance + the VAE decode, every frozen weight on the card;
-lowvram/memory/stages.py class_image_stage). Tensors only, on the meta device (~20 s per preset).
+lowvram/memory/drawing.py class_image_stage). Tensors only, on the meta device (~20 s per preset).
 Run: PYTHONPATH=. python bench/prior_memory.py [preset ...]
 """
 

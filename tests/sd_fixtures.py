@@ -254,7 +254,7 @@ def finetune_argv(model: Path, data: Path, out: Path, sets: dict, *extra: str, s
 def tiny_workload(tmp: Path, mode: str = "lora", family: str = "sd1", batch: int = 2, **kw):
     """A memory Workload of the tiny pipeline ``family`` (its own UNet / VAE / text encoder configs, the real
     fine-tune path of the profiler) for ``mode`` lora or full at 32 px (16x16 latents)."""
-    from lowvram.memory.run_plan import _text_config
+    from lowvram.memory.run_workload import _text_config
     from lowvram.memory.workloads import Workload
 
     pipe = BUILDERS[family](tmp)

@@ -200,7 +200,8 @@ def test_drawing_profile_keeps_streamed_blocks_in_host_memory(world):
     stage counts them there, not on the card (else a streamed plan's drawing is refused for nothing)."""
     from lowvram.config import RunConfig
     from lowvram.memory.profiler import profile_step
-    from lowvram.memory.run_plan import knobs_from_config, workload_for
+    from lowvram.memory.run_plan import knobs_from_config
+    from lowvram.memory.run_workload import workload_for
     from lowvram.presets import load_preset
 
     cfg = RunConfig()

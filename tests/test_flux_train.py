@@ -234,7 +234,7 @@ def test_plan_profiles_the_flux_transformer_and_keeps_fp16_off_a_card_without_bf
     cfg, preset, _ = resolve_config(build_parser().parse_args(
         flags(world, world["tmp"] / "plan") + ["--preset", "rx570"]), check_paths=False)
     assert cfg.train.precision == "fp16"  # what the rx570 preset asks for
-    from lowvram.memory.run_plan import workload_for
+    from lowvram.memory.run_workload import workload_for
 
     wl = workload_for(cfg)
     assert (wl.model, wl.lora_rank, wl.unet_overrides["num_layers"]) == ("flux-dev", RANK, 2)  # the tiny model's own config

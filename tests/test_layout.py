@@ -19,12 +19,7 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
 # module (relative to lowvram/) -> why it may exceed the limits for now (its functions included)
-MODULE_ALLOWLIST: dict[str, str] = {
-    "memory/stages.py": "another #13 helper is splitting the profiler's stages",
-    "data/cache.py": "another #13 helper is splitting the latent/text caches",
-    "memory/run_plan.py": "its workload half (workload_for and helpers) moves to its own module next, now that the "
-                          "families rewrite of workload_for has landed",
-}
+MODULE_ALLOWLIST: dict[str, str] = {}
 # "module:function" -> why it may be longer than MAX_FUNCTION_LINES
 FUNCTION_ALLOWLIST: dict[str, str] = {
     "webui/app.py:build_app": "the panel's layout: one widget tree, read top to bottom (issue #13 allows it)",

@@ -119,7 +119,7 @@ def test_every_config_field_is_planned_or_declared_memory_neutral(world):
                 break
         if not changed:
             unplanned.append(name)
-    assert not unplanned, (f"{unplanned}: the plan ignores them; reflect them in run_plan.workload_for / "
+    assert not unplanned, (f"{unplanned}: the plan ignores them; reflect them in run_workload.workload_for / "
                            "knobs_from_config, or declare them in run_plan.MEMORY_NEUTRAL with the reason")
 
 

@@ -53,7 +53,7 @@ class ModelFamily:
 
     @classmethod
     def workload(cls, cfg: RunConfig, res: int, batch: int, extra: str, common: dict[str, Any]) -> Any:
-        """The planner's ``Workload`` of a fine-tune of this family (``run_plan.workload_for`` asks)."""
+        """The planner's ``Workload`` of a fine-tune of this family (``run_workload.workload_for`` asks)."""
         raise NotImplementedError
 
     @classmethod

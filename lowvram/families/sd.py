@@ -86,7 +86,7 @@ class SDFamily(ModelFamily):
 
     @classmethod
     def workload(cls, cfg: Any, res: int, batch: int, extra: str, common: dict[str, Any]) -> Any:
-        from ..memory.run_plan import sd_workload
+        from ..memory.run_workload import sd_workload
 
         return sd_workload(cfg, res, batch, extra, common)
 

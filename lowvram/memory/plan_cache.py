@@ -62,7 +62,8 @@ def key_material(cfg: RunConfig, card: CardSpec | None, processes: int | None, w
     processes, code, libraries."""
     from ..distributed import process_count
     from ..pinning import round_threshold
-    from .run_plan import MEMORY_NEUTRAL, workload_for
+    from .run_plan import MEMORY_NEUTRAL
+    from .run_workload import workload_for
     from .streaming import host_budget
 
     config = {f"{section}.{k}": v for section, body in cfg.to_dict().items() for k, v in body.items()

@@ -21,21 +21,13 @@ from torch import nn
 from ..card import GIB, CardSpec, tensor_budget
 from ..errors import ConfigError
 from ..pinning import round_threshold
+from .drawing import class_image_stage, preview_stage
+from .encoding import text_place
 from .knobs import effective_attention
-from .stages import (
-    Timeline,
-    autoencoder_stage,
-    cache_stage,
-    class_image_stage,
-    host_data,
-    preview_stage,
-    rng_states_tracked,
-    state_bytes,
-    text_place,
-    train_stage,
-    validation_stage,
-)
+from .optimizer_state import state_bytes
+from .stages import autoencoder_stage, cache_stage, host_data, train_stage, validation_stage
 from .streaming import pinned, pinned_overhead, stream_note
+from .timeline import Timeline, rng_states_tracked
 from .tracker import StorageTracker
 from .workloads import PRECISIONS, Built, Knobs, Workload, build
 

@@ -45,7 +45,7 @@ class Preview:
 @dataclass(frozen=True)
 class Workload:
     """A training job whose memory is planned: which model, what is trained, at what size, and everything
-    else that decides what is allocated on the card (``run_plan.workload_for`` derives it from a config)."""
+    else that decides what is allocated on the card (``run_workload.workload_for`` derives it from a config)."""
 
     id: str
     description: str

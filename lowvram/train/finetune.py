@@ -228,7 +228,7 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
         notes = family.prepare(comps)
         job = FinetuneJob(cfg, run_dir, family, comps, device, data, cfg.sample.prompts or default_prompts(data.dataset))
     if to_draw:
-        # drawing needs the whole base model on the card (memory/stages.py class_image_stage profiles it so);
+        # drawing needs the whole base model on the card (memory/drawing.py class_image_stage profiles it so);
         # it stays there through caching
         notes += family.denoiser_to_card(job)
         if not draw_class_images(cfg, run_dir, job, to_draw, stop, world, clock):

@@ -5,7 +5,7 @@ with the captions so that previews never bring the text encoders back to the car
 each encoder visits the card only for its own forward (the other waits in host RAM); ``cpu``: they encode on
 the CPU and never touch the card. The last two exist for one reason: SDXL's encoders in fp32 (3.1 GiB) set the
 peak of the whole run on a 4 GB card, and the captions are encoded once. The memory profile replays the same
-placement (``memory/stages.py``).
+placement (``memory/encoding.py``).
 """
 
 from __future__ import annotations
