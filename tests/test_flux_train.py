@@ -243,7 +243,49 @@ def test_plan_profiles_the_flux_transformer_and_keeps_fp16_off_a_card_without_bf
     # the plan's config computes in fp32 and says why; the caller's config is not changed
     assert rp.config.train.precision == "fp32" and cfg.train.precision == "fp16"
     assert rp.sources["train.precision"] == "planner: FLUX.1 precision" and any("overflow fp16" in n for n in rp.lines())
-    assert rp.profile.by_category["trainable_weights"] == 4 * sum(p.numel() for p in _lora_params(RANK))
+    # the tiny run peaks while caching (the VAE's attention, unfused on a card without flash), before the
+    # transformer and its LoRA are loaded; the training step with the plan's knobs holds the LoRA in fp32
+    assert rp.profile.peak_phase == "cache" and rp.profile.by_category["trainable_weights"] == 0
+    from lowvram.memory.knobs import knobs_from_config
+    from lowvram.memory.profiler import profile_step
+
+    step = profile_step(workload_for(rp.config).with_(caching_pass=False, preview=None),
+                        knobs_from_config(rp.config, None, preset.card), card=preset.card)
+    assert step.by_category["trainable_weights"] == 4 * sum(p.numel() for p in _lora_params(RANK))
+
+
+def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in module.parameters()) * dtype.itemsize
+
+
+def test_plan_replays_the_caching_pass_and_the_flow_matching_preview(world):
+    """The plan's stages hold FLUX.1's caching pass (VAE, CLIP-L and T5 on the card, where they fit, before the
+    transformer loads) and its previews (the transformer and the VAE back on the card). A tiny run peaks in its
+    training step (tests/test_plan_fidelity.py measures the whole run), so the two stages are checked by size."""
+    from lowvram.cli import build_parser, resolve_config
+    from lowvram.memory.run_plan import plan_run
+    from lowvram.train.finetune_models import LOAD_DTYPES
+
+    def plan(*sets: str):
+        cfg, preset, _ = resolve_config(build_parser().parse_args(
+            flags(world, world["tmp"] / "plan-stages", *sets) + ["--preset", "rtx3070-8gb"]), check_paths=False)
+        return plan_run(cfg, preset.card).record
+
+    on_card = plan()
+    pipe = world["pipe"]
+    frozen = LOAD_DTYPES[on_card["knobs"]["frozen_dtype"]]
+    vae = _bytes(pipe.vae, torch.float32 if frozen == torch.float16 else frozen)  # force_upcast: fp32 over fp16
+    encoders = _bytes(pipe.text_encoder, frozen) + _bytes(pipe.text_encoder_2, frozen)
+    transformer = _bytes(pipe.transformer, frozen)
+    assert {"cache", "train", "preview"} <= set(on_card["stages"])
+    # caching: the VAE and both text encoders on the card (they fit in its free memory)
+    assert vae + encoders < on_card["stages"]["cache"]
+    # memory.text_encoders=cpu: they encode in host memory, the card holds the VAE's encoding alone
+    on_cpu = plan("memory.text_encoders=cpu")
+    assert vae < on_cpu["stages"]["cache"] <= on_card["stages"]["cache"] - encoders
+    # previews: the frozen transformer and the VAE on the card, sampling one image
+    assert on_card["stages"]["preview"] > transformer + vae
+    assert "preview" not in plan("sample.final=false")["stages"]  # run.sample_every is 0: no preview is drawn
 
 
 def _lora_params(rank: int) -> list[torch.nn.Parameter]:

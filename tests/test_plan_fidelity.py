@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flux_fixtures import save_tiny_flux
 from PIL import Image
 from sd_fixtures import save_tiny
 
@@ -19,9 +20,10 @@ TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny SD 1.x and SDXL checkpoints, 4 captioned instance images and 4 class images (32 px)."""
+    """Tiny SD 1.x, SDXL and FLUX.1-dev checkpoints, 4 captioned instance images and 4 class images (32 px)."""
     tmp = tmp_path_factory.mktemp("fidelity")
     models = {fam: save_tiny(tmp, fam)["folder"] for fam in ("sd1", "sdxl")}
+    models["flux"] = save_tiny_flux(tmp)[1]["folder"]
     rng = np.random.default_rng(0)
     for name, caption in (("data", "a photo of sks dog, photo"), ("cls", "a photo of a dog")):
         (tmp / name).mkdir()

@@ -102,9 +102,8 @@ class FluxFamily(ModelFamily):
     def workload(cls, cfg: Any, res: int, batch: int, extra: str, common: dict[str, Any]) -> Any:
         from ..memory.flux_workload import workload_of_run
 
-        # its previews (flow sampler) are not profiled yet
-        return workload_of_run(cfg, batch, extra, **{**common, "preview": None}, adapter=cfg.lora.type,
-                               lora_dropout=cfg.lora.dropout)
+        # its caching pass and flow-matching previews are profiled stages (memory/flux_stages.py)
+        return workload_of_run(cfg, batch, extra, **common, adapter=cfg.lora.type, lora_dropout=cfg.lora.dropout)
 
     @classmethod
     def plan_precision(cls, planned: Any, card: Any) -> list[str]:

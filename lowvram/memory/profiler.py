@@ -2,7 +2,8 @@
 
 The models are built on ``meta`` with the plan applied, then the run is replayed stage by stage under
 the storage tracker, through the training code itself (``lowvram.train.step``, the trainer's
-``FusedBackward``, the real optimizers and EMA): the cache stage (VAE / text encoders encode one batch),
+``FusedBackward``, the real optimizers and EMA): the cache stage (VAE / text encoders encode one batch;
+FLUX.1's caching pass and flow-matching previews in ``flux_stages``),
 the autoencoder stage of a latent job, a steady-state training step (forward, backward, optimizer, EMA
 update), validation and the sample previews, each with what the trainer keeps on the card at that
 moment. Shapes and dtypes decide memory, so the peak is exact for the tensors; the card's context and
@@ -23,6 +24,7 @@ from ..errors import ConfigError
 from ..pinning import round_threshold
 from .drawing import class_image_stage, preview_stage
 from .encoding import text_place
+from .flux_stages import flux_load_and_cache, flux_preview_stage
 from .knobs import effective_attention
 from .optimizer_state import state_bytes
 from .stages import autoencoder_stage, cache_stage, host_data, train_stage, validation_stage
@@ -146,6 +148,8 @@ def profile_step(
     meta = str(device) == "meta"
     tracker = StorageTracker(unified=backend == "cpu" or not meta, device_type="meta" if meta else None)
     tl = Timeline(tracker, device, PRECISIONS[knobs.precision], autocast_device)
+    vram, context, _, _ = card_budget(card, vram_gib)
+    tl.free_bytes = None if backend == "cpu" or vram is None else vram - context
     if workload.task == "autoencoder":  # the autoencoder task: that stage alone
         built = None
     else:  # built outside the tracker: what it keeps is registered below, in the order training loads it
@@ -167,7 +171,9 @@ def profile_step(
         ema, optimizers = train_stage(built, workload, knobs, tl, notes)
         if workload.validation_items:
             validation_stage(built, workload, knobs, tl, ema)
-        if workload.preview is not None:
+        if workload.preview is not None and built.prediction == "flow":  # FLUX.1's flow-matching sampler
+            flux_preview_stage(built, workload, tl, ema, back)
+        elif workload.preview is not None:
             preview_stage(built, workload, knobs, tl, ema, back, cached_text)
         result = tracker.result()
         resident = tracker.residency("streamed_weights")[0] if streamer is not None else 0
@@ -207,9 +213,19 @@ def _load_and_cache(built: Built, workload: Workload, knobs: Knobs, tl: Timeline
         for b in mod.buffers():
             tracker.register(b, "frozen_weights", host)
 
-    # the caches are encoded before the UNet reaches the card: a from-scratch job encodes its latents
-    # before it builds the UNet and text encoder, a fine-tune with its VAE and text encoders alone
-    # (its UNet is loaded, in host memory)
+    streamer = built.streamer
+
+    def unet_to_card() -> None:  # train_finetune: stream_unet, or .to(device)
+        tl.place([built.unet], host=False)
+        if streamer is not None:  # the streamed blocks stay in host RAM; their copies are the card's share
+            streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit)
+                                                      for c in copies]
+            tracker.place(streamer.host_tensors(), host=True)
+
+    if built.prediction == "flow":  # FLUX.1: its transformer loads after caching (memory/flux_stages.py)
+        return flux_load_and_cache(built, workload, knobs, tl, register, unet_to_card)
+    # the caches are encoded before the UNet reaches the card: a from-scratch job encodes its latents before it
+    # builds the UNet and text encoder, a fine-tune with its VAE and text encoders alone (its UNet in host memory)
     if workload.from_scratch:
         if built.vae is not None:
             register(built.vae)
@@ -220,15 +236,6 @@ def _load_and_cache(built: Built, workload: Workload, knobs: Knobs, tl: Timeline
         for mod in [built.vae] if built.vae is not None else []:
             register(mod)
         register(built.unet, host=True)
-    streamer = built.streamer
-
-    def unet_to_card() -> None:  # train_finetune: stream_unet, or .to(device)
-        tl.place([built.unet], host=False)
-        if streamer is not None:  # the streamed blocks stay in host RAM; their copies are the card's share
-            streamer.on_fetch = lambda unit, copies: [tracker.mark(c, "streamed_weights", group=unit)
-                                                      for c in copies]
-            tracker.place(streamer.host_tensors(), host=True)
-
     drawing = workload.class_images and not workload.from_scratch
     if drawing:  # the missing class images are drawn with the base model: the UNet is on the card already
         unet_to_card()

@@ -113,7 +113,7 @@ def host_data(wl: Workload, built_shape: tuple[int, int, int] | None, tl: Timeli
 def cache_stage(built: Built, wl: Workload, knobs: Knobs, tl: Timeline) -> None:
     """Encoding the caches, before the optimizer exists: the VAE on one micro-batch of images, the text
     encoders on a batch of captions (fine-tunes); the latent job's encoding of its images (from scratch).
-    Not for FLUX.1 (``built.step_loss``): it has no trainer yet, so no cache stage to replay."""
+    Not for FLUX.1 (``built.step_loss``): ``flux_stages.flux_cache_stage`` replays its caching pass."""
     if built.step_loss is not None:
         return
     with tl.stage("cache"), torch.no_grad():

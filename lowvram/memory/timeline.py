@@ -23,6 +23,9 @@ class Timeline:
         self.meta = str(device) == "meta"
         self.keep: list[Any] = []  # what the run keeps alive to its end (optimizer state of unstepped tensors)
         self.bus_bytes = 0  # streamed weights copied to the card in one micro-batch of the training step
+        # what the card has free before the run loads anything (vram - context); None: the CPU is the card, or
+        # the card's size is not known
+        self.free_bytes: int | None = None
 
     def autocast(self, on: bool = True) -> Any:
         """The trainer's ``torch.autocast`` (emulated on meta, where real autocast does nothing)."""

@@ -77,6 +77,8 @@ class Workload:
     text_cache_batch: int = 64  # captions the text cache encodes at once (at most 64; fewer in a small dataset)
     class_images: int = 0  # class images still to draw with the base model before training (fine-tunes)
     base_from_scratch: bool = False  # LoRA on a model lowvram trained from scratch (train/scratch_lora.py)
+    text_tokens: int = 0  # FLUX.1: the T5 sequence the run encodes (0: the variant's own, 512 dev / 256 schnell)
+    caching_pass: bool = True  # FLUX.1: replay the caching pass (VAE, CLIP-L and T5-XXL encode once, then dropped)
 
     def with_(self, **changes: Any) -> Workload:
         return dataclasses.replace(self, **changes)
@@ -96,12 +98,15 @@ WORKLOADS: dict[str, Workload] = {
     "W3": Workload("W3", "SD 1.5 UNet, full fine-tune, 512², batch 1", "sd15", "full", 512, 1, ema=True),
     "W4": Workload("W4", "from scratch: celeba64 latent text-to-image (UNet 64/128/256, text 77x512), batch 16",
                    "celeba64", "scratch", 64, 16, ema=True),
-    # FLUX.1 (families/flux.py) keeps an EMA of its LoRA like the others (train.ema_decay 0.999); its profile
-    # is the steady-state step with that EMA (no cache stage, no previews replayed yet)
+    # FLUX.1 (families/flux.py) keeps an EMA of its LoRA like the others (train.ema_decay 0.999). The rows show
+    # the steady-state step with that EMA: a run's plan (`lowvram plan`) replays its caching pass and previews too
+    # (memory/flux_stages.py), where T5-XXL (9.5 GiB in 16 bits) encodes on the CPU on every preset's card
     "W5": Workload("W5", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 512², batch 1",
-                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None),
+                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None,
+                   caching_pass=False),
     "W6": Workload("W6", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 1024², batch 1",
-                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None),
+                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None,
+                   caching_pass=False),
 }
 # The jobs the presets' memory tables show: every standard job (all of them train through `lowvram train`)
 TABLE_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
@@ -134,6 +139,8 @@ class Built:
     # the family's own loss of one step, (built, inputs) -> loss; None: the UNet diffusion loss (train/step.py)
     step_loss: Callable[[Built, dict[str, torch.Tensor]], torch.Tensor] | None = None
     streamer: Any = None  # a lowvram.streaming.BlockStreamer when knobs.stream_blocks > 0
+    # FLUX.1's CLIP-L and T5-XXL: they encode the caption cache once and are dropped before the transformer loads
+    cache_encoders: list[nn.Module] = field(default_factory=list)
 
     def unet_kwargs(self, batch: int, device: str | torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """SDXL's pooled embedding and size ids, as the fine-tune passes them (``added_cond_kwargs``)."""
@@ -162,8 +169,8 @@ def fp16_compute_safe(workload: Workload) -> bool:
 
 def vae_tiles(workload: Workload) -> bool:
     """Whether ``memory.vae_tiling`` changes this job: a fine-tune of an SD family whose images (training
-    resolution, largest preview) are larger than a tile. FLUX.1's profile has no VAE stage yet, and
-    from-scratch jobs keep their VAE whole."""
+    resolution, largest preview) are larger than a tile. FLUX.1's caching pass and previews tile its VAE too, but
+    the planner does not offer the knob for it yet; from-scratch jobs keep their VAE whole."""
     from ..models.sd_configs import SD_FAMILIES
     from ..models.vae_tiles import TILE_LATENTS
 
@@ -177,8 +184,8 @@ def vae_tiles(workload: Workload) -> bool:
 
 def text_placement_applies(workload: Workload, knobs: Knobs) -> bool:
     """Whether ``memory.text_encoders`` off the card changes this job: a fine-tune of an SD family whose frozen
-    text encoders encode the caption cache once (FLUX.1's profile has no cache stage yet; from-scratch jobs
-    train their text encoder)."""
+    text encoders encode the caption cache once (FLUX.1's text encoders go to the CPU by themselves when they do
+    not fit, ``flux_stages.text_place``; from-scratch jobs train their text encoder)."""
     from ..train.text_cache import previews_from_cache
 
     return (_is_family(workload.model) and not workload.from_scratch and
