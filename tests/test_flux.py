@@ -378,12 +378,15 @@ def test_w5_profiles_on_meta_with_the_flux_step():
     assert len({n.rsplit(".lora_", 1)[0] for n, p in built.unet.named_parameters() if p.requires_grad}) == 12 + 5
     assert built.latent_shape == (16, 64, 64) and built.text_tokens == 512
     assert built.unet.config.joint_attention_dim == 4096
-    prof = profile_step(_small(), knobs)
+    whole = profile_step(_small(), knobs)  # the W5 row: the step and the run's preview (T5 encodes on the CPU)
+    assert whole.stages["preview"] > 0 and "cache" not in whole.stages
+    prof = profile_step(_small().with_(preview=None), knobs)  # the step alone: what each category holds there
     assert prof.by_category["trainable_weights"] == 4 * lora
     assert prof.by_category["frozen_weights"] == frozen
-    math = profile_step(_small(), knobs.with_(attention="math", gradient_checkpointing=False))
+    math = profile_step(_small().with_(preview=None), knobs.with_(attention="math", gradient_checkpointing=False))
     assert math.peak_bytes > prof.peak_bytes + (1024 + 512) ** 2 * 24 * 2  # the (tokens²·heads) matrix appears
-    uncached = profile_step(_small(), knobs.with_(cache_text=False, cache_latents=False, offload_frozen=False))
+    uncached = profile_step(_small().with_(preview=None), knobs.with_(cache_text=False, cache_latents=False,
+                                                                     offload_frozen=False))
     # CLIP-L (123 M) and T5-XXL's encoder (4.76 G) in bf16 join the frozen weights
     assert uncached.by_category["frozen_weights"] - frozen > 2 * 4.8e9
 
@@ -398,7 +401,7 @@ def test_flux_profile_predicts_the_real_cpu_peak(knobs):
 
     narrow = _small().with_(resolution=128, lora_rank=4, unet_overrides=dict(
         num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=4, axes_dims_rope=(8, 12, 12),
-        joint_attention_dim=256))
+        joint_attention_dim=256), preview=None)  # compare() measures the step; previews are the run fidelity's
     predicted, measured, _ = compare(narrow, Knobs(batch_size=2, **knobs))
     assert abs(predicted.peak_bytes - measured) <= 0.01 * measured, (predicted.peak_bytes, measured)
 

@@ -66,7 +66,7 @@ def test_planner_tiles_late_before_streaming_and_only_where_it_helps():
     tiles = names.index("VAE in tiles (caching, previews)")
     assert tiles > names.index("fused backward (optimizer steps inside backward)")
     assert all(tiles < i for i, n in enumerate(names) if n.startswith("stream "))
-    for wid in ("W4", "W5"):  # from scratch keeps its VAE whole; FLUX.1's profile has no VAE stage yet
+    for wid in ("W4", "W5"):  # from scratch keeps its VAE whole; the planner does not tile FLUX.1's VAE yet
         assert not any(k.vae_tiling for _, k in candidates(WORKLOADS[wid], card))
 
 

@@ -99,13 +99,14 @@ WORKLOADS: dict[str, Workload] = {
     "W4": Workload("W4", "from scratch: celeba64 latent text-to-image (UNet 64/128/256, text 77x512), batch 16",
                    "celeba64", "scratch", 64, 16, ema=True),
     # FLUX.1 (families/flux.py) keeps an EMA of its LoRA like the others (train.ema_decay 0.999). The rows show
-    # the steady-state step with that EMA: a run's plan (`lowvram plan`) replays its caching pass and previews too
-    # (memory/flux_stages.py), where T5-XXL (9.5 GiB in 16 bits) encodes on the CPU on every preset's card
+    # the steady-state step with that EMA and the 512²/1024² preview (memory/flux_stages.py); a run's plan
+    # (`lowvram plan`) replays its caching pass too, where T5-XXL (9.5 GiB in 16 bits) encodes on the CPU on
+    # every preset's card
     "W5": Workload("W5", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 512², batch 1",
-                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None,
+                   "flux-dev", "lora", 512, 1, lora_targets=FLUX_LORA_TARGETS, ema=True,
                    caching_pass=False),
     "W6": Workload("W6", "FLUX.1-dev transformer, LoRA rank 16 on attention + MLP of every block, 1024², batch 1",
-                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS, ema=True, preview=None,
+                   "flux-dev", "lora", 1024, 1, lora_targets=FLUX_LORA_TARGETS, ema=True,
                    caching_pass=False),
 }
 # The jobs the presets' memory tables show: every standard job (all of them train through `lowvram train`)
