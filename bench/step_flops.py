@@ -18,7 +18,9 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowvram.memory.profiler import _encode, _inputs
+from lowvram.memory.stages import _step_inputs
+from lowvram.memory.timeline import Timeline
+from lowvram.memory.tracker import StorageTracker
 from lowvram.memory.workloads import Knobs, build, get_workload
 from lowvram.train.step import compute_loss
 
@@ -38,12 +40,13 @@ def step_flops(workload: str, checkpointing: bool) -> tuple[float, int]:
     wl = get_workload(workload)
     knobs = Knobs(attention="sdpa", batch_size=wl.batch_size, gradient_checkpointing=checkpointing)
     built = build(wl, knobs, "meta")
-    inp = _inputs(built, wl, knobs, "meta")
+    # the profiler's own step inputs (cached latents and text, as the job's batch and loss make them)
+    tl = Timeline(StorageTracker(device_type="meta"), "meta", torch.float32, "cuda")
+    x0, cond_of = _step_inputs(built, wl, knobs, tl, wl.batch_size)
     acp = torch.linspace(0.9999, 0.005, 1000, device="meta")
     with FlopCounterMode(display=False) as counter:
-        x0, cond = _encode(built, inp, knobs)
-        loss = compute_loss(built.unet, x0, cond, alphas_cumprod=acp, prediction=built.prediction,
-                            unet_kwargs=built.unet_kwargs or None)
+        cond, kwargs = cond_of()
+        loss = compute_loss(built.unet, x0, cond, alphas_cumprod=acp, prediction=built.prediction, unet_kwargs=kwargs)
         loss.backward()
     weights = sum(p.numel() for p in built.unet.parameters()) * 2
     return float(counter.get_total_flops()), weights
