@@ -104,13 +104,40 @@ def format_preset_table(rows: list[dict], ram_gib: float) -> str:
     return "\n".join(out)
 
 
+def stored_table(presets: list[str], workloads: list[str]) -> str:
+    """The presets' stored W1–W6 tables (what ``lowvram profile --update-presets`` wrote; nothing is profiled) as
+    one Markdown table: the preset's knobs, the verdict, the planned (or closest) plan and its streaming."""
+    from lowvram.preset_tables import row_verdict
+
+    out = ["| preset (budget GiB) | workload | preset's knobs: card / host GiB | verdict | planned or closest: card / "
+           "host GiB | streamed |", "|---|---|---|---|---|---|"]
+    for name in presets:
+        profile = load_preset(name).memory_profile or {}
+        for wid, r in (profile.get("workloads") or {}).items():
+            if wid not in workloads:
+                continue
+            planned = f"{r['planned_peak_gib']} / {r.get('planned_host_gib', 0.0)}" if "planned_peak_gib" in r else ""
+            streamed = f"{r['stream_blocks']:.0%}" if r.get("stream_blocks") else ""
+            out.append(f"| {name} ({profile.get('budget_gib')}) | {wid} | {r['peak_gib']} / {r.get('host_gib', 0.0)} | "
+                       f"{row_verdict(r)} | {planned} | {streamed} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--presets", nargs="*", default=None, help="plan each workload on these presets' cards (none named: all)")
     ap.add_argument("--ram", type=float, default=32.0, help="host RAM in GiB the plans are checked against")
+    ap.add_argument("--stored", action="store_true",
+                    help="with --presets: print the presets' stored tables (lowvram profile --update-presets), "
+                         "profiling nothing")
     args = ap.parse_args(argv)
+    if args.presets is not None and args.stored:
+        from lowvram.presets import list_presets
+
+        print(stored_table(args.presets or list_presets(), [w.upper() for w in args.workloads]))
+        return 0
     if args.presets is not None:
         from lowvram.presets import list_presets
 

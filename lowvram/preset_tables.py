@@ -39,6 +39,13 @@ def profile_verdict(profile: dict[str, Any] | None) -> str:
     return "profiled"
 
 
+def row_verdict(row: dict[str, Any]) -> str:
+    """A stored workload row's verdict in words: the preset's knobs fit, the planner's plan fits, or neither."""
+    if row.get("fits"):
+        return "fits"
+    return "fits with the planner" if row.get("fits_with_planner") else "does not fit (the planner's closest shown)"
+
+
 def presets_table(presets: list[Preset] | None = None) -> str:
     """The ``lowvram presets`` listing: one row per preset with its card and main knobs."""
     presets = presets if presets is not None else [load_preset(n) for n in list_presets()]
@@ -99,9 +106,7 @@ def presets_markdown(presets: list[Preset] | None = None) -> str:
                 "| workload | peak GiB | host GiB | verdict | planned GiB | planned host GiB | streamed |",
                 "|---|---|---|---|---|---|---|"]
         for wid, row in table.items():
-            verdict = "fits" if row.get("fits") else ("fits with the planner" if row.get("fits_with_planner")
-                                                      else "does not fit (the planner's closest shown)")
-            cells = [row.get(k, "") for k in ("peak_gib", "host_gib")] + [verdict] + \
+            cells = [row.get(k, "") for k in ("peak_gib", "host_gib")] + [row_verdict(row)] + \
                 [row.get(k, "") for k in ("planned_peak_gib", "planned_host_gib")]
             streamed = f"{row['stream_blocks']:.0%}" if row.get("stream_blocks") else ""
             out.append(f"| {wid} {names.get(wid, '')} | " + " | ".join(map(str, cells)) + f" | {streamed} |")
