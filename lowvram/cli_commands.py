@@ -69,6 +69,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from .api import Setting
+    from .train.events import print_notes
     from .train.finetune import train_finetune
     from .train.setup import resolve_device
 
@@ -86,7 +87,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     check_config_paths(cfg, lambda key: "flags")
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_finetune(cfg, out, resolve_device(cfg.run.device), lambda event: None, cache_only=True)
+    train_finetune(cfg, out, resolve_device(cfg.run.device), print_notes, cache_only=True)  # the caches' counts
     print(f"cache ready; data report in {out / 'data_report.json'}")
     return 0
 

@@ -17,7 +17,7 @@ def default_resolution(task: str, size: str, pretrained: str | None = None) -> i
     of SD 512, of a model lowvram trained from scratch (``pretrained`` names its folder) that model's side."""
     if task in FINETUNE_TASKS:
         if pretrained:
-            from .train.scratch_lora import model_resolution, scratch_model_folder
+            from .families.scratch import model_resolution, scratch_model_folder
 
             folder = scratch_model_folder(pretrained)
             if folder is not None:

@@ -15,9 +15,8 @@ import torch
 
 from .models.key_names import canonicalize_text_encoder_folder
 from .models.tokenizer import encode as _encode
+from .run_folder import MODEL_JSON
 from .sample import make_grid, make_sampler, sample
-
-MODEL_JSON = "lowvram_model.json"
 
 
 @dataclass

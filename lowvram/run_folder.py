@@ -19,6 +19,7 @@ PLAN_NAME = "plan.yaml"  # the plan's record (memory, speed, the knobs it chose)
 SOURCES_NAME = "config_sources.yaml"  # where each config value came from
 CHECKPOINTS_DIR = "checkpoints"  # step-NNNNNNNN/ folders (train/checkpoint.py)
 FINAL_DIR = "final"  # the finished model (from-scratch and full fine-tunes)
+MODEL_JSON = "lowvram_model.json"  # what marks a from-scratch model folder (``pipeline.TextToImage`` writes it)
 LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"  # a LoRA run's adapter, diffusers/peft keys
 STEP_LORA_DIR = Path("lora") / "steps"  # a kohya copy of the LoRA per checkpoint, to pick an earlier one
 

@@ -6,7 +6,7 @@ and its tests; the fine-tune job (``train/finetune.py``), the planner and the sh
 
 from __future__ import annotations
 
-from . import flux, sd, sdxl  # noqa: F401  (each registers its family on import)
+from . import flux, scratch, sd, sdxl  # noqa: F401  (each registers its family on import)
 from .base import ModelFamily, detect, families, family_named, family_of, register, registered
 
 __all__ = ["ModelFamily", "detect", "families", "family_named", "family_of", "register", "registered"]

@@ -17,10 +17,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import ModelLoadError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from torch import nn
 
     from ..config import ModelSection, RunConfig
+    from ..run_folder import RunResult
+    from ..train.events import Event
+    from ..train.phases import PhaseClock
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}
 
@@ -60,6 +65,15 @@ class ModelFamily:
     def plan_precision(cls, planned: RunConfig, card: Any) -> list[str]:
         """Change the plan's copy of the config where this family cannot compute as asked; returns notes."""
         return []
+
+    @classmethod
+    def train(cls, cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
+              stop: Callable[[], bool], resume: bool, world: Any, clock: PhaseClock) -> RunResult:
+        """Train a fine-tune of this family (``train/run.py`` asks the registry, then calls this): the fine-tune
+        job written against this interface (``train/finetune.py``), unless a family trains with its own job."""
+        from ..train.finetune import train_finetune
+
+        return train_finetune(cfg, run_dir, device, emit, stop=stop, resume=resume, world=world, clock=clock)
 
     @classmethod
     def export_run(cls, run_dir: Path, formats: tuple[str, ...], merge: bool, out_dir: Path,

@@ -144,8 +144,9 @@ class FluxFamily(ModelFamily):
         comps.vae.to(self.device)
         if self.cfg.memory.vae_tiling:  # the latent cache's encode and the previews' decode
             from ..models.vae_tiles import tile_vae
+            from ..train.events import note
 
-            print(f"note: {tile_vae(comps.vae)}")
+            job.emit(note(f"note: {tile_vae(comps.vae)}"))
         self.preview_text: Any = None
         return [comps.vae]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..run_folder import FINAL_DIR, LORA_FILE
+from ..run_folder import FINAL_DIR, LORA_FILE, MODEL_JSON
 from .base import ModelFamily, register
 from .sd_preview import draw_base, preview
 
@@ -28,6 +28,8 @@ def _variant(path: str, stamp: tuple[int, int], allow_pickle: bool) -> str | Non
 
     p = Path(path)
     if p.is_dir():
+        if (p / MODEL_JSON).is_file():  # its UNet folder looks like SD's, but it is the scratch family's model
+            return None
         unet_cfg = p / "unet" / "config.json"
         if not unet_cfg.is_file() or P._read_json(unet_cfg).get("_class_name") not in (None, "UNet2DConditionModel"):
             return None

@@ -138,10 +138,11 @@ def _unet_targets(kind: str) -> tuple[str, ...]:
     return unet_targets(kind)
 
 
-def _scratch_lora_workload(cfg: RunConfig, folder: Path, desc: dict[str, Any], res: int, batch: int,
-                           common: dict[str, Any]) -> Workload:
-    """LoRA on a model lowvram trained from scratch (train/scratch_lora.py): the size's UNet and the base's
-    text encoder (frozen; its vocabulary), the VAE of a latent model on the card encoding every batch."""
+def scratch_lora_workload(cfg: RunConfig, folder: Path, desc: dict[str, Any], res: int, batch: int,
+                          common: dict[str, Any]) -> Workload:
+    """LoRA on a model lowvram trained from scratch (the scratch family's ``workload``; train/scratch_lora.py):
+    the size's UNet and the base's text encoder (frozen; its vocabulary), the VAE of a latent model on the card
+    encoding every batch."""
     size = str(desc.get("size", cfg.model.size))
     te = _text_config(_folder_config(folder, "text_encoder"))
     latent = bool(desc.get("has_vae"))
@@ -164,10 +165,7 @@ def workload_for(cfg: RunConfig) -> Workload:
                   grad_clip=cfg.train.grad_clip, snr_gamma=cfg.train.snr_gamma)
     if task in FINETUNE_TASKS:
         from ..families import family_of
-        from ..train.scratch_lora import model_descriptor, scratch_model_folder
 
-        if (folder := scratch_model_folder(cfg.model.pretrained)) is not None:  # a model trained from scratch
-            return _scratch_lora_workload(cfg, folder, model_descriptor(folder), res, batch, common)
         extra = " + class images (prior preservation)" if cfg.data.class_data else ""
         return family_of(cfg.model).workload(cfg, res, batch, extra, common)  # the family knows its model
     builtin = cfg.data.source == "builtin"
@@ -208,11 +206,10 @@ def sd_workload(cfg: RunConfig, res: int, batch: int, extra: str, common: dict[s
 
 
 def family_of_run(cfg: RunConfig) -> Any:
-    """The model family a fine-tune config trains (the registry's answer), or None: a from-scratch task, or a
-    LoRA of a model lowvram trained from scratch."""
+    """The model family a fine-tune config trains (the registry's answer: SD, SDXL, FLUX.1, or the scratch
+    family of a model lowvram trained from scratch), or None: a from-scratch task."""
     if cfg.run.task not in FINETUNE_TASKS or not cfg.model.pretrained:
         return None
     from ..families import family_of
-    from ..train.scratch_lora import scratch_model_folder
 
-    return None if scratch_model_folder(cfg.model.pretrained) is not None else family_of(cfg.model)
+    return family_of(cfg.model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,12 +16,25 @@ from typing import Any, Protocol
 
 @dataclass
 class Event:
-    """Something that happened in a run: ``kind`` is start, step, val, sample, checkpoint, warning, end;
-    ``phase`` when the run enters or finishes a phase (train/phases.py), ``phases`` for the time account."""
+    """Something that happened in a run: ``kind`` is start, step, val, sample, checkpoint, warning, note, end;
+    ``phase`` when the run enters or finishes a phase (train/phases.py), ``phases`` for the time account.
+    A ``note`` is a line for the user about what the run decided or did (loading, caches, resume), in
+    ``data["message"]``: the CLI prints it, the panel's training process records it with the other events."""
 
     kind: str
     step: int
     data: dict[str, Any] = field(default_factory=dict)
+
+
+def note(message: str, step: int = 0) -> Event:
+    """A note event: one line for the user (printed by the CLI as it is)."""
+    return Event("note", step, {"message": message})
+
+
+def print_notes(event: Event) -> None:
+    """A listener that prints note events to stdout (without a progress bar, which writes them itself)."""
+    if event.kind == "note":
+        print(event.data.get("message", ""), flush=True)
 
 
 class Listener(Protocol):
@@ -102,6 +116,8 @@ class ProgressBar:
             self.bar.refresh()
         elif event.kind in ("warning", "nonfinite"):
             self.bar.write(f"warning: {event.data.get('message', event.data)}")
+        elif event.kind == "note":
+            self.bar.write(str(event.data.get("message", "")), file=sys.stdout)  # where print() put it
         elif event.kind == "checkpoint":
             self.bar.write(f"checkpoint: {event.data.get('path')}")
         elif event.kind == "val":

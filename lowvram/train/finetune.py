@@ -2,7 +2,8 @@
 
 What differs between families (loading, text, conditioning, the loss, previews, LoRA files) is a call on the
 run's family object (``lowvram/families/``), found by asking the registry which family ``model.pretrained`` is.
-The loss is the family's; the Trainer (``loop.py``) runs the job, resumes it and writes its checkpoints.
+The loss is the family's; ``assemble.fit`` runs the job with the Trainer (``loop.py``), which resumes it, writes its
+checkpoints and calls the job's hooks (LoRA files at each checkpoint, prior losses in each logged step).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from torch import nn
 from ..config import RunConfig
 from ..families import ModelFamily, family_of
 from ..run_folder import RunResult
-from .events import Event
+from .assemble import fit
+from .events import Event, note, print_notes
 from .finetune_data import FinetuneData, build_caches, default_prompts, open_finetune_data
 from .finetune_files import keep_step_copy, lora_metadata
-from .loop import Trainer
+from .jobs import JobHooks
 from .phases import PhaseClock
 from .step import phase_range
 
@@ -35,12 +37,15 @@ def prior_preservation_loss(per_sample: torch.Tensor, n_instance: int,
     return instance + weight * prior, instance.detach(), prior.detach()
 
 
-class FinetuneJob:
-    """A LoRA (denoiser, optionally text encoders) or full fine-tune of a pretrained checkpoint of any family."""
+class FinetuneJob(JobHooks):
+    """A LoRA (denoiser, optionally text encoders) or full fine-tune of a pretrained checkpoint of any family.
+
+    ``emit`` takes the notes the job and its family give while loading and caching (the run's listeners)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, family: ModelFamily, comps: Any, device: torch.device,
-                 data: FinetuneData, sample_prompts: list[str]) -> None:
+                 data: FinetuneData, sample_prompts: list[str], emit: Callable[[Event], None] = print_notes) -> None:
         self.cfg, self.run_dir, self.family, self.c, self.device, self.data = cfg, run_dir, family, comps, device, data
+        self.emit = emit
         self.unet = family.denoiser(comps)  # None until the family loads it late (FLUX.1: after caching)
         self.lora = cfg.run.task == "lora"
         self.train_text = self.lora and cfg.lora.text_encoder
@@ -137,8 +142,9 @@ class FinetuneJob:
         self.prior_losses.append((instance, prior_loss))  # read on the host only when a step is logged
         return total
 
-    def prior_metrics(self) -> dict[str, float]:
-        """Instance and prior (class) loss, averaged like ``loss`` over the last step's micro-batches."""
+    def step_metrics(self) -> dict[str, float]:
+        """Prior preservation: instance and prior (class) loss, averaged like ``loss`` over the last step's
+        micro-batches, beside the total in each logged step."""
         if not self.prior_losses:
             return {}
         n = len(self.prior_losses)
@@ -167,10 +173,15 @@ class FinetuneJob:
         """The LoRA files (``lora/pytorch_lora_weights.safetensors`` and the kohya file) in the family's formats."""
         return self.family.save_lora(self, step, kohya_path)
 
-    def save_checkpoint_lora(self, step: int) -> None:
-        """Every checkpoint: the current LoRA files, plus a kohya copy named by step (to pick an earlier one)."""
+    def on_checkpoint(self, step: int, trainer: Any) -> None:
+        """Every checkpoint: the current LoRA files (the EMA weights, as the final save), plus a kohya copy named
+        by step (to pick an earlier one)."""
         if self.lora:
-            keep_step_copy(self.run_dir, self.lora_name, self.save_lora(step)["kohya"], step)
+            with trainer.ema_weights():
+                keep_step_copy(self.run_dir, self.lora_name, self.save_lora(step)["kohya"], step)
+
+    def after_fit(self, status: str) -> None:
+        self.data.dataset.write_report(self.run_dir)  # what was trained on: buckets, skipped files, captions
 
     def save_final(self, step: int) -> Path:
         if self.lora:
@@ -203,7 +214,7 @@ def draw_class_images(cfg: RunConfig, run_dir: Path, job: FinetuneJob, to_draw: 
 
 def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
                    stop: Callable[[], bool] = lambda: False, resume: bool = False, cache_only: bool = False,
-                   world: Any = None, clock: PhaseClock | None = None) -> Any:
+                   world: Any = None, clock: PhaseClock | None = None) -> RunResult:
     """Fine-tune ``model.pretrained`` (of whichever registered family it is) on the folder ``data.source``;
     returns a ``RunResult``.
 
@@ -223,10 +234,11 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
         data = open_finetune_data(cfg, run_dir, cache_only, scan_class=not to_draw)
     with clock.phase("load"):
         comps = family.load()
-        for note in comps.notes:
-            print(f"note: {note}")
+        for text in comps.notes:
+            emit(note(f"note: {text}"))
         notes = family.prepare(comps)
-        job = FinetuneJob(cfg, run_dir, family, comps, device, data, cfg.sample.prompts or default_prompts(data.dataset))
+        job = FinetuneJob(cfg, run_dir, family, comps, device, data, cfg.sample.prompts or default_prompts(data.dataset),
+                          emit)
     if to_draw:
         # drawing needs the whole base model on the card (memory/drawing.py class_image_stage profiles it so);
         # it stays there through caching
@@ -243,34 +255,14 @@ def train_finetune(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Ca
     if not to_draw:
         with clock.phase("load"):
             notes += family.denoiser_to_card(job)
-    print(family.summary(job, notes))
+    emit(note(family.summary(job, notes)))
     return fit_job(cfg, run_dir, job, data.epoch_batches, device, emit, stop=stop, resume=resume, world=world,
                    clock=clock)
 
 
 def fit_job(cfg: RunConfig, run_dir: Path, job: FinetuneJob, epoch_batches: Callable[[int], list[list[int]]],
             device: torch.device, emit: Callable[[Event], None], *, stop: Callable[[], bool], resume: bool,
-            world: Any, clock: PhaseClock) -> Any:
-    """Train a fine-tune job with the Trainer: LoRA files at every checkpoint, prior losses in the metrics,
-    the latest checkpoint resumed first; returns a ``RunResult``."""
-
-    holder: dict[str, Trainer] = {}
-
-    def emit_and_save(event: Event) -> None:
-        if event.kind == "checkpoint" and "trainer" in holder:
-            with holder["trainer"].ema_weights():
-                job.save_checkpoint_lora(event.step)
-        if event.kind == "step":  # prior preservation: instance and class losses beside the total
-            event.data.update(job.prior_metrics())
-        emit(event)
-
-    with clock.phase("load"):
-        trainer = Trainer(cfg, run_dir, job, job.batch, epoch_batches, device, emit_and_save, stop=stop,
-                          world=world, clock=clock)
-    holder["trainer"] = trainer
-    if resume:
-        trainer.resume_latest()
-    status = trainer.fit()
-    if world.is_main:
-        job.data.dataset.write_report(run_dir)
-    return RunResult(run_dir, status, trainer.step)
+            world: Any, clock: PhaseClock) -> RunResult:
+    """Train a fine-tune job (``assemble.fit``: the Trainer calls its hooks); returns a ``RunResult``."""
+    return fit(cfg, run_dir, job, job.batch, epoch_batches, device, emit, stop=stop, resume=resume, world=world,
+               clock=clock)

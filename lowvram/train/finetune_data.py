@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from .events import note
 
 
 @dataclass
@@ -65,18 +66,18 @@ def build_caches(cfg: RunConfig, job: Any) -> None:
         cache = LatentCache(root, job.c.vae, dtype=job.c.vae.dtype)
         job.data.latents = cache.build(ds, batch_size=max(1, cfg.train.batch_size))
         st = cache.stats
-        print(f"latent cache {cache.store.root}: {st.needed} latents, {st.hits} reused, {st.encoded} encoded")
+        job.emit(note(f"latent cache {cache.store.root}: {st.needed} latents, {st.hits} reused, {st.encoded} encoded"))
         if job.data.prior is not None:  # class images: the same content-keyed cache
             job.data.prior_latents = cache.build(job.data.prior.dataset, batch_size=max(1, cfg.train.batch_size))
             st = cache.stats
-            print(f"latent cache (class images): {st.needed} latents, {st.hits} reused, {st.encoded} encoded")
+            job.emit(note(f"latent cache (class images): {st.needed} latents, {st.hits} reused, {st.encoded} encoded"))
     if cfg.memory.cache_text and not job.train_text:
         text = TextEmbeddingCache(root, job.encode_text, job.text_identity())
         captions = dataset_captions(ds) | job.family.preview_captions(job)  # previews draw from the cache too
         if job.data.prior is not None:
             captions |= dataset_captions(job.data.prior.dataset)
         job.data.text = text.build(captions)
-        print(f"text cache {text.store.root}: {text.stats.needed} captions, {text.stats.hits} reused")
+        job.emit(note(f"text cache {text.store.root}: {text.stats.needed} captions, {text.stats.hits} reused"))
     cached_text = job.data.text is not None
     cached_latents = job.data.latents is not None and (job.data.prior is None or job.data.prior_latents is not None)
     if cached_text and previews_from_cache(cfg.memory.cache_text, job.train_text, cfg.data.shuffle_tags):

@@ -1,7 +1,9 @@
-"""What differs between kinds of training — the loss of a batch, previews, validation, the final save.
+"""What differs between kinds of training — the loss of a batch, previews, validation, the final save, the hooks.
 
 The Trainer owns the loop and the resumable state; a Job owns the models and knows its task. A
-from-scratch run is a :class:`ScratchJob`; a LoRA or full fine-tune brings its own job.
+from-scratch run is a :class:`ScratchJob`; a LoRA or full fine-tune brings its own job. The Trainer calls a
+job's hooks (:class:`JobHooks`: at each checkpoint, each logged step, after the loop) directly; the defaults
+do nothing, so a job overrides only what it needs.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -21,6 +23,9 @@ from ..pipeline import TextToImage
 from ..run_folder import FINAL_DIR
 from .setup import Components
 from .step import compute_loss
+
+if TYPE_CHECKING:
+    from .loop import Trainer
 
 
 class Job(Protocol):
@@ -38,6 +43,28 @@ class Job(Protocol):
 
     def save_final(self, step: int) -> Path: ...
 
+    def on_checkpoint(self, step: int, trainer: Trainer) -> None: ...
+
+    def step_metrics(self) -> dict[str, float]: ...
+
+    def after_fit(self, status: str) -> None: ...
+
+
+class JobHooks:
+    """The points where the Trainer calls a job besides its loss, previews and saves; every default does nothing."""
+
+    def on_checkpoint(self, step: int, trainer: Trainer) -> None:
+        """Checkpoint ``step`` is written (main process, inside its write: a second Ctrl-C lets both finish),
+        before the checkpoint event goes out: files the job keeps per checkpoint. The live weights are in
+        place; ``with trainer.ema_weights():`` puts the EMA weights there (what previews and saves use)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Numbers the logged step event carries beside the loss (read on the host only when a step is logged)."""
+        return {}
+
+    def after_fit(self, status: str) -> None:
+        """The loop returned ``status`` ('done' or 'stopped'); main process only (``train/assemble.py`` calls it)."""
+
 
 def drop_captions(captions: list[str], p: float, gen: torch.Generator) -> list[str]:
     """Replace a share ``p`` of captions by the empty prompt: what guidance contrasts against."""
@@ -45,7 +72,7 @@ def drop_captions(captions: list[str], p: float, gen: torch.Generator) -> list[s
     return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
 
-class ScratchJob:
+class ScratchJob(JobHooks):
     """Text-to-image from scratch (pixels or latents), the text encoder trained jointly or frozen."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, comps: Components, device: torch.device,

@@ -310,6 +310,7 @@ class Trainer(TrainerState):
             "peak_mem_mib": peak,
             "mem_kind": kind,
             "effective_batch": self.effective_batch,
+            **self.job.step_metrics(),  # the job's own numbers (prior preservation: instance and class losses)
         }))
 
     def finish(self) -> str:

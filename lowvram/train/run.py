@@ -18,6 +18,7 @@ from ..distributed import World, check_zero, computed_once, main_first, training
 from ..errors import ConfigError
 from ..fsutil import sweep_leftovers, write_text_atomic
 from ..run_folder import CHECKPOINTS_DIR, CONFIG_NAME, RunResult, load_run_config
+from .assemble import fit
 from .autoencoder import encode_all, latent_scale, load_autoencoder, save_autoencoder, train_autoencoder
 from .checkpoint import (
     check_checkpoint,
@@ -26,9 +27,9 @@ from .checkpoint import (
     latest_checkpoint,
     list_checkpoints,
 )
-from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger
+from .events import Event, JsonlLogger, Listener, ProgressBar, TensorBoardLogger, note, print_notes
 from .jobs import ScratchJob
-from .loop import Trainer, shuffled_batches
+from .loop import shuffled_batches
 from .phases import PhaseClock
 from .setup import build_components, load_vae, resolve_defaults, resolve_device
 from .step import phase_range
@@ -117,8 +118,8 @@ def make_emitter(run_dir: Path, cfg: RunConfig, listeners: Iterable[Listener], p
     outs: list[Listener] = [JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.run.tensorboard:
         outs.append(TensorBoardLogger(run_dir / "tensorboard"))
-    if progress:
-        outs.append(ProgressBar(cfg.run.steps, initial=initial))
+    # notes (what loading, caching and resuming decided) reach stdout: above the bar, or printed plainly
+    outs.append(ProgressBar(cfg.run.steps, initial=initial) if progress else print_notes)
     outs.extend(listeners)
 
     def emit(event: Event) -> None:
@@ -153,24 +154,22 @@ def train(
     w = world(cpu=device.type == "cpu")
     device = training_device(w, device)
     run_dir = prepare_run_dir(cfg, resume, write=w.is_main, record=record)
+    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
+    clock.attach(emit)
     if w.is_main:
         # what earlier processes left half-written (killed saves) only fills the disk
         sweep_leftovers(run_dir, run_dir / CHECKPOINTS_DIR)
-        if from_checkpoint:
-            set_aside_newer(run_dir / CHECKPOINTS_DIR, from_checkpoint)
+        if from_checkpoint and (moved := set_aside_newer(run_dir / CHECKPOINTS_DIR, from_checkpoint)):
+            emit(note(f"note: set aside {len(moved)} newer checkpoint(s) as {', '.join(m.name for m in moved)} "
+                      "(delete them to free the space)"))
     wait(w)
-    emit, _ = make_emitter(run_dir, cfg, listeners, progress, initial=0, w=w)
-    clock.attach(emit)
     if cfg.run.task in FINETUNE_TASKS:
-        from .finetune import train_finetune
-        from .scratch_lora import scratch_model_folder, train_scratch_lora
+        from ..families import family_of
 
-        if scratch_model_folder(cfg.model.pretrained) is not None:  # a model lowvram trained from scratch
-            result = train_scratch_lora(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume,
-                                        world=w, clock=clock)
-        else:
-            result = train_finetune(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume, world=w,
-                                    clock=clock)
+        # the registry says which family the checkpoint is; the family says how it trains (the fine-tune job,
+        # or its own: a model lowvram trained from scratch)
+        result = family_of(cfg.model).train(cfg, run_dir, device, emit, stop=stop or (lambda: False), resume=resume,
+                                            world=w, clock=clock)
     else:
         result = train_from_scratch(cfg, run_dir, device, emit, w, clock, stop=stop, resume=resume)
     summary = clock.summary(result.step)
@@ -208,13 +207,8 @@ def train_from_scratch(cfg: RunConfig, run_dir: Path, device: torch.device, emit
     prompts = cfg.sample.prompts or train_data.sample_prompts[:4]
     job = ScratchJob(cfg, run_dir, comps, device, val_batch, prompts)
     batches = train_data.epoch_batches or shuffled_batches(len(train_data), cfg.train.batch_size, cfg.run.seed)
-    with clock.phase("load"):
-        trainer = Trainer(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False), world=w,
-                          clock=clock)
-    if resume:
-        trainer.resume_latest()
-    status = trainer.fit()
-    return RunResult(run_dir, status, trainer.step)
+    return fit(cfg, run_dir, job, data, batches, device, emit, stop=stop or (lambda: False), resume=resume, world=w,
+               clock=clock)
 
 
 def _latent_inputs(cfg: RunConfig, run_dir: Path, train_data: ImageData, val_data: ImageData | None,
@@ -310,9 +304,6 @@ def set_aside_newer(ckpt_dir: Path, name: str) -> list[Path]:
                 shutil.rmtree(target)
             p.rename(target)
             moved.append(target)
-    if moved:
-        print(f"note: set aside {len(moved)} newer checkpoint(s) as {', '.join(m.name for m in moved)} "
-              "(delete them to free the space)")
     return moved
 
 

@@ -9,7 +9,8 @@ adapter on the UNet (and the text encoder with ``lora.text_encoder``). The objec
 
 The run writes ``lora/pytorch_lora_weights.safetensors`` (peft keys, as a diffusers LoRA file) and, so that
 ``lowvram sample``/``eval`` and ``load_run_model`` work on the run folder, ``final/``: the base with the
-adapter merged in.
+adapter merged in. Such a folder is the scratch family's (``families/scratch.py``: detection, the planner's
+workload, the refusals); the run reaches this module by asking the family registry.
 """
 
 from __future__ import annotations
@@ -25,39 +26,16 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..families.scratch import ScratchFamily, model_resolution, scratch_model_folder
 from ..fsutil import atomic_dir, save_safetensors_atomic
-from ..pipeline import MODEL_JSON, TextToImage
+from ..pipeline import TextToImage
 from ..run_folder import CONFIG_NAME, FINAL_DIR, LORA_FILE, RunResult
-from .events import Event
+from .assemble import fit
+from .events import Event, note
 from .jobs import ScratchJob
-from .loop import Trainer, shuffled_batches
+from .loop import shuffled_batches
 from .phases import PhaseClock
 from .setup import Components
-
-
-def scratch_model_folder(path: str | Path | None) -> Path | None:
-    """The from-scratch model folder ``path`` names (the folder itself, or a run folder's ``final/``), else None."""
-    if not path:
-        return None
-    p = Path(path).expanduser()
-    for folder in (p, p / FINAL_DIR):
-        if (folder / MODEL_JSON).is_file():
-            return folder
-    return None
-
-
-def model_descriptor(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MODEL_JSON).read_text())
-
-
-def model_resolution(folder: Path) -> int:
-    """The image side the model was trained at (its UNet's side, times the VAE's downsampling)."""
-    desc = model_descriptor(folder)
-    side = int(desc["sample_shape"][-1])
-    if desc.get("has_vae"):
-        vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-        side *= 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    return side
 
 
 def attach_adapters(cfg: RunConfig, unet: nn.Module, text_encoder: nn.Module) -> None:
@@ -147,7 +125,7 @@ def follow_base(cfg: RunConfig, folder: Path, comps: Components) -> list[str]:
 
 def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
                        stop: Callable[[], bool] = lambda: False, resume: bool = False, world: Any = None,
-                       clock: PhaseClock | None = None) -> Any:
+                       clock: PhaseClock | None = None) -> RunResult:
     """LoRA-train ``model.pretrained`` (a from-scratch model folder) on ``data.source``; returns a ``RunResult``
     (``clock`` times its phases: load, data check, then the loop's)."""
     from ..distributed import SINGLE
@@ -155,14 +133,9 @@ def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit
 
     world = world or SINGLE
     clock = clock or PhaseClock(emit)
-    if cfg.run.task != "lora":
-        raise ConfigError(f"task '{cfg.run.task}' on a from-scratch model ('{cfg.model.pretrained}')",
-                          "use --task lora, or continue the base model's own run with --resume")
-    if cfg.data.class_data:
-        raise ConfigError("prior preservation (data.class_data) is for SD fine-tunes, not for a from-scratch model",
-                          "unset data.class_data, or add images of other concepts to the data folder")
+    ScratchFamily.check_config(cfg, world)
     folder = scratch_model_folder(cfg.model.pretrained)
-    assert folder is not None  # the caller dispatched here because it is one
+    assert folder is not None  # the registry dispatched here because it is one (families/scratch.py)
     with clock.phase("load"):
         comps = load_base(folder, device)
         notes = follow_base(cfg, folder, comps)
@@ -177,8 +150,8 @@ def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit
         comps.text_encoder.train()
     prompts = cfg.sample.prompts or data.sample_prompts[:4]
     job = ScratchLoraJob(cfg, run_dir, comps, device, None, prompts)
-    print(f"lora fine-tune of the from-scratch model {folder} ({comps.scheduler_config.get('prediction_type')})"
-          + "".join(f"; {n}" for n in notes))
+    emit(note(f"lora fine-tune of the from-scratch model {folder} ({comps.scheduler_config.get('prediction_type')})"
+              + "".join(f"; {n}" for n in notes)))
 
     scale = comps.latent_scale
 
@@ -192,8 +165,4 @@ def train_scratch_lora(cfg: RunConfig, run_dir: Path, device: torch.device, emit
         return with_loss_weights(cfg, data, idx, {"x0": x0, "captions": data.captions(idx)})
 
     batches = data.epoch_batches or shuffled_batches(len(data), cfg.train.batch_size, cfg.run.seed)
-    trainer = Trainer(cfg, run_dir, job, batch, batches, device, emit, stop=stop, world=world, clock=clock)
-    if resume:
-        trainer.resume_latest()
-    status = trainer.fit()
-    return RunResult(run_dir, status, trainer.step)
+    return fit(cfg, run_dir, job, batch, batches, device, emit, stop=stop, resume=resume, world=world, clock=clock)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,11 +19,15 @@ from .events import Event
 from .phases import PhaseClock
 from .signals import critical
 
+if TYPE_CHECKING:
+    from .jobs import Job
+
 
 class TrainerState:
     """The Trainer's save and resume (``loop.Trainer`` sets these attributes in its ``__init__``)."""
 
     cfg: RunConfig
+    job: Job
     model: torch.nn.ModuleDict
     optimizer: Any
     scaler: torch.amp.GradScaler
@@ -100,6 +104,7 @@ class TrainerState:
                 with critical(self.stop):  # a second Ctrl-C lets this write finish
                     tensors, meta = self.state()
                     path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.cfg.run.keep_checkpoints)
+                    self.job.on_checkpoint(self.step, self)  # the job's files of this checkpoint (a LoRA's)
                     self.emit(Event("checkpoint", self.step, {"path": str(path)}))
             if barrier:
                 wait(self.world)
