@@ -232,3 +232,22 @@ def test_a_fine_tune_reaches_its_trainer_through_the_registry(scratch_model, tmp
                                              "data.source": str(own)})
         assert run_train(cfg, progress=False).step == 7
     assert calls[-1] == ("own", str(own), ["clock", "resume", "stop", "world"])
+
+
+def test_export_of_a_scratch_lora_refuses_kohya_and_merge_in_one_line(scratch_model, tmp_path):
+    """The kohya form used to end in a KeyError traceback (kohya metadata has no 'scratch' base model)."""
+    from lowvram.export import export_cli
+    from lowvram.run_folder import CONFIG_NAME, LORA_FILE
+
+    run = tmp_path / "lora-run"
+    cfg = _cfg(run, **{"run.task": "lora", "model.pretrained": str(scratch_model / "final"),
+                       "data.source": str(scratch_model)})
+    (run / LORA_FILE).parent.mkdir(parents=True)
+    cfg.save(run / CONFIG_NAME)
+    (run / LORA_FILE).write_bytes(b"")  # never read: the family refuses first
+    with pytest.raises(ModelLoadError, match="no kohya form") as e:
+        export_cli(run, "kohya", out=tmp_path / "out")
+    assert "--format diffusers" in e.value.fix
+    with pytest.raises(ModelLoadError, match="already is the base model with this LoRA merged in"):
+        export_cli(run, "diffusers", merge=True, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written

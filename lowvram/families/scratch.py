@@ -93,6 +93,20 @@ class ScratchFamily(ModelFamily):
         return scratch_lora_workload(cfg, folder, model_descriptor(folder), res, batch, common)
 
     @classmethod
+    def export_run(cls, run_dir: Path, formats: tuple[str, ...], merge: bool, out_dir: Path,
+                   name: str) -> list[Path] | None:
+        """The diffusers (peft-keyed) file converts as any LoRA file's; kohya and ``--merge`` are refused here,
+        before anything is written (kohya's names are SD's: no A1111/ComfyUI loads the model this LoRA adapts)."""
+        if "kohya" in formats:
+            raise ModelLoadError(f"'{run_dir}' is a LoRA of a model lowvram trained from scratch: it has no kohya "
+                                 "form (A1111, ComfyUI and Forge load SD, SDXL and FLUX.1 LoRAs)",
+                                 "use --format diffusers, or the merged model in the run's final/ folder")
+        if merge:
+            raise ModelLoadError(f"--merge: '{run_dir / FINAL_DIR}' already is the base model with this LoRA merged in",
+                                 "use that folder (lowvram sample and eval read it), or leave out --merge")
+        return None
+
+    @classmethod
     def train(cls, cfg: RunConfig, run_dir: Path, device: torch.device, emit: Callable[[Event], None], *,
               stop: Callable[[], bool], resume: bool, world: Any, clock: PhaseClock) -> RunResult:
         from ..train.scratch_lora import train_scratch_lora

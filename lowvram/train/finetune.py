@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from .finetune_files import keep_step_copy, lora_metadata
 from .jobs import JobHooks
 from .phases import PhaseClock
 from .step import phase_range
+
+if TYPE_CHECKING:
+    from .loop import Trainer
 
 
 def prior_preservation_loss(per_sample: torch.Tensor, n_instance: int,
@@ -173,7 +176,7 @@ class FinetuneJob(JobHooks):
         """The LoRA files (``lora/pytorch_lora_weights.safetensors`` and the kohya file) in the family's formats."""
         return self.family.save_lora(self, step, kohya_path)
 
-    def on_checkpoint(self, step: int, trainer: Any) -> None:
+    def on_checkpoint(self, step: int, trainer: Trainer) -> None:
         """Every checkpoint: the current LoRA files (the EMA weights, as the final save), plus a kohya copy named
         by step (to pick an earlier one)."""
         if self.lora:
