@@ -18,11 +18,10 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowvram.memory.stages import _step_inputs
+from lowvram.memory.stages import _step_loss
 from lowvram.memory.timeline import Timeline
 from lowvram.memory.tracker import StorageTracker
 from lowvram.memory.workloads import Knobs, build, get_workload
-from lowvram.train.step import compute_loss
 
 # spec-sheet peaks: dense fp16 with fp32 accumulation where the card has tensor/matrix units (the rate
 # autocast uses), TFLOPS; memory bandwidth GB/s. fp32-only cards (GTX 16xx train in fp32) use the fp32 peak.
@@ -40,27 +39,25 @@ def step_flops(workload: str, checkpointing: bool) -> tuple[float, int]:
     wl = get_workload(workload)
     knobs = Knobs(attention="sdpa", batch_size=wl.batch_size, gradient_checkpointing=checkpointing)
     built = build(wl, knobs, "meta")
-    # the profiler's own step inputs (cached latents and text, as the job's batch and loss make them)
+    # the profiler's own step (cached latents and text; FLUX.1's flow-matching loss), as the job computes it
     tl = Timeline(StorageTracker(device_type="meta"), "meta", torch.float32, "cuda")
-    x0, cond_of = _step_inputs(built, wl, knobs, tl, wl.batch_size)
-    acp = torch.linspace(0.9999, 0.005, 1000, device="meta")
+    loss_of = _step_loss(built, wl, knobs, tl)
     with FlopCounterMode(display=False) as counter:
-        cond, kwargs = cond_of()
-        loss = compute_loss(built.unet, x0, cond, alphas_cumprod=acp, prediction=built.prediction, unet_kwargs=kwargs)
+        loss = loss_of()
         loss.backward()
-    weights = sum(p.numel() for p in built.unet.parameters()) * 2
+    weights = sum(p.numel() for p in built.unet.parameters()) * 2  # 16-bit frozen weights, each read once a pass
     return float(counter.get_total_flops()), weights
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--efficiency", type=float, default=0.25, help="share of the peak rate assumed (0-1)")
-    ap.add_argument("--workload", action="append", choices=("W1", "W2", "W3", "W4"))
+    ap.add_argument("--workload", action="append", choices=("W1", "W2", "W3", "W4", "W5", "W6"))
     args = ap.parse_args()
     names = list(CARDS)
     print("| workload | checkpointing | TFLOP/step | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
-    for w in args.workload or ("W1", "W2", "W3", "W4"):
+    for w in args.workload or ("W1", "W2", "W3", "W4", "W5", "W6"):
         for ckpt in (False, True):
             flops, weights = step_flops(w, ckpt)
             passes = 3 if ckpt else 2  # forward, backward (+ the recomputed forward)
