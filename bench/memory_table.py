@@ -45,16 +45,17 @@ def todays_trainers(wl, card) -> Knobs:
                       optimizer="adamw8bit" if card.bitsandbytes else "adamw8bit_portable", attention="sdpa")
 
 
-def row(wid: str) -> dict:
+def row(wid: str, card_name: str | None = None) -> dict:
     wl = WORKLOADS[wid]
-    card = load_preset(CARDS[wid]).card
+    card_name = card_name or CARDS[wid]
+    card = load_preset(card_name).card
     t = time.perf_counter()
     lean_knobs = leanest(wl, card)
     lean = profile_step(wl, lean_knobs, card=card)
     off = profile_step(wl, baseline(wl, card), card=card)
     today = profile_step(wl, todays_trainers(wl, card), card=card)
     bound = lower_bound(wl, lean, card)
-    return {"workload": wid, "card": CARDS[wid], "ours_bytes": lean.peak_bytes, "bound_bytes": bound.total_bytes,
+    return {"workload": wid, "card": card_name, "ours_bytes": lean.peak_bytes, "bound_bytes": bound.total_bytes,
             "all_off_bytes": off.peak_bytes, "today_bytes": today.peak_bytes, "ours_knobs": lean.knobs,
             "ours_stage": lean.peak_phase, "ours_stages": lean.stages, "ours_by_category": lean.by_category,
             "ours_host_bytes": lean.host_bytes, "ours_bus_bytes": lean.bus_bytes, "off_ema_bytes": off.by_category.get("ema", 0),
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--card", help="judge every workload on this preset's card (default: each workload's own, CARDS)")
     ap.add_argument("--presets", nargs="*", default=None, help="plan each workload on these presets' cards (none named: all)")
     ap.add_argument("--ram", type=float, default=32.0, help="host RAM in GiB the plans are checked against")
     ap.add_argument("--stored", action="store_true",
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for wid in args.workloads:
-        rows.append(row(wid.upper()))
+        rows.append(row(wid.upper(), args.card))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
