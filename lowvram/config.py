@@ -120,7 +120,7 @@ class DataSection:
     )
     caption_dropout: float = _f(0.1, "Share of captions replaced by the empty prompt (classifier-free guidance).")
     flip: bool = _f(False, "Random horizontal flips.")
-    workers: int = _f(0, "DataLoader worker processes (0: load in the training process).")
+    workers: int = _f(2, "Threads that decode images ahead while the VAE encodes (the latent cache's pass; 0: decode in turn).")
     caption_ext: str = _f(".txt", "Caption sidecar extension tried first (.txt or .caption; the other is the fallback).")
     crop: str = _f("center", "Crop after resize-to-cover: center or random (random is not cached).", ("center", "random"))
     buckets: bool = _f(True, "Aspect-ratio buckets (area <= resolution^2); off: every image is resolution x resolution.")

@@ -58,7 +58,7 @@ def build_cache(cfg: Any, vae: torch.nn.Module, *, text_encode_fn: EncodeFn | No
     if dataset is None:
         dataset = build_dataset(cfg, resolution=resolution, run_dir=run_dir, echo=echo)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir(settings)
-    cache = LatentCache(root, vae, dtype=dtype)
+    cache = LatentCache(root, vae, dtype=dtype, threads=settings.workers)
     latents = cache.build(dataset, batch_size=batch_size, progress=progress)
     if echo:
         st = cache.stats

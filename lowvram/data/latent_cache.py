@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .buckets import BucketBatchSampler
 from .images import ImageProblem
+from .prefetch import fetched_ahead
 from .shards import SHARD_MAX_ENTRIES, CacheStats, ShardStore, _key, module_identity
 
 log = logging.getLogger("lowvram.data")
@@ -39,7 +40,7 @@ class LatentCache:
     """Latents of a dataset's images, encoded once by ``vae`` (both flips when data.flip is on)."""
 
     def __init__(self, root: str | Path, vae: torch.nn.Module | None, vae_identity: str | None = None,
-                 dtype: torch.dtype = torch.float16, vae_factor: int | None = None) -> None:
+                 dtype: torch.dtype = torch.float16, vae_factor: int | None = None, threads: int = 0) -> None:
         if vae_identity is None:
             if vae is None:
                 raise ValueError("give vae_identity when no VAE is passed")
@@ -54,6 +55,7 @@ class LatentCache:
         self.vae_factor = vae_factor or (2 ** (len(blocks) - 1) if blocks else 8)
         self.store = ShardStore(root, "latents")
         self.stats = CacheStats()
+        self.threads = threads  # image decoding threads (data.workers); 0: in the calling thread
 
     def key(self, dataset: Any, source: int, flip: bool) -> str:
         """The cache key of one source image of ``dataset`` (content hash + everything that shapes its latent)."""
@@ -136,13 +138,20 @@ class LatentCache:
         pending: dict[str, torch.Tensor] = {}
         meta: dict[str, dict[str, Any]] = {}
         bar = tqdm(total=len(sources), desc="caching latents", unit="img", disable=not progress)
+        # the next batch's images are decoded in background threads while the VAE encodes this one; one
+        # batch of pixels ahead is host memory (on the cpu preset, beside the encode: a batch of pixels
+        # next to the VAE's activations of the same batch, far below the training step's peak)
+        order = [u for bucket in sorted(by_bucket) for u in by_bucket[bucket]]
+        decoded = fetched_ahead(dataset.load_source, order, threads=self.threads, depth=batch_size)
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
             for s in range(0, len(group), batch_size):
                 loaded, pixels = [], []
                 for u in group[s : s + batch_size]:
+                    image = next(decoded)
+                    assert image.item == u  # the same order as the loop
                     try:
-                        pixels.append(dataset.load_source(u))
+                        pixels.append(image.get())
                         if self._masks_of(dataset, u, flips, mask_keys or {}, pending, meta):
                             pixels.pop()
                             self.stats.failed += 1

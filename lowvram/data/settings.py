@@ -23,7 +23,7 @@ class DataSettings:
     num_images: int = 4096
     caption_dropout: float = 0.0
     flip: bool = False
-    workers: int = 0
+    workers: int = 2
     caption_ext: str = ".txt"
     crop: str = "center"
     buckets: bool = True

@@ -48,7 +48,7 @@ MEMORY_NEUTRAL: dict[str, str] = {
     "data.format": "how the folder is read",
     "data.caption_dropout": "which captions are blanked, not how many",
     "data.flip": "flipped copies are cached on disk, the batch is the same size",
-    "data.workers": "loader processes hold host memory, not card memory",
+    "data.workers": "decoding threads hold one batch of images ahead in host memory, not on the card",
     "data.caption_ext": "file names",
     "data.crop": "the cache keeps centre crops either way (a random crop is not cached)",
     "data.buckets": "bucket areas never exceed resolution², which the profile uses",

@@ -63,7 +63,7 @@ def build_caches(cfg: RunConfig, job: Any) -> None:
     ds = job.data.dataset
     root = default_cache_dir(cfg.data)
     if cfg.memory.cache_latents:
-        cache = LatentCache(root, job.c.vae, dtype=job.c.vae.dtype)
+        cache = LatentCache(root, job.c.vae, dtype=job.c.vae.dtype, threads=cfg.data.workers)
         job.data.latents = cache.build(ds, batch_size=max(1, cfg.train.batch_size))
         st = cache.stats
         job.emit(note(f"latent cache {cache.store.root}: {st.needed} latents, {st.hits} reused, {st.encoded} encoded"))
