@@ -55,7 +55,10 @@ def install() -> None:
         _wrap(loop.Trainer, "take", lambda c, a: c == (n - 1) * accum + 1, after=True)
     elif point == "validate":  # during the held-out loss after step n
         _wrap(loop.Trainer, "validate", lambda c, a: a[0].step == n)
-    elif point == "save":  # while checkpoint step-n is written (between its files)
+    elif point == "save":  # while checkpoint step-n is taken: its tensors read, their copy and write to come
+        # (the training thread's part of a save; a periodic checkpoint's files are written in the background)
+        _wrap(loop.Trainer, "state", lambda c, a: a[0].step == n, after=True)
+    elif point == "write":  # while checkpoint step-n's files are written (between them), in whichever thread
         _wrap(checkpoint, "save_file",
               lambda c, a: f"step-{n:08d}" in str(a[1]) and str(a[1]).endswith("optimizer.safetensors"))
     else:

@@ -52,6 +52,7 @@ POINTS = [
     ("during-validation", "validate:4", 1, 4),
     ("during-periodic-save", "save:2", 1, 2),  # the save finishes; step 2 is not written twice
     ("during-last-save", "save:6", 1, 6),  # the last step is saved, the final model is left to the resume
+    ("during-last-write", "write:6", 1, 6),  # between the last checkpoint's files (written in the pause)
     ("twice-during-save", "save:4", 2, 4),  # the second signal lets the save finish, and says so
     ("twice-inside-step", "loss:5", 2, 4),  # the second signal quits without saving: step 4 stays newest
 ]
@@ -81,7 +82,7 @@ def check_point(straight: Path, tmp_path: Path, point: str, count: int, saved: i
     assert newest is not None and newest.name == f"step-{saved:08d}", (newest, proc.stdout, proc.stderr)
     assert not (out / "final").exists()
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written leftovers
-    if count == 2 and point.startswith("save"):
+    if count == 2 and point.startswith(("save", "write")):
         assert "it was finished, not cut" in proc.stdout
     if count == 2 and point.startswith("loss"):
         assert "interrupted without saving" in proc.stderr

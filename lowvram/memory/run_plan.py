@@ -34,7 +34,8 @@ MEMORY_NEUTRAL: dict[str, str] = {
     "run.seed": "values, not shapes",
     "run.steps": "how long, not how big: every step is the same step",
     "run.device": "the plan is for the preset's card; lowvram warns when the machine differs",
-    "run.checkpoint_every": "checkpoints are written between steps from the live tensors, nothing stays",
+    "run.checkpoint_every": "nothing on the card; a checkpoint's host copy is written beside the next steps only "
+                            "when the RAM is free for it (train/checkpoint_writer.py), else in the pause",
     "run.keep_checkpoints": "files on disk",
     "run.log_every": "a line of metrics",
     "run.max_nonfinite": "a counter",

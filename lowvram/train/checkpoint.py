@@ -26,8 +26,21 @@ REQUIRED_STATE = ("step", "epoch", "batch_in_epoch")
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or strided storage; a contiguous CPU copy is what goes to disk.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # safetensors refuses shared or strided storage; a contiguous CPU copy is what goes to disk. One copy
+    # each (a card's tensor is copied by the move to the host, not a second time).
+    copies = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+    return {k: v if v.is_contiguous() else v.contiguous() for k, v in copies.items()}
+
+
+def snapshot(tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Contiguous CPU copies of every group: what a write that runs beside the next steps (which change
+    the live tensors in place) is given."""
+    return {name: _contiguous(group) for name, group in tensors.items()}
+
+
+def snapshot_bytes(tensors: dict[str, dict[str, torch.Tensor]]) -> int:
+    """Bytes the copies of ``snapshot(tensors)`` take in host RAM."""
+    return sum(t.numel() * t.element_size() for group in tensors.values() for t in group.values())
 
 
 def save_checkpoint(
@@ -36,10 +49,14 @@ def save_checkpoint(
     tensors: dict[str, dict[str, torch.Tensor]],
     meta: dict[str, Any],
     keep: int = 2,
+    *,
+    copied: bool = False,
 ) -> Path:
     """Write ``{name}.safetensors`` for each tensor group and ``state.json``; return the folder.
 
     The folder appears under its final name only once complete (write to a temp dir, fsync, rename).
+    ``copied``: ``tensors`` are a ``snapshot`` already (else each group is copied just before its file
+    is written, so only one group's copy is in host RAM at a time).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -48,7 +65,7 @@ def save_checkpoint(
     # re-saving the same step replaces it whole
     with atomic_dir(final) as tmp:
         for name, group in tensors.items():
-            save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
+            save_file(group if copied else _contiguous(group), str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     _prune(root, keep)
     return final

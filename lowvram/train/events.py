@@ -119,7 +119,8 @@ class ProgressBar:
         elif event.kind == "note":
             self.bar.write(str(event.data.get("message", "")), file=sys.stdout)  # where print() put it
         elif event.kind == "checkpoint":
-            self.bar.write(f"checkpoint: {event.data.get('path')}")
+            took = event.data.get("write_s")
+            self.bar.write(f"checkpoint: {event.data.get('path')}" + (f" (written in {took:.1f} s)" if took is not None else ""))
         elif event.kind == "val":
             self.bar.write(f"step {event.step}: validation loss {event.data.get('val_loss', float('nan')):.4f}")
         elif event.kind == "phase" and event.data.get("state") == "start":

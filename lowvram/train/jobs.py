@@ -54,8 +54,9 @@ class JobHooks:
     """The points where the Trainer calls a job besides its loss, previews and saves; every default does nothing."""
 
     def on_checkpoint(self, step: int, trainer: Trainer) -> None:
-        """Checkpoint ``step`` is written (main process, inside its write: a second Ctrl-C lets both finish),
-        before the checkpoint event goes out: files the job keeps per checkpoint. The live weights are in
+        """Checkpoint ``step`` is taken (main process, inside its save: a second Ctrl-C lets both finish; a
+        periodic one's files may still be written in the background), before the checkpoint event goes out
+        (once they are on disk): files the job keeps per checkpoint. The live weights are in
         place; ``with trainer.ema_weights():`` puts the EMA weights there (what previews and saves use)."""
 
     def step_metrics(self) -> dict[str, float]:

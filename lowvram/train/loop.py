@@ -25,6 +25,7 @@ from ..fsutil import atomic_write
 from ..optim import FusedBackward, build_optimizer
 from ..run_folder import CHECKPOINTS_DIR
 from .checkpoint import latest_checkpoint
+from .checkpoint_writer import CheckpointWriter
 from .events import Event
 from .jobs import Job
 from .phases import PhaseClock
@@ -120,8 +121,9 @@ class Trainer(TrainerState):
         self.epoch = 0
         self.batch_in_epoch = 0
         self.nonfinite_streak = 0
-        self.saved_step: int | None = None  # the step of the checkpoint on disk that matches this state
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (or being written) of this state
         self.ckpt_dir = run_dir / CHECKPOINTS_DIR
+        self.writer = CheckpointWriter()  # periodic checkpoints are written beside the next steps
 
     @property
     def effective_batch(self) -> int:
@@ -260,6 +262,7 @@ class Trainer(TrainerState):
                 self.clock.mark_first_step()
                 loss = self.train_step(positions)
                 window_steps += 1
+                self.settle_write(wait_for_it=False)  # a background write that finished: its event, or its error
                 if not math.isfinite(loss):
                     self.count_nonfinite(loss)
                     continue
@@ -271,12 +274,15 @@ class Trainer(TrainerState):
                 if main and r.val_every and self.job.has_validation and self.step % r.val_every == 0:
                     self.emit(Event("val", self.step, {"val_loss": self.validate()}))
                 if r.checkpoint_every and self.step % r.checkpoint_every == 0 and self.step < r.steps:
-                    self.save()
+                    self.save(overlap=True)
                 if main and r.sample_every and self.step % r.sample_every == 0 and self.step < r.steps:
                     self.write_samples(f"step-{self.step:08d}")
                 if window_steps == 0:  # it/s measures training only, not the val/sample/checkpoint pauses
                     window_start = time.perf_counter()
-        except KeyboardInterrupt:
+        except BaseException as e:
+            self.settle_after(e)  # an earlier step's checkpoint in flight completes before the process ends
+            if not isinstance(e, KeyboardInterrupt):
+                raise
             # a hard stop inside a step (a second Ctrl-C): the state is mid-step, so nothing is saved and the
             # newest checkpoint on disk stays the resume point
             self.emit(Event("warning", self.step, {"message": "interrupted inside a step: nothing saved; newest "
@@ -293,6 +299,7 @@ class Trainer(TrainerState):
         self.emit(Event("nonfinite", self.step, {"loss": loss, "streak": self.nonfinite_streak,
                                                  "message": f"non-finite loss at step {self.step}; step skipped"}))
         if self.nonfinite_streak >= self.cfg.run.max_nonfinite:
+            self.settle_write()  # the newest checkpoint named is one on disk
             last = latest_checkpoint(self.ckpt_dir)
             raise TrainingDiverged(
                 f"{self.nonfinite_streak} non-finite losses in a row at step {self.step}; "
@@ -316,6 +323,7 @@ class Trainer(TrainerState):
     def finish(self) -> str:
         """After the last step: its checkpoint, then (main process) validation, final samples and the model."""
         r = self.cfg.run
+        self.settle_write()
         if self.saved_step != self.step:
             self.save()
         if any_process(self.world, self.stop()):  # the last step is saved; resuming writes samples and model

@@ -6,9 +6,11 @@ puts the previous handlers back afterwards: library code never touches process-w
 two runs in one process (the panel, tests) do not interfere.
 
 First signal: stop at the end of the current step and write a checkpoint of that step (weights, EMA,
-optimizer, data position and RNG all of the same step). A second signal while that checkpoint is being
-written is deferred: the save finishes, and the message says so. A second signal at any other time
-ends the command at once without saving (the newest checkpoint on disk is untouched). Processes started
+optimizer, data position and RNG all of the same step). A second signal while a checkpoint is being
+taken or waited for (the training thread's part of a save, or its wait for a write in the background)
+is deferred: the save finishes, and the message says so. A second signal at any other time ends the
+command at once without saving this step (the newest checkpoint on disk is untouched; a periodic one
+still being written in the background is finished first). Processes started
 by a launcher (``--processes N``) ignore repeated signals: the launcher forwards one to each of them and
 ends them itself if they take too long.
 """
