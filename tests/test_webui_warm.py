@@ -19,7 +19,7 @@ from lowvram.webui.jobs import JobManager
 from lowvram.webui.spare import Spare
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_webui import tiny_form, wait_for  # noqa: E402
+from test_webui import cuda_plan, tiny_form, wait_for  # noqa: E402
 
 # A stand-in for ``python -m lowvram.webui.child``: writes the events a finished job writes, and who it was.
 FAKE_CHILD = """
@@ -149,17 +149,9 @@ def test_a_spare_exits_quietly_when_its_stdin_closes_or_the_panel_is_gone(tmp_pa
 
 
 def test_a_warm_child_reports_a_config_error_like_a_fresh_one(tmp_path, monkeypatch):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without a GPU (run.device=cuda must fail)")
-    from lowvram import api
-
-    planned = api.plan(api.resolve("cpu", settings=[api.Setting("run.device", "cuda", "test")], config_file=None,
-                                   probe_hardware=False))
-    api.save_plan(planned, tmp_path / "plan")
+    plan = cuda_plan(tmp_path)
     ev = tmp_path / "events.jsonl"
-    job = {"argv": ["--plan", str(tmp_path / "plan"), "--events", str(ev), "--stop-file", str(tmp_path / "stop")],
+    job = {"argv": ["--plan", str(plan), "--events", str(ev), "--stop-file", str(tmp_path / "stop")],
            "env": {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CUDA_VISIBLE_DEVICES": "7"},
            "handed_at": time.time()}
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
@@ -244,3 +236,15 @@ def test_a_tiny_job_through_the_spare_counts_from_the_hand_over_and_stops_resume
                 proc.kill()
             proc.wait(10)
     assert not left, f"processes outliving the panel's shutdown: {left}"
+
+
+def test_lowvram_ui_starts_warm_unless_told_not_to(monkeypatch):
+    from lowvram.cli import build_parser
+    from lowvram.cli_commands import cmd_ui
+    from lowvram.webui import app
+
+    got = []
+    monkeypatch.setattr(app, "serve", lambda **kw: got.append(kw))
+    for argv, warm in ((["ui"], True), (["ui", "--no-warm-start"], False)):
+        assert cmd_ui(build_parser().parse_args(argv)) == 0
+        assert got.pop()["warm_start"] is warm
