@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, clock: Any = None) -> int:
 
     if clock is None:  # started for this job: the panel waits from the moment the process starts
         clock = PhaseClock(since_process_start=True)
-    with clock.phase("imports"), no_compile_while_importing():  # a spare has them already: ~0 s  # the trainer's libraries (api imports torch)
+    with clock.phase("imports"), no_compile_while_importing():  # a spare has imported them already: ~0 s
         import_libraries()
     from .. import api
 
