@@ -1,6 +1,8 @@
 """Time to the first training step of a second run of the same config, against the libraries' own import time.
 
     flock /work/heavy.lock python bench/first_step.py [--repeats 5] [--threads 1] [--src OTHER_CHECKOUT ...]
+    flock /work/heavy.lock python bench/first_step.py --panel [--repeats 5]   # the panel: spare vs fresh
+
 
 The job is the tiny LoRA job of ``vs_diffusers.py`` (the tiny SD 1.x pipeline of the test fixtures, 21
 captioned 64x64 images, batch 4, rank 4), 2 steps, no final grid. One run fills the plan and latent caches;
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--src", type=Path, action="append", default=[],
                     help="another lowvram checkout to compare, run in turn with this one (repeatable)")
     ap.add_argument("--workdir", type=Path, help="keep the model, data and caches here (default: a temp folder)")
+    ap.add_argument("--panel", action="store_true",
+                    help="the same job through the web panel's job path: a warm spare against a fresh process")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lowvram-first-step-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,9 @@ def main() -> None:
     make_images(work / "data-64", 21, 64)
     sources = [HERE.parent.resolve(), *(s.resolve() for s in args.src)]
     load0 = os.getloadavg()[0]
+    if args.panel:
+        panel(work, args, load0)
+        return
     try:
         caches = {src: work / f"cache-{i}" for i, src in enumerate(sources)}
         for src in sources:  # the first run of each: plan profiled, latents encoded
@@ -110,6 +117,19 @@ def main() -> None:
                      + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     print("\n" + "\n".join(notes))
     print(f"\nload average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end ({os.cpu_count()} CPUs); "
+          f"OMP_NUM_THREADS={args.threads}")
+
+
+def panel(work: Path, args: argparse.Namespace, load0: float) -> None:
+    sys.path.insert(0, str(HERE.parent))  # this checkout's lowvram, in this process (the panel's)
+    from panel_first_step import panel_bench
+
+    try:
+        panel_bench(work, args.repeats, args.threads)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end ({os.cpu_count()} CPUs); "
           f"OMP_NUM_THREADS={args.threads}")
 
 

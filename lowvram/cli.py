@@ -116,6 +116,9 @@ def _add_tool_flags(ui: argparse.ArgumentParser, profile: argparse.ArgumentParse
                     help="Address to listen on; anything but loopback needs --auth or LOWVRAM_UI_AUTH.")
     ui.add_argument("--port", type=int, default=7860, help="Port to listen on.")
     ui.add_argument("--auth", metavar="USER:PASS", help="Require this user and password (default: LOWVRAM_UI_AUTH).")
+    ui.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                    help="Start each job as a new process instead of handing it to a spare one that has imported "
+                         "the libraries already (saves that spare's host RAM; each Start then waits for the imports).")
     profile.add_argument("--preset", help="Card preset whose budget to plan against.")
     profile.add_argument("--workload", action="append", choices=("W1", "W2", "W3", "W4", "W5", "W6"),
                          help="Standard workload (repeatable; default: all six).")

@@ -121,7 +121,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     resolve_auth(args.host, args.auth)  # refuse a reachable panel without a password before loading Gradio
     from .webui.app import serve
 
-    serve(host=args.host, port=args.port, auth=args.auth)
+    serve(host=args.host, port=args.port, auth=args.auth, warm_start=args.warm_start)
     return 0
 
 

@@ -211,10 +211,9 @@ def test_a_crashing_process_is_reported_not_raised(tmp_path):
     assert "failed" in cb.status_html(s)
 
 
-def test_child_turns_a_config_error_into_an_event(tmp_path):
+def cuda_plan(folder: Path) -> Path:
+    """A saved plan that asks for run.device=cuda: on a machine without a GPU the child refuses it (exit 2)."""
     import torch
-
-    from lowvram.webui import child
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without a GPU (run.device=cuda must fail)")
@@ -222,7 +221,14 @@ def test_child_turns_a_config_error_into_an_event(tmp_path):
 
     planned = api.plan(api.resolve("cpu", settings=[api.Setting("run.device", "cuda", "test")], config_file=None,
                                    probe_hardware=False))
-    api.save_plan(planned, tmp_path / "plan")
+    api.save_plan(planned, folder / "plan")
+    return folder / "plan"
+
+
+def test_child_turns_a_config_error_into_an_event(tmp_path):
+    from lowvram.webui import child
+
+    cuda_plan(tmp_path)
     events = tmp_path / "events.jsonl"
     code = child.main(["--plan", str(tmp_path / "plan"), "--events", str(events), "--stop-file", str(tmp_path / "stop")])
     rows = [json.loads(line) for line in events.read_text().splitlines()]

@@ -227,16 +227,21 @@ def build_app(state: cb.PanelState | None = None, *, extra_default: str = "") ->
 
 # ---- serving ------------------------------------------------------------------------------------------
 def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, *, block: bool = True,
-          state: cb.PanelState | None = None) -> tuple[gr.Blocks, cb.PanelState]:
-    """Build and launch the panel (never ``share=True``); with ``block`` wait until Ctrl-C, then stop the job."""
+          state: cb.PanelState | None = None, warm_start: bool = True) -> tuple[gr.Blocks, cb.PanelState]:
+    """Build and launch the panel (never ``share=True``); with ``block`` wait until Ctrl-C, then stop the job.
+
+    ``warm_start`` keeps a spare training process with the libraries imported, so Start skips their import
+    (it holds their memory while idle: see docs/webui.md); ignored when ``state`` brings its own manager.
+    """
     creds = resolve_auth(host, auth)
-    demo, state = build_app(state)
+    demo, state = build_app(state or cb.PanelState(JobManager(warm_start=warm_start)))
     demo.queue(default_concurrency_limit=4)
     try:
         demo.launch(server_name=host, server_port=port, auth=creds, share=False, inbrowser=False,
                     prevent_thread_lock=True, quiet=True, css=CSS, theme=THEME, footer_links=[],
                     ssr_mode=False)
     except OSError as e:  # Gradio says "Cannot find empty port" when the port is taken
+        state.manager.shutdown()  # the spare, if one was started, goes with the panel
         raise LowvramError(f"cannot serve the panel on {host}:{port}: {e}".splitlines()[0],
                            "choose another --port, or stop the program that uses this one") from None
     if not block:

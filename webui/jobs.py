@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LowvramError
+from .spare import Spare
 from .tail import JsonlTail
 
 STDERR_TAIL_LINES = 25
@@ -79,24 +80,52 @@ class JobStatus:
 
 
 class Job:
-    """One child process: how it was started, where its files are, and what it has reported."""
+    """One child process: how it was started, where its files are, and what it has reported.
 
-    def __init__(self, job_dir: Path, argv: list[str], run_dir: str, task: str, env: dict[str, str]) -> None:
+    Given a ``spare`` that has taken the job's arguments, the job is that process; if the spare ends or
+    hangs before it answers (its first event), the job is started afresh with ``argv``: never lost.
+    """
+
+    def __init__(self, job_dir: Path, argv: list[str], run_dir: str, task: str, env: dict[str, str],
+                 spare: Spare | None = None) -> None:
         self.dir = job_dir
         self.events_path = job_dir / "events.jsonl"
         self.stop_file = job_dir / "stop"
         self.stderr_path = job_dir / "stderr.log"
         self.argv = argv
+        self.env = env
         self.status = JobStatus(state="starting", run_dir=run_dir, task=task, started_at=time.time())
         self._events = JsonlTail(self.events_path)
         self._stop_requested_at: float | None = None
         self.forced = False  # the second Stop: ended at once
         self._outcome: str | None = None  # done | stopped, from the child's last event
-        with self.stderr_path.open("wb") as err, open(os.devnull, "rb") as null:
-            # A new session: Ctrl-C in the panel's terminal is the panel's, the job stops through the stop file.
-            self.proc = subprocess.Popen(argv, stdin=null, stdout=err, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+        self.spare = spare  # the warm process that took the job, until it has answered
+        self.warm = spare is not None
+        self.stepped = False  # a training step was reported (the panel then prepares the next spare)
+        self.proc = spare.proc if spare is not None else self._spawn()
         self.status.pid = self.proc.pid
+
+    def _spawn(self) -> subprocess.Popen:
+        with self.stderr_path.open("ab") as err, open(os.devnull, "rb") as null:
+            # A new session: Ctrl-C in the panel's terminal is the panel's, the job stops through the stop file.
+            return subprocess.Popen(self.argv, stdin=null, stdout=err, stderr=subprocess.STDOUT, env=self.env,
+                                    start_new_session=True)
+
+    def _restart_fresh(self, code: int | None) -> None:
+        """The spare never answered (it died, or hangs): end it and start the job as a fresh process."""
+        spare, self.spare = self.spare, None
+        if code is not None:
+            why = "ended with " + describe_exit(code)
+        else:
+            why = f"did not answer within {spare.answer_timeout if spare else 0:.0f} s"
+        if spare is not None:
+            spare.close()
+        with self.stderr_path.open("a", encoding="utf-8") as err:
+            err.write(f"lowvram panel: the spare training process (pid {self.proc.pid}) {why} before taking the job; "
+                      "starting the job in a new process\n")
+        self.proc = self._spawn()
+        self.status.pid = self.proc.pid
+        self.warm = False
 
     # ---- reading what the child reported ---------------------------------------------------
     def poll(self) -> JobStatus:
@@ -110,12 +139,17 @@ class Job:
             if code is not None:
                 for row in self._events.read():  # the last lines written before exiting
                     self._apply(row)
+            if self.spare is not None and self._stop_requested_at is None and (code is not None or self.spare.silent()):
+                self._restart_fresh(code)
+                s.version += 1
+            elif code is not None:
                 self._finish(code)
                 s.version += 1
         return s
 
     def _apply(self, row: dict[str, Any]) -> None:
         s, kind, step, d = self.status, row.get("kind"), int(row.get("step") or 0), row.get("data") or {}
+        self.spare = None  # any event: the process has taken the job
         if kind == "start":
             s.stage = d.get("stage", "training")
             s.total = d.get("total", s.total)
@@ -123,6 +157,7 @@ class Job:
             if s.state == "starting":
                 s.state = "running"
         elif kind == "step":
+            self.stepped = True
             s.stage = d.get("stage", "training")
             s.step = step
             s.loss = _num(d.get("loss"))
@@ -213,17 +248,30 @@ def _num(value: Any) -> float | None:
 
 
 class JobManager:
-    """Starts at most one training job at a time and reports its status; shared by every page."""
+    """Starts at most one training job at a time and reports its status; shared by every page.
+
+    With ``warm_start`` it keeps one spare training process that has imported the libraries already
+    (:class:`Spare`) and hands it the next job. The spare of the next job is started once the current
+    one has made its first training step (or ended), not at once: on a CPU its imports would take a
+    core from the job during exactly the seconds the user is waiting for that first step.
+    """
+
+    SPARE_FAILURES_MAX = 3  # spares that died on their own before a job: something is broken, stop making them
 
     def __init__(self, state_dir: str | Path | None = None, python: str = sys.executable,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, *, warm_start: bool = False) -> None:
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="lowvram-ui-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.env = env
         self.job: Job | None = None
+        self.warm_start = warm_start
+        self.spare: Spare | None = None
+        self._spare_failures = 0
+        self._closed = False
         self._count = 0
         self._lock = threading.Lock()
+        self._top_up()
 
     def _child_env(self) -> dict[str, str]:
         env = dict(self.env if self.env is not None else os.environ)
@@ -234,6 +282,37 @@ class JobManager:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    def _new_job_dir(self) -> Path:
+        self._count += 1
+        job_dir = self.state_dir / f"job-{self._count:03d}"
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return job_dir
+
+    # ---- the spare ---------------------------------------------------------------------------------
+    def _top_up(self) -> None:
+        """Start a spare if there is none, none is starting and the job (if any) is past its first step."""
+        if not self.warm_start or self._closed or self._spare_failures >= self.SPARE_FAILURES_MAX:
+            return
+        if self.spare is not None:
+            if self.spare.alive():
+                return
+            self.spare.close()  # reap it: it died before any job was handed to it
+            self._spare_failures += 1
+            self.spare = None
+        job = self.job
+        if job is not None and job.status.active and not job.stepped:
+            return
+        self.spare = Spare(self._new_job_dir(), self.python, self._child_env())
+
+    def _take_spare(self, env: dict[str, str]) -> Spare | None:
+        """The spare, if it is alive and was started exactly as this job's process would be; else ``None``."""
+        spare, self.spare = self.spare, None
+        if spare is not None and not spare.fits(self.python, env):
+            spare.close()  # started for another environment (or dead): the next one is made for this one
+            return None
+        return spare
+
+    # ---- jobs --------------------------------------------------------------------------------------
     def _launch(self, extra: Sequence[str], run_dir: str, task: str, planned: Any = None) -> Job:
         with self._lock:
             if self.job is not None and self.job.poll().active:
@@ -241,18 +320,21 @@ class JobManager:
                     f"a training job is already running (run folder {self.job.status.run_dir})",
                     "stop it first: the panel runs one job at a time",
                 )
-            self._count += 1
-            job_dir = self.state_dir / f"job-{self._count:03d}"
-            job_dir.mkdir(parents=True, exist_ok=True)
-            argv = [self.python, "-m", "lowvram.webui.child", "--events", str(job_dir / "events.jsonl"),
-                    "--stop-file", str(job_dir / "stop")]
+            env = self._child_env()
+            spare = self._take_spare(env)
+            job_dir = spare.dir if spare is not None else self._new_job_dir()
+            args = ["--events", str(job_dir / "events.jsonl"), "--stop-file", str(job_dir / "stop")]
             if planned is not None:  # the front door's plan: the child trains exactly it
                 from ..api import save_plan
 
                 save_plan(planned, job_dir / "plan")
-                argv += ["--plan", str(job_dir / "plan")]
-            argv += list(extra)
-            self.job = Job(job_dir, argv, run_dir, task, self._child_env())
+                args += ["--plan", str(job_dir / "plan")]
+            args += list(extra)
+            argv = [self.python, "-m", "lowvram.webui.child", *args]  # a fresh child's (and the fallback's)
+            if spare is not None and not spare.hand_over(args, env):
+                spare.close()
+                spare = None
+            self.job = Job(job_dir, argv, run_dir, task, env, spare=spare)
             return self.job
 
     def start(self, planned: Any) -> Job:
@@ -278,13 +360,19 @@ class JobManager:
             return self.job.request_stop()
 
     def status(self) -> JobStatus:
-        if self.job is None:
-            return JobStatus()
+        """The job's status (read by every page about once a second), and the spare topped up."""
         with self._lock:
-            return self.job.poll()
+            status = self.job.poll() if self.job is not None else JobStatus()
+            self._top_up()
+            return status
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """On panel exit: stop the job gracefully, then at once if it does not end within ``timeout``."""
+        """On panel exit: end the spare, stop the job gracefully, then at once if it does not end within ``timeout``."""
+        with self._lock:
+            self._closed = True
+            spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.close()
         job = self.job
         if job is None or not job.poll().active:
             return

@@ -50,9 +50,18 @@ class PhaseClock:
         self.first_step_s: float | None = None
         self.step = 0
         if since_process_start and (age := process_age_s()) is not None:
-            self.started -= age
-            self.totals["startup"] = age
-            self._send(Event("phase", 0, {"phase": "startup", "seconds": age, "state": "end"}))
+            self.count_before({"startup": age})
+
+    def count_before(self, seconds: dict[str, float]) -> None:
+        """Count time spent before this clock existed as finished phases, and start the run that much earlier.
+
+        The process's own start (``since_process_start``), or what the panel's spare training process still
+        had to do after the panel handed it the job: the user waited through both.
+        """
+        for name, s in seconds.items():
+            self.started -= s
+            self.totals[name] = self.totals.get(name, 0.0) + s
+            self._send(Event("phase", 0, {"phase": name, "seconds": s, "state": "end"}))
 
     # ---- listeners ---------------------------------------------------------------------------------
     def attach(self, emit: Callable[[Event], None]) -> None:
