@@ -90,3 +90,17 @@ def panel_bench(work: Path, repeats: int, threads: int) -> None:
         first = [f for f, _ in results[mode]]
         print(f"| {mode} | {med(first)} | {med([s for _, s in results[mode]])} | {ratio(first, base)} |")
     print(f"\nidle spare's resident memory (VmRSS): {med(rss)} MiB")
+
+
+def main() -> None:
+    """``python bench/panel_first_step.py [...]`` is ``python bench/first_step.py --panel [...]``."""
+    import sys
+
+    import first_step
+
+    sys.argv = [sys.argv[0], "--panel", *sys.argv[1:]]
+    first_step.main()
+
+
+if __name__ == "__main__":
+    main()
