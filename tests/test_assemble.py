@@ -102,7 +102,12 @@ def _fit(cfg, job, events, *, resume=False, stop=lambda: False) -> RunResult:
 
     run_dir = Path(cfg.run.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return fit(cfg, run_dir, job, batch, epoch_batches, torch.device("cpu"), events.append, stop=stop,
+    def listen(event: Event) -> None:  # a checkpoint event means "on disk" (the panel and the CLI read it so)
+        if event.kind == "checkpoint":
+            assert Path(event.data["path"]).is_dir() and event.data["path"].endswith(f"step-{event.step:08d}")
+        events.append(event)
+
+    return fit(cfg, run_dir, job, batch, epoch_batches, torch.device("cpu"), listen, stop=stop,
                resume=resume, world=SINGLE, clock=PhaseClock(events.append))
 
 
@@ -112,11 +117,14 @@ def test_the_trainer_calls_the_jobs_hooks_with_the_ema_weights_at_hand(tmp_path)
     job = RecordingJob(tmp_path / "run", events)
     result = _fit(cfg, job, events)
     assert (result.status, result.step) == ("done", 4)
-    # every checkpoint step, in order, after its folder is on disk and before its event goes out
+    # every checkpoint step, in order, with the weights of its step (a periodic checkpoint's folder may still
+    # be written in the background then); its event goes out once the folder is on disk (``listen``), the
+    # earlier checkpoint's before the next one's hook, and the last one is on disk when the run ends
     assert [c["step"] for c in job.checkpoints] == [2, 4]
     assert [e.step for e in events if e.kind == "checkpoint"] == [2, 4]
+    assert job.checkpoints[-1]["on_disk"]
     for i, c in enumerate(job.checkpoints):
-        assert c["on_disk"] and c["events_before"] == [2, 4][:i]
+        assert c["events_before"] == [2, 4][:i]
         # inside ema_weights the module holds the EMA's shadow, outside it the live weights, put back exactly
         assert torch.equal(c["ema"], c["shadow"].view_as(c["ema"])) and torch.equal(c["after"], c["live"])
         assert not torch.equal(c["ema"], c["live"])  # decay 0.5 after updates: the two differ
