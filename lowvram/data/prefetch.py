@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+_END = object()  # the end of the items
 
 
 @dataclass
@@ -68,5 +69,3 @@ def fetched_ahead(load: Callable[[T], R], items: Iterable[T], *, threads: int, d
             f.cancel()
         pool.shutdown(wait=True)
 
-
-_END = object()

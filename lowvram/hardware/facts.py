@@ -93,7 +93,7 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def _system_ram() -> tuple[int | None, int | None]:
+def system_ram() -> tuple[int | None, int | None]:
     """(total, available) system RAM in bytes, where the OS tells."""
     total = avail = None
     try:
@@ -153,7 +153,7 @@ def read_facts(import_optional: bool = True) -> DeviceFacts:
     if mps is not None and mps.is_available():
         total = getattr(torch.mps, "recommended_max_memory", lambda: None)()
         return DeviceFacts(backend="mps", device_name="Apple GPU", vram_total=total, **common)
-    total, avail = _system_ram()
+    total, avail = system_ram()
     return DeviceFacts(
         backend="cpu",
         device_name=_cpu_name(),

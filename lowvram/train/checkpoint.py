@@ -28,8 +28,7 @@ REQUIRED_STATE = ("step", "epoch", "batch_in_epoch")
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or strided storage; a contiguous CPU copy is what goes to disk. One copy
     # each (a card's tensor is copied by the move to the host, not a second time).
-    copies = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
-    return {k: v if v.is_contiguous() else v.contiguous() for k, v in copies.items()}
+    return {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for k, v in tensors.items()}
 
 
 def snapshot(tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:

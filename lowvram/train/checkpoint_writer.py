@@ -78,14 +78,9 @@ class CheckpointWriter:
 
 def available_ram_bytes() -> int | None:
     """Host RAM the OS can give without swapping (``MemAvailable``), or None where it does not say."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from ..hardware.facts import system_ram  # read where `lowvram doctor` and the planner's probe read it
+
+    return system_ram()[1]
 
 
 def step_transient_bytes() -> int:
